@@ -1,0 +1,62 @@
+"""Shared test set-up: keep $HOME clean and the network out, and build tiny data roots in code.
+
+Every cache a library might write (Jupyter, IPython, matplotlib, Hugging Face) goes to a session temp folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_SANDBOX = Path(tempfile.mkdtemp(prefix="edtools-tests-"))
+for _name, _sub in {
+    "JUPYTER_CONFIG_DIR": "jupyter/config",
+    "JUPYTER_DATA_DIR": "jupyter/data",
+    "JUPYTER_RUNTIME_DIR": "jupyter/runtime",
+    "IPYTHONDIR": "ipython",
+    "MPLCONFIGDIR": "matplotlib",
+    "HF_HOME": "hf",
+    "XDG_CACHE_HOME": "cache",
+    "TRITON_CACHE_DIR": "triton",
+}.items():
+    os.environ[_name] = str(_SANDBOX / _sub)
+    (_SANDBOX / _sub).mkdir(parents=True, exist_ok=True)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["MPLBACKEND"] = "Agg"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def make_image(path: Path, width: int = 64, height: int = 64, color: tuple[int, int, int] = (128, 64, 32)) -> Path:
+    """Write a small real image (format from the extension)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+    pixels = (rng.random((height, width, 3)) * 60 + np.array(color) * 0.7).clip(0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def make_tree(root: Path, spec: dict[str, int], sizes: tuple[tuple[int, int], ...] = ((64, 64),)) -> Path:
+    """A data root: {"people/a": 5, "style": 3} makes 5 and 3 images; sizes cycle through the given (w, h)."""
+    for folder, count in spec.items():
+        for i in range(count):
+            w, h = sizes[i % len(sizes)]
+            make_image(root / folder / f"{Path(folder).name}_{i:03d}.png", w, h)
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path: Path):
+    """Factory fixture: tree({"a": 3}) -> a fresh data root under tmp_path."""
+    counter = iter(range(1000))
+
+    def build(spec: dict[str, int], sizes: tuple[tuple[int, int], ...] = ((64, 64),)) -> Path:
+        return make_tree(tmp_path / f"root{next(counter)}", spec, sizes)
+
+    return build
