@@ -325,7 +325,9 @@ def scan(data_root: str | os.PathLike, *, cache: bool = True) -> ScanResult:
     problems: list[Problem] = []
     log: list[str] = []
     if not root.is_dir():
-        raise DatasetError(f"data_root '{data_root}' is not a folder; create it or point to your image folders")
+        raise DatasetError(
+            f"data_root '{data_root}' is not a folder; create it or point to your image folders"
+        )
     manifest = _Manifest(root / MANIFEST_NAME if cache else None)
     seen: set[str] = set()
 
@@ -373,7 +375,9 @@ def scan(data_root: str | os.PathLike, *, cache: bool = True) -> ScanResult:
             else:
                 if loss_scale == 0:
                     problems.append(
-                        Problem("warning", where, "loss_scale is 0: these images are loaded but teach nothing")
+                        Problem(
+                            "warning", where, "loss_scale is 0: these images are loaded but teach nothing"
+                        )
                     )
                 elif loss_scale < 0:
                     problems.append(
@@ -410,9 +414,7 @@ def scan(data_root: str | os.PathLike, *, cache: bool = True) -> ScanResult:
             n_ok += 1
 
         if n_ok:
-            concepts.append(
-                Concept(folder_rel, n_ok, multiplier, loss_scale, multiply_file, loss_file)
-            )
+            concepts.append(Concept(folder_rel, n_ok, multiplier, loss_scale, multiply_file, loss_file))
             if multiply_file:
                 log.append(
                     f"{MULTIPLY_FILE} in '{folder_rel}' = {multiplier:g}: "
@@ -423,9 +425,7 @@ def scan(data_root: str | os.PathLike, *, cache: bool = True) -> ScanResult:
                     f"{LOSS_SCALE_FILE} in '{folder_rel}' = {loss_scale:g}: "
                     f"{n_ok} images, {_describe_loss_scale(loss_scale)}"
                 )
-        elif multiply_file or loss_file or any(
-            n in names for n in (MULTIPLY_FILE, LOSS_SCALE_FILE)
-        ):
+        elif multiply_file or loss_file or any(n in names for n in (MULTIPLY_FILE, LOSS_SCALE_FILE)):
             which = " and ".join(n for n in (MULTIPLY_FILE, LOSS_SCALE_FILE) if n in names)
             problems.append(
                 Problem(
@@ -485,12 +485,18 @@ def write_concept_values(
     written = []
     if multiplier is not None:
         _check_multiplier(float(multiplier), concept)
-        _atomic_write(folder / MULTIPLY_FILE, f"{float(multiplier):g}\n" if _exact_g(multiplier) else f"{multiplier!r}\n")
+        _atomic_write(
+            folder / MULTIPLY_FILE,
+            f"{float(multiplier):g}\n" if _exact_g(multiplier) else f"{multiplier!r}\n",
+        )
         written.append(folder / MULTIPLY_FILE)
     if loss_scale is not None:
         if not math.isfinite(float(loss_scale)):
             raise DatasetError(f"loss_scale for '{concept}' is {loss_scale}; it must be a finite number")
-        _atomic_write(folder / LOSS_SCALE_FILE, f"{float(loss_scale):g}\n" if _exact_g(loss_scale) else f"{loss_scale!r}\n")
+        _atomic_write(
+            folder / LOSS_SCALE_FILE,
+            f"{float(loss_scale):g}\n" if _exact_g(loss_scale) else f"{loss_scale!r}\n",
+        )
         written.append(folder / LOSS_SCALE_FILE)
     return written
 

@@ -111,7 +111,9 @@ class _CycleOrders:
     def _permutation(seed: int, key: int, n: int, cycle: int) -> np.ndarray:
         return np.random.default_rng([seed, _TAG_CYCLE, key, cycle]).permutation(n)
 
-    def _next(self, seed: int, key: int, n: int, fraction: Fraction, cycle: int, prev: np.ndarray) -> np.ndarray:
+    def _next(
+        self, seed: int, key: int, n: int, fraction: Fraction, cycle: int, prev: np.ndarray
+    ) -> np.ndarray:
         order = self._permutation(seed, key, n, cycle)
         boundary = cycle * n
         x = fraction * n
@@ -179,7 +181,9 @@ def make_buckets(resolution: int, max_aspect: float = 2.0, step: int = 64) -> tu
     return tuple(sorted(found, key=lambda wh: wh[0] / wh[1]))
 
 
-def assign_buckets(widths: np.ndarray, heights: np.ndarray, buckets: tuple[tuple[int, int], ...]) -> np.ndarray:
+def assign_buckets(
+    widths: np.ndarray, heights: np.ndarray, buckets: tuple[tuple[int, int], ...]
+) -> np.ndarray:
     """Index of the bucket whose aspect ratio is nearest (in log space) to each image's. int16."""
     bucket_log = np.log(np.array([w / h for w, h in buckets], dtype=np.float64))
     image_log = np.log(np.asarray(widths, dtype=np.float64) / np.asarray(heights, dtype=np.float64))

@@ -33,7 +33,9 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
-def make_image(path: Path, width: int = 64, height: int = 64, color: tuple[int, int, int] = (128, 64, 32)) -> Path:
+def make_image(
+    path: Path, width: int = 64, height: int = 64, color: tuple[int, int, int] = (128, 64, 32)
+) -> Path:
     """Write a small real image (format from the extension)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(abs(hash(path.name)) % 2**32)

@@ -1,0 +1,164 @@
+"""The `edtools` command line: scan, schedule, make-demo, make-tiny-model, train.
+
+Each subcommand is a thin shell over the package's functions; exit code 2 means the data or config is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+log = logging.getLogger("edtools")
+
+
+def _print_scan(result) -> None:
+    for line in result.log:
+        print(line)
+    if result.problems:
+        print()
+        for problem in result.problems:
+            print(problem)
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from .dataset import scan
+    from .report import format_table
+
+    result = scan(args.data_root, cache=not args.no_cache)
+    _print_scan(result)
+    if result.dataset.concepts:
+        print()
+        print(format_table(result.dataset, args.batch_size))
+    if result.errors:
+        print(f"\n{len(result.errors)} error(s): fix them before training.", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from .dataset import scan
+    from .report import format_table, plot_balance
+    from .schedule import build_epoch, make_buckets, write_schedule
+
+    result = scan(args.data_root)
+    _print_scan(result)
+    if result.errors:
+        print(f"\n{len(result.errors)} error(s): no schedule written.", file=sys.stderr)
+        return 2
+    dataset = result.dataset
+    out = Path(args.out)
+    buckets = make_buckets(args.resolution)
+    counts = []
+    steps = []
+    for epoch in range(args.epochs):
+        schedule = build_epoch(
+            dataset, epoch=epoch, seed=args.seed, batch_size=args.batch_size, buckets=buckets
+        )
+        write_schedule(schedule, dataset, out)
+        counts.append(schedule.images_per_concept(dataset))
+        steps.append(schedule.n_batches)
+    print()
+    print(format_table(dataset, args.batch_size, steps_per_epoch=steps[0] if steps else None))
+    import numpy as np
+
+    actual = np.stack(counts) if counts else None
+    plot_balance(dataset, actual, out=out / "balance.png")
+    print(
+        f"\nwrote {args.epochs} schedule file(s) ep0..ep{args.epochs - 1}_batch_schedule.txt and balance.png to {out}"
+    )
+    print(f"steps per epoch: {', '.join(map(str, steps))}")
+    return 0
+
+
+def cmd_make_demo(args: argparse.Namespace) -> int:
+    from .demo import make_demo_dataset
+
+    root = make_demo_dataset(args.dir)
+    print(f"demo data root written to {root}")
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from .model import make_tiny_model
+
+    path = make_tiny_model(args.dir, seed=args.seed, prediction_type=args.prediction_type)
+    print(f"tiny SD-shaped diffusers model written to {path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import ConfigError, TrainConfig
+    from .dataset import DatasetError
+    from .train import train
+
+    try:
+        base = TrainConfig.from_file(args.config) if args.config else None
+        config = TrainConfig.from_args(args, base=base)
+    except (ConfigError, ValueError) as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = train(config)
+    except DatasetError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    print(result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edtools", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("scan", help="scan a data root: per-folder table, applied files, warnings and errors")
+    p.add_argument("data_root")
+    p.add_argument("--batch-size", type=int, default=4, help="for the steps column (default 4)")
+    p.add_argument("--no-cache", action="store_true", help="ignore and do not write the image size manifest")
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("schedule", help="write ep{N}_batch_schedule.txt files and balance.png")
+    p.add_argument("data_root")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=555)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--out", required=True, help="folder for the schedule files and balance.png")
+    p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("make-demo", help="write the demo data root (drawn with PIL, no downloads)")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_make_demo)
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny SD-shaped diffusers model (tests, demo)")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
+    p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("train", help="train a Stable Diffusion model on a data root")
+    p.add_argument("--config", help="YAML or JSON file with TrainConfig fields; flags given here override it")
+    try:
+        from .config import add_arguments
+    except ImportError:  # the training extras are missing: the other subcommands still work
+        add_arguments = None
+    if add_arguments is not None:
+        add_arguments(p)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    for noisy in ("PIL", "matplotlib", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
