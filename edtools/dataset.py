@@ -31,6 +31,7 @@ __all__ = [
     "parse_loss_scale",
     "parse_multiplier",
     "scan",
+    "synthetic_dataset",
     "write_concept_values",
 ]
 
@@ -462,6 +463,37 @@ def scan(data_root: str | os.PathLike, *, cache: bool = True) -> ScanResult:
 def load_dataset(data_root: str | os.PathLike, *, cache: bool = True) -> Dataset:
     """Scan and return the dataset, raising DatasetError (with every error listed) if anything is wrong."""
     return scan(data_root, cache=cache).raise_for_errors()
+
+
+def synthetic_dataset(
+    spec: Mapping[str, tuple[int, float] | tuple[int, float, float]],
+    *,
+    sizes: tuple[tuple[int, int], ...] = ((512, 512),),
+    root: str | os.PathLike = "synthetic",
+) -> Dataset:
+    """A Dataset with no files behind it, for tests and benchmarks of the schedule.
+
+    spec: {folder: (n_images, multiplier[, loss_scale])}; image i of a folder has size sizes[i % len(sizes)].
+    """
+    concepts = []
+    for path, values in spec.items():
+        n, multiplier, *rest = values
+        _check_multiplier(float(multiplier), path)
+        concepts.append(Concept(path, int(n), float(multiplier), float(rest[0]) if rest else 1.0))
+    counts = np.array([c.n_images for c in concepts], dtype=np.int64)
+    concept_index = np.repeat(np.arange(len(concepts), dtype=np.int32), counts)
+    within = np.arange(len(concept_index)) - np.repeat(np.cumsum(counts) - counts, counts)
+    size_table = np.array(sizes, dtype=np.int32)[within % len(sizes)]
+    paths = tuple(f"{c.path}/{i:06d}.jpg" for c in concepts for i in range(c.n_images))
+    return Dataset(
+        root=Path(root),
+        concepts=tuple(concepts),
+        paths=paths,
+        captions=tuple(Path(p).parent.name for p in paths),
+        widths=size_table[:, 0].copy(),
+        heights=size_table[:, 1].copy(),
+        concept_index=concept_index,
+    )
 
 
 def write_concept_values(

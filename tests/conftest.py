@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zlib
 from pathlib import Path
 
 _SANDBOX = Path(tempfile.mkdtemp(prefix="edtools-tests-"))
@@ -38,7 +39,7 @@ def make_image(
 ) -> Path:
     """Write a small real image (format from the extension)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(path.name.encode()))
     pixels = (rng.random((height, width, 3)) * 60 + np.array(color) * 0.7).clip(0, 255).astype(np.uint8)
     Image.fromarray(pixels).save(path)
     return path
