@@ -1,0 +1,65 @@
+# edtools: `make demo` (the main job on the bundled demo data) and `make test` (the whole suite).
+# Both create .venv on first use. torch is installed first, pinned to the local CPU wheel, so nothing
+# pulls a multi-GB CUDA build here; on Colab the notebook's install cell keeps the preinstalled torch.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_SPEC ?= torch==2.13.0
+DEMO := demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-quick lint format bench browser-deps clean venv
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/edtools make-demo $(DEMO)/data
+	$(BIN)/edtools scan $(DEMO)/data
+	$(BIN)/edtools schedule $(DEMO)/data --epochs 10 --seed 555 --batch-size 4 --resolution 512 --out $(DEMO)/schedule
+	$(BIN)/edtools make-tiny-model $(DEMO)/tiny-model
+	$(BIN)/edtools train --config examples/demo.yaml --data-root $(DEMO)/data --model $(DEMO)/tiny-model --out $(DEMO)/run
+	@echo
+	@echo "demo done: balance table above; $(DEMO)/schedule/balance.png (expected vs actual, 10 epochs);"
+	@echo "           $(DEMO)/run/checkpoints (diffusers folders), $(DEMO)/run/samples (PNG grids),"
+	@echo "           $(DEMO)/run/balance_actual.png (images per concept in each trained epoch)"
+
+# Debian's chromium for the real-browser test (never a browser download); playwright comes from pip.
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+				|| echo "browser-deps: could not install chromium; the browser test will be skipped"; \
+		else echo "browser-deps: not root, chromium not installed; the browser test will be skipped"; fi; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check edtools tests bench notebooks
+	$(BIN)/ruff format --check edtools tests bench notebooks
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix edtools tests bench notebooks
+	$(BIN)/ruff format edtools tests bench notebooks
+
+test: $(STAMP) browser-deps lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not notebook and not browser" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/schedule.py
+	$(BIN)/python bench/step_overhead.py
+	$(BIN)/python bench/optimizer_memory.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache .ruff_cache .hypothesis
