@@ -28,9 +28,15 @@ def main(repeats: int = 5) -> float:
         built = schedule.build_epoch(dataset, epoch=epoch, seed=555, batch_size=4, buckets=BUCKETS)
         times.append(time.perf_counter() - start)
     expected = schedule.expected_images_per_epoch(dataset).sum()
-    print(f"epoch {built.epoch}: {len(built.image_index):,} images (expected {expected:,.0f}), {built.n_batches:,} batches")
-    print(f"per epoch, cold cache: min {min(times):.3f} s, median {statistics.median(times):.3f} s over {repeats}")
-    assert np.array_equal(np.sort(built.image_index), np.sort(schedule.epoch_images(dataset, 555, built.epoch)))
+    print(
+        f"epoch {built.epoch}: {len(built.image_index):,} images (expected {expected:,.0f}), {built.n_batches:,} batches"
+    )
+    print(
+        f"per epoch, cold cache: min {min(times):.3f} s, median {statistics.median(times):.3f} s over {repeats}"
+    )
+    assert np.array_equal(
+        np.sort(built.image_index), np.sort(schedule.epoch_images(dataset, 555, built.epoch))
+    )
     print(f"{statistics.median(times):.3f}")
     return statistics.median(times)
 
