@@ -211,14 +211,26 @@ def _misnamed_target(name: str) -> str | None:
 # Scanning
 
 
-def _caption_for(folder: Path, stem: str, names: set[str]) -> str:
+def _caption_for(
+    stem: str, files: dict[str, os.DirEntry], prefix: str, manifest: _Manifest
+) -> tuple[str, str | None]:
+    """The sidecar caption (<stem>.txt or <stem>.caption) and its path, else the file name up to the first '_'."""
     for ext in CAPTION_EXTENSIONS:
-        if stem + ext in names and stem + ext not in (MULTIPLY_FILE, LOSS_SCALE_FILE):
-            try:
-                return (folder / (stem + ext)).read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError):
-                pass
-    return stem.split("_", 1)[0].strip()
+        entry = files.get(stem + ext)
+        if entry is None or entry.name in (MULTIPLY_FILE, LOSS_SCALE_FILE):
+            continue
+        rel = prefix + entry.name
+        try:
+            stat = entry.stat()
+            caption = manifest.get_caption(rel, stat)
+            if caption is None:
+                with open(entry.path, encoding="utf-8-sig") as f:
+                    caption = f.read().strip()
+                manifest.put_caption(rel, stat, caption)
+            return caption, rel
+        except (OSError, UnicodeDecodeError):
+            continue
+    return stem.split("_", 1)[0].strip(), None
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -234,19 +246,20 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 
 class _Manifest:
-    """Cache of (path, size, mtime) -> (width, height), so a re-scan of a large tree only stats files."""
+    """Cache of (path, size, mtime) -> (width, height) or caption, so a re-scan of a large tree only stats."""
 
     def __init__(self, file: Path | None):
         self.file = file
         self.entries: dict[str, list] = {}
+        self.captions: dict[str, list] = {}
         self.dirty = False
         if file is not None and file.is_file():
             try:
                 data = json.loads(file.read_text(encoding="utf-8"))
-                if data.get("version") == 1:
-                    self.entries = data["entries"]
+                if data.get("version") == 2:
+                    self.entries, self.captions = data["entries"], data["captions"]
             except (OSError, ValueError, KeyError):
-                self.entries = {}
+                self.entries, self.captions = {}, {}
 
     def get(self, rel: str, stat: os.stat_result) -> tuple[int, int] | None:
         entry = self.entries.get(rel)
@@ -258,14 +271,28 @@ class _Manifest:
         self.entries[rel] = [stat.st_size, stat.st_mtime_ns, size[0], size[1]]
         self.dirty = True
 
+    def get_caption(self, rel: str, stat: os.stat_result) -> str | None:
+        entry = self.captions.get(rel)
+        if entry and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns:
+            return entry[2]
+        return None
+
+    def put_caption(self, rel: str, stat: os.stat_result, caption: str) -> None:
+        self.captions[rel] = [stat.st_size, stat.st_mtime_ns, caption]
+        self.dirty = True
+
     def save(self, seen: set[str]) -> None:
-        stale = set(self.entries) - seen
+        stale = [rel for rel in self.entries if rel not in seen]
+        stale_captions = [rel for rel in self.captions if rel not in seen]
         for rel in stale:
             del self.entries[rel]
-        if self.file is None or not (self.dirty or stale):
+        for rel in stale_captions:
+            del self.captions[rel]
+        if self.file is None or not (self.dirty or stale or stale_captions):
             return
         try:
-            _atomic_write(self.file, json.dumps({"version": 1, "entries": self.entries}))
+            payload = {"version": 2, "entries": self.entries, "captions": self.captions}
+            _atomic_write(self.file, json.dumps(payload, ensure_ascii=False))
         except OSError:
             pass  # a read-only data root still scans; it just is not cached
 
@@ -340,7 +367,8 @@ def scan(data_root: str | os.PathLike, *, cache: bool = True) -> ScanResult:
 
     for folder, files in _walk(root):
         folder_rel = _rel(folder, root)
-        names = {e.name for e in files}
+        by_name = {e.name: e for e in files}
+        names = set(by_name)
         multiplier, loss_scale = 1.0, 1.0
         multiply_file = loss_file = False
 
@@ -392,24 +420,27 @@ def scan(data_root: str | os.PathLike, *, cache: bool = True) -> ScanResult:
 
         image_entries = [e for e in files if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS]
         concept_number = len(concepts)
+        prefix = "" if folder_rel == ROOT_CONCEPT else folder_rel + "/"
         n_ok = 0
         for entry in image_entries:
-            path = Path(entry.path)
-            rel = _rel(path, root)
+            rel = prefix + entry.name
             try:
                 stat = entry.stat()
                 if stat.st_size == 0:
                     raise OSError("the file is empty (0 bytes)")
                 size = manifest.get(rel, stat)
                 if size is None:
-                    size = _image_size(path)
+                    size = _image_size(Path(entry.path))
                     manifest.put(rel, stat, size)
             except Exception as exc:  # any unreadable image is reported and skipped, never fatal
                 problems.append(Problem("warning", rel, f"cannot read this image ({exc}); it is skipped"))
                 continue
+            caption, caption_rel = _caption_for(os.path.splitext(entry.name)[0], by_name, prefix, manifest)
             seen.add(rel)
+            if caption_rel is not None:
+                seen.add(caption_rel)
             paths.append(rel)
-            captions.append(_caption_for(folder, path.stem, names))
+            captions.append(caption)
             sizes.append(size)
             concept_index.append(concept_number)
             n_ok += 1

@@ -105,6 +105,18 @@ def test_manifest_cache_is_used_and_invalidated(tree, monkeypatch):
     assert (dataset.widths[i], dataset.heights[i]) == (32, 16)
 
 
+def test_manifest_caches_captions_until_the_sidecar_changes(tree):
+    root = tree({"a": 2})
+    (root / "a" / "a_000.txt").write_text("first caption")
+    assert scan(root).dataset.captions[0] == "first caption"
+    assert json.loads((root / MANIFEST_NAME).read_text())["captions"]["a/a_000.txt"][2] == "first caption"
+    (root / "a" / "a_000.txt").write_text("a longer second caption")
+    assert scan(root).dataset.captions[0] == "a longer second caption"
+    (root / "a" / "a_000.txt").unlink()
+    assert scan(root).dataset.captions[0] == "a"
+    assert json.loads((root / MANIFEST_NAME).read_text())["captions"] == {}
+
+
 def test_log_line_per_applied_file(tree):
     root = tree({"people/person_b": 50, "style": 4})
     (root / "people" / "person_b" / "multiply.txt").write_text("4\n")
