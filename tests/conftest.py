@@ -6,6 +6,7 @@ Every cache a library might write (Jupyter, IPython, matplotlib, Hugging Face) g
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import zlib
 from pathlib import Path
@@ -32,6 +33,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SANDBOX, ignore_errors=True)
 
 
 def make_image(
