@@ -337,3 +337,11 @@ def test_properties_exact_counts_batches_and_determinism(spec, seed, epoch, batc
 @given(n=st.integers(1, 30), multiplier=multipliers, seed=st.integers(0, 1000))
 def test_property_coverage_before_any_repeat(n, multiplier, seed):
     assert_covers_before_repeating(n, multiplier, seed=seed, epochs=25)
+
+
+def test_an_epoch_with_no_images_is_empty_not_an_error():
+    dataset = synthetic_dataset({"a": (1, 0.1)})
+    sizes = [build_epoch(dataset, epoch=e, seed=0, batch_size=2, resolution=512).n_batches for e in range(10)]
+    assert sizes == [0, 0, 0, 0, 1, 0, 0, 0, 0, 0]  # 0.1 of one image: once in ten epochs
+    empty = build_epoch(dataset, epoch=0, seed=0, batch_size=2, resolution=512)
+    assert [shard(empty, r, 2).n_batches for r in range(2)] == [0, 0]
