@@ -1,0 +1,266 @@
+"""Turn an epoch schedule into training batches: decoded pixels, token ids, loss_scale per image.
+
+Item b of ScheduleBatches is the schedule's whole batch b; random crops/flips are seeded by (seed, epoch, b).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .dataset import Dataset
+from .schedule import EpochSchedule
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["LatentCache", "ScheduleBatches", "load_image", "make_loader"]
+
+_TAG_AUGMENT = 0xA0  # keeps these random streams apart from the schedule's own
+
+try:
+    from torch.utils.data import Dataset as _TorchDataset
+except ImportError:  # the scan/schedule commands work without torch; building batches does not
+
+    class _TorchDataset:  # type: ignore[no-redef]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise ImportError("edtools training needs torch: pip install -r requirements.txt")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One image
+
+
+def _to_rgb(image):
+    """Any PIL mode as 8-bit RGB: transparency composited on white, 16-bit grey scaled (not clipped)."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grey (PNG): full range is 0..65535; PIL's convert("L") would clip it to 255 (all white).
+        grey = np.asarray(image, dtype=np.float64)
+        grey8 = np.clip(np.round(grey / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey8, mode="L").convert("RGB")
+    if mode == "F":
+        raise ValueError(
+            "32-bit float images (mode F) are not supported; save the image as 8-bit PNG or JPEG"
+        )
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info)
+    if mode == "P" and not has_alpha:
+        return image.convert("RGB")
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _cover_size(width: int, height: int, image_w: int, image_h: int) -> tuple[int, int]:
+    """The smallest size with the image's aspect that covers width x height."""
+    scale = max(width / image_w, height / image_h)
+    return max(width, round(image_w * scale)), max(height, round(image_h * scale))
+
+
+def load_image(
+    path: str | os.PathLike,
+    width: int,
+    height: int,
+    *,
+    center_crop: bool = True,
+    flip: bool = False,
+    crop_rng: np.random.Generator | None = None,
+) -> torch.Tensor:
+    """Decode an image as float32 [3, height, width] in [-1, 1]: EXIF orientation applied, converted to RGB,
+    resized to cover the size, cropped (centre, or at a crop_rng-chosen place), optionally mirrored."""
+    import torch
+    from PIL import Image, ImageOps
+
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if not center_crop and crop_rng is None:
+        raise ValueError("a random crop (center_crop=False) needs crop_rng, a seeded numpy Generator")
+    try:
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                # Let the JPEG decoder scale down by 1/2, 1/4 or 1/8 while decoding: a 6000 px photo
+                # for a 512 px bucket decodes 64x fewer pixels. draft never goes below the asked size.
+                rotated = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+                w, h = (height, width) if rotated else (width, height)
+                image.draft("RGB", _cover_size(w, h, *image.size))
+            image = ImageOps.exif_transpose(image)
+            image = _to_rgb(image)
+    except Exception as exc:  # PIL raises many types for broken files; all mean the same to a person
+        raise ValueError(f"cannot load image {path}: {exc}; fix or remove the file and re-scan") from exc
+
+    cover_w, cover_h = _cover_size(width, height, *image.size)
+    if (cover_w, cover_h) != image.size:
+        image = image.resize((cover_w, cover_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if center_crop:
+        left, top = (cover_w - width) // 2, (cover_h - height) // 2
+    else:
+        left = int(crop_rng.integers(0, cover_w - width + 1))
+        top = int(crop_rng.integers(0, cover_h - height + 1))
+    image = image.crop((left, top, left + width, top + height))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batches
+
+
+class ScheduleBatches(_TorchDataset):
+    """The schedule's batches as a torch map-style dataset: item b is batch b (a dict of tensors).
+
+    Use with make_loader (batch_size=None): the schedule already decided batches and their bucket sizes.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        schedule: EpochSchedule,
+        tokenizer,
+        *,
+        center_crop: bool = True,
+        flip_p: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 <= flip_p <= 1.0:
+            raise ValueError(f"flip_p is {flip_p}; it must be a probability between 0 and 1")
+        if seed < 0:
+            raise ValueError(f"seed is {seed}; it must be an integer >= 0")
+        if schedule.n_batches and int(schedule.image_index.max()) >= len(dataset):
+            raise ValueError(
+                f"the schedule names image {int(schedule.image_index.max())} but the dataset has {len(dataset)}; "
+                "build the schedule from this dataset"
+            )
+        self.dataset = dataset
+        self.schedule = schedule
+        self.tokenizer = tokenizer
+        self.center_crop = center_crop
+        self.flip_p = float(flip_p)
+        self.seed = int(seed)
+        self.loss_scales = dataset.loss_scale_per_image()
+        self.root = Path(dataset.root)
+
+    def __len__(self) -> int:
+        return self.schedule.n_batches
+
+    def augment_rng(self, b: int, position: int) -> np.random.Generator:
+        """The random stream of one image slot: same (seed, epoch, b, position) -> same crop and flip."""
+        return np.random.default_rng([self.seed, _TAG_AUGMENT, self.schedule.epoch, b, position])
+
+    def __getitem__(self, b: int) -> dict[str, Any]:
+        import torch
+
+        if not 0 <= b < len(self):
+            raise IndexError(f"batch {b} out of range: this epoch has {len(self)} batches")
+        images = self.schedule.batch(b)
+        width, height = self.schedule.batch_size_of(b)
+        pixels = []
+        for position, i in enumerate(images.tolist()):
+            rng = None
+            flip = False
+            if not self.center_crop or self.flip_p > 0:
+                rng = self.augment_rng(b, position)
+                flip = bool(rng.random() < self.flip_p)
+            pixels.append(
+                load_image(
+                    self.root / self.dataset.paths[i],
+                    width,
+                    height,
+                    center_crop=self.center_crop,
+                    flip=flip,
+                    crop_rng=rng,
+                )
+            )
+        captions = [self.dataset.captions[i] for i in images.tolist()]
+        input_ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+        return {
+            "pixel_values": torch.stack(pixels),
+            "input_ids": input_ids.long(),
+            "loss_scale": torch.from_numpy(self.loss_scales[images].astype(np.float32)),
+            "concept": torch.from_numpy(self.dataset.concept_index[images].astype(np.int64)),
+            "image_index": torch.from_numpy(images.astype(np.int64)),
+            "batch_weight": float(self.schedule.batch_weight[b]),
+            "epoch": int(self.schedule.epoch),
+            "batch": int(b),
+        }
+
+
+def make_loader(
+    batches: ScheduleBatches, *, num_workers: int = 0, start_batch: int = 0, pin_memory: bool = False
+):
+    """A DataLoader over batches start_batch, start_batch+1, ... (earlier ones are never loaded, so a
+    resumed run skips them for free). Workers decode images in parallel; order is always the schedule's."""
+    from torch.utils.data import DataLoader
+
+    if num_workers < 0:
+        raise ValueError(f"num_workers is {num_workers}; use 0 (load in the training process) or more")
+    if not 0 <= start_batch <= len(batches):
+        raise ValueError(f"start_batch is {start_batch}; this epoch has batches 0..{len(batches) - 1}")
+    return DataLoader(
+        batches,
+        batch_size=None,
+        sampler=range(start_batch, len(batches)),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Latents
+
+
+class LatentCache:
+    """VAE latents of the batch's images, optionally kept on the CPU per (image, width, height).
+
+    Only valid without random augmentation (the same image then always has the same pixels): cached latents
+    use the distribution's mean, so a cached and a fresh encode agree exactly. Disabled: a fresh sample.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = bool(enabled)
+        self._store: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def clear(self) -> None:
+        self._store.clear()
+
+    def latents(
+        self, batch: dict, vae, scaling_factor: float, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Scaled latents [n, C, H/8, W/8] on the VAE's device and dtype (no gradient)."""
+        import torch
+
+        pixels = batch["pixel_values"]
+        if not self.enabled:
+            with torch.no_grad():
+                encoded = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+                return encoded.sample(generator=generator) * scaling_factor
+        height, width = pixels.shape[-2:]
+        keys = [(int(i), int(width), int(height)) for i in batch["image_index"].tolist()]
+        missing = [row for row, key in enumerate(keys) if key not in self._store]
+        if missing:
+            with torch.no_grad():
+                rows = pixels[missing].to(device=vae.device, dtype=vae.dtype)
+                means = vae.encode(rows).latent_dist.mode().cpu()
+            for row, mean in zip(missing, means, strict=True):
+                self._store[keys[row]] = mean
+        stacked = torch.stack([self._store[key] for key in keys])
+        return stacked.to(device=vae.device, dtype=vae.dtype) * scaling_factor

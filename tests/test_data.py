@@ -1,0 +1,448 @@
+"""Batches from schedules: every image mode decodes right, batches match their buckets and concepts,
+augmentation is reproducible, resumed loaders skip batches, cached latents are encoded once.
+
+Images are written in code; the tokenizer is the tiny CLIP one from edtools.model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from edtools.data import LatentCache, ScheduleBatches, load_image, make_loader  # noqa: E402
+from edtools.dataset import load_dataset  # noqa: E402
+from edtools.schedule import build_epoch, shard  # noqa: E402
+
+BUCKETS = ((64, 64), (96, 48))
+# 72x64 lands in the 64x64 bucket and 100x48 in 96x48: both leave room for a random crop.
+SIZES = ((72, 64), (100, 48))
+W, H = 32, 16
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from edtools.model import _tiny_tokenizer
+
+    return _tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def vae():
+    from edtools.model import tiny_components
+
+    return tiny_components(seed=0).vae
+
+
+def as_uint8(tensor: torch.Tensor) -> np.ndarray:
+    """[3,H,W] in [-1,1] -> HxWx3 0..255 floats."""
+    return ((tensor.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.float64)
+
+
+def halves(left, right, mode: str) -> Image.Image:
+    image = Image.new(mode, (W, H), left)
+    image.paste(right, (W // 2, 0, W, H))
+    return image
+
+
+def expected_halves(left, right) -> np.ndarray:
+    out = np.empty((H, W, 3))
+    out[:, : W // 2] = left
+    out[:, W // 2 :] = right
+    return out
+
+
+WHITE = (255, 255, 255)
+
+
+def rgb_noise(path: Path):
+    pixels = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path.with_suffix(".png"))
+    return path.with_suffix(".png"), pixels.astype(np.float64), 0
+
+
+def rgba(path: Path):
+    image = halves((10, 200, 30, 255), (0, 0, 0, 0), "RGBA")
+    image.save(path.with_suffix(".png"))
+    return path.with_suffix(".png"), expected_halves((10, 200, 30), WHITE), 0
+
+
+def rgba_half_transparent(path: Path):
+    Image.new("RGBA", (W, H), (0, 0, 0, 128)).save(path.with_suffix(".png"))
+    grey = 255 * (1 - 128 / 255)
+    return path.with_suffix(".png"), np.full((H, W, 3), grey), 1
+
+
+def palette_with_transparency(path: Path):
+    image = halves(1, 0, "P")
+    image.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    image.save(path.with_suffix(".png"), transparency=0)
+    return path.with_suffix(".png"), expected_halves((200, 100, 50), WHITE), 0
+
+
+def palette(path: Path):
+    image = halves(1, 0, "P")
+    image.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    image.save(path.with_suffix(".png"))
+    return path.with_suffix(".png"), expected_halves((200, 100, 50), (10, 20, 30)), 0
+
+
+def cmyk_jpeg(path: Path):
+    halves((255, 0, 0, 0), (0, 0, 0, 255), "CMYK").save(path.with_suffix(".jpg"), quality=95)
+    return path.with_suffix(".jpg"), expected_halves((0, 255, 255), (0, 0, 0)), 40  # JPEG edge ringing
+
+
+def grey(path: Path):
+    values = np.tile(np.linspace(0, 255, W).round().astype(np.uint8), (H, 1))
+    Image.fromarray(values, mode="L").save(path.with_suffix(".png"))
+    return path.with_suffix(".png"), np.repeat(values[..., None], 3, axis=2).astype(np.float64), 0
+
+
+def grey_alpha(path: Path):
+    halves((50, 255), (0, 0), "LA").save(path.with_suffix(".png"))
+    return path.with_suffix(".png"), expected_halves((50, 50, 50), WHITE), 0
+
+
+def bilevel(path: Path):
+    halves(1, 0, "1").save(path.with_suffix(".png"))
+    return path.with_suffix(".png"), expected_halves(WHITE, (0, 0, 0)), 0
+
+
+def grey_16bit(path: Path):
+    values = np.tile(np.array([0, 30000, 65535] * (W // 3) + [65535] * (W % 3), dtype=np.uint16), (H, 1))
+    Image.fromarray(values).save(path.with_suffix(".png"))  # mode I;16
+    expected = np.round(values.astype(np.float64) / 257)  # 30000 -> 117, not clipped to 255
+    return path.with_suffix(".png"), np.repeat(expected[..., None], 3, axis=2), 0
+
+
+def grey_32bit_int(path: Path):
+    Image.new("I", (W, H), 30000).save(path.with_suffix(".tiff"))
+    return path.with_suffix(".tiff"), np.full((H, W, 3), 117.0), 0
+
+
+@pytest.mark.parametrize(
+    "write, mode",
+    [
+        (rgb_noise, "RGB"),
+        (rgba, "RGBA"),
+        (rgba_half_transparent, "RGBA"),
+        (palette_with_transparency, "P"),
+        (palette, "P"),
+        (cmyk_jpeg, "CMYK"),
+        (grey, "L"),
+        (grey_alpha, "LA"),
+        (bilevel, "1"),
+        (grey_16bit, "I;16"),
+        (grey_32bit_int, "I"),
+    ],
+    ids=lambda v: v.__name__ if callable(v) else v,
+)
+def test_every_image_mode_loads_as_rgb(tmp_path, write, mode):
+    path, expected, tolerance = write(tmp_path / "image")
+    with Image.open(path) as image:
+        assert image.mode == mode  # the file really is of the mode under test
+    pixels = load_image(path, W, H)
+    assert pixels.shape == (3, H, W) and pixels.dtype == torch.float32
+    assert pixels.min() >= -1 and pixels.max() <= 1
+    np.testing.assert_allclose(as_uint8(pixels), expected, atol=tolerance + 1e-3)
+
+
+def write_two_colour_jpeg(path: Path, size: tuple[int, int], orientation: int) -> Path:
+    """Left half red, right half blue as stored; orientation tells viewers how to turn it."""
+    image = halves((255, 0, 0), (0, 0, 255), "RGB").resize(size, Image.Resampling.NEAREST)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(path, quality=95, exif=exif)
+    return path
+
+
+def test_exif_rotated_jpeg_is_upright(tmp_path):
+    # Orientation 6: turn 90 degrees clockwise to view, so the stored left (red) becomes the top.
+    path = write_two_colour_jpeg(tmp_path / "rotated.jpg", (40, 20), orientation=6)
+    pixels = as_uint8(load_image(path, 20, 40))
+    assert pixels.shape == (40, 20, 3)
+    top, bottom = pixels[:16].mean(axis=(0, 1)), pixels[24:].mean(axis=(0, 1))
+    assert top[0] > 200 and top[2] < 50
+    assert bottom[2] > 200 and bottom[0] < 50
+
+    from edtools.dataset import _image_size
+
+    assert _image_size(path) == (20, 40)  # the scan sees the same upright size
+
+
+@pytest.mark.parametrize(
+    "orientation, target, decoded",
+    [
+        (1, (64, 48), (256, 192)),  # 1/8 scale still covers 64x48
+        (6, (48, 64), (256, 192)),
+        # Upright the photo is 1536x2048; covering 256 px wide needs 341 px of stored height: 1/4 scale.
+        (6, (256, 100), (512, 384)),
+    ],
+)
+def test_large_jpeg_is_decoded_small_with_draft(tmp_path, monkeypatch, orientation, target, decoded):
+    from PIL import JpegImagePlugin
+
+    size = (2048, 1536)
+    x = np.linspace(0, 1, size[0])[None, :, None]
+    y = np.linspace(0, 1, size[1])[:, None, None]
+    smooth = (np.concatenate([x + 0 * y, y + 0 * x, (x + y) / 2], axis=2) * 255).astype(np.uint8)
+    image = Image.fromarray(smooth)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / "large.jpg"
+    image.save(path, quality=95, exif=exif)
+
+    decoded_sizes = []
+    original_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, requested):
+        result = original_draft(self, mode, requested)
+        decoded_sizes.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    width, height = target
+    pixels = load_image(path, width, height)
+    assert decoded_sizes == [decoded]
+    assert pixels.shape == (3, height, width)
+
+    with Image.open(path) as full:
+        full.load()
+        upright = ImageOps.exif_transpose(full)
+        scale = max(width / upright.width, height / upright.height)
+        cover = (round(upright.width * scale), round(upright.height * scale))
+        left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
+        reference = upright.resize(cover, Image.Resampling.LANCZOS).crop(
+            (left, top, left + width, top + height)
+        )
+    difference = np.abs(as_uint8(pixels) - np.asarray(reference, dtype=np.float64))
+    assert difference.mean() < 3
+
+
+def test_resize_covers_and_crops(tmp_path):
+    path = rgb_noise(tmp_path / "noise")[0]  # 32x16
+    centre = load_image(path, 16, 16)
+    assert torch.equal(centre, load_image(path, 32, 16)[:, :, 8:24])
+    crops = {
+        tuple(
+            load_image(path, 16, 16, center_crop=False, crop_rng=np.random.default_rng(s))[0, 0, :3].tolist()
+        )
+        for s in range(20)
+    }
+    assert len(crops) > 3  # random crops move
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    a = load_image(path, 16, 16, center_crop=False, crop_rng=rng_a)
+    assert torch.equal(a, load_image(path, 16, 16, center_crop=False, crop_rng=rng_b))
+    assert torch.equal(load_image(path, 32, 16, flip=True), load_image(path, 32, 16).flip(-1))
+    upscaled = load_image(path, 64, 64)  # smaller images are scaled up to cover
+    assert upscaled.shape == (3, 64, 64)
+
+
+def test_load_image_errors_name_the_problem(tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.png"):
+        load_image(broken, 8, 8)
+    path = rgb_noise(tmp_path / "ok")[0]
+    with pytest.raises(ValueError, match="crop_rng"):
+        load_image(path, 8, 8, center_crop=False)
+    with pytest.raises(ValueError, match="positive"):
+        load_image(path, 0, 8)
+
+
+# --- batches --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dataset(tree):
+    root = tree({"people/a": 5, "style": 3}, sizes=SIZES)
+    (root / "style" / "loss_scale.txt").write_text("2.5")
+    return load_dataset(root)
+
+
+def epoch_batches(dataset, tokenizer, epoch=0, **kwargs) -> ScheduleBatches:
+    schedule = build_epoch(dataset, epoch=epoch, seed=3, batch_size=2, buckets=BUCKETS)
+    return ScheduleBatches(dataset, schedule, tokenizer, **kwargs)
+
+
+def test_batches_match_schedule_buckets_and_concepts(dataset, tokenizer):
+    batches = epoch_batches(dataset, tokenizer)
+    schedule = batches.schedule
+    assert len(batches) == schedule.n_batches
+    seen_buckets = set()
+    for b in range(len(batches)):
+        batch = batches[b]
+        images = schedule.batch(b)
+        width, height = schedule.buckets[schedule.batch_bucket[b]]
+        seen_buckets.add((width, height))
+        n = len(images)
+        assert batch["pixel_values"].shape == (n, 3, height, width)
+        assert batch["pixel_values"].dtype == torch.float32
+        assert batch["image_index"].tolist() == images.tolist()
+        assert batch["concept"].dtype == torch.int64
+        assert batch["concept"].tolist() == dataset.concept_index[images].tolist()
+        expected_scales = [dataset.concepts[c].loss_scale for c in batch["concept"].tolist()]
+        assert batch["loss_scale"].dtype == torch.float32
+        assert batch["loss_scale"].tolist() == expected_scales
+        assert batch["input_ids"].shape == (n, tokenizer.model_max_length)
+        assert batch["input_ids"].dtype == torch.int64
+        captions = [dataset.captions[i] for i in images]
+        assert batch["input_ids"].tolist() == tokenizer(captions, padding="max_length").input_ids
+        assert (batch["batch_weight"], batch["epoch"], batch["batch"]) == (1.0, 0, b)
+        for row, i in enumerate(images):  # the right file, centre-cropped to the bucket
+            reference = load_image(dataset.root / dataset.paths[i], width, height)
+            assert torch.equal(batch["pixel_values"][row], reference)
+    assert seen_buckets == set(BUCKETS)
+    assert {c.path: c.loss_scale for c in dataset.concepts} == {"people/a": 1.0, "style": 2.5}
+    with pytest.raises(IndexError):
+        batches[len(batches)]
+
+
+def test_filler_batch_has_weight_zero(dataset, tokenizer):
+    schedule = build_epoch(dataset, epoch=0, seed=3, batch_size=2, buckets=BUCKETS)
+    assert schedule.n_batches % 2 == 1  # 5 + 3 images in two buckets, batches of 2 -> odd count
+    rank_1 = ScheduleBatches(dataset, shard(schedule, 1, 2), tokenizer)
+    weights = [rank_1[b]["batch_weight"] for b in range(len(rank_1))]
+    assert weights[:-1] == [1.0] * (len(weights) - 1) and weights[-1] == 0.0
+
+
+def test_random_augmentation_is_reproducible(dataset, tokenizer):
+    random_kwargs = {"center_crop": False, "flip_p": 0.5, "seed": 11}
+    first = epoch_batches(dataset, tokenizer, **random_kwargs)
+    again = epoch_batches(dataset, tokenizer, **random_kwargs)
+    other_seed = epoch_batches(dataset, tokenizer, center_crop=False, flip_p=0.5, seed=12)
+    centred = epoch_batches(dataset, tokenizer)
+    differs_from_centre = differs_by_seed = False
+    for b in range(len(first)):
+        pixels = first[b]["pixel_values"]
+        assert torch.equal(pixels, again[b]["pixel_values"])  # a resumed run sees identical pixels
+        differs_from_centre |= not torch.equal(pixels, centred[b]["pixel_values"])
+        differs_by_seed |= not torch.equal(pixels, other_seed[b]["pixel_values"])
+    assert differs_from_centre and differs_by_seed
+    # Reading batches in another order (as a resume does) changes nothing.
+    assert torch.equal(
+        epoch_batches(dataset, tokenizer, **random_kwargs)[3]["pixel_values"], first[3]["pixel_values"]
+    )
+
+
+def test_flip_p_one_mirrors_every_image(dataset, tokenizer):
+    flipped = epoch_batches(dataset, tokenizer, flip_p=1.0)
+    plain = epoch_batches(dataset, tokenizer)
+    for b in range(len(plain)):
+        assert torch.equal(flipped[b]["pixel_values"], plain[b]["pixel_values"].flip(-1))
+
+
+def test_bad_batch_arguments(dataset, tokenizer):
+    with pytest.raises(ValueError, match="flip_p"):
+        epoch_batches(dataset, tokenizer, flip_p=1.5)
+    with pytest.raises(ValueError, match="seed"):
+        epoch_batches(dataset, tokenizer, seed=-1)
+
+
+class CountingBatches(ScheduleBatches):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loaded: list[int] = []
+
+    def __getitem__(self, b):
+        self.loaded.append(b)
+        return super().__getitem__(b)
+
+
+def test_loader_start_batch_skips_without_loading(dataset, tokenizer):
+    schedule = build_epoch(dataset, epoch=0, seed=3, batch_size=2, buckets=BUCKETS)
+    batches = CountingBatches(dataset, schedule, tokenizer)
+    n = len(batches)
+    got = list(make_loader(batches, start_batch=2))
+    assert batches.loaded == list(range(2, n))
+    assert [batch["batch"] for batch in got] == list(range(2, n))
+    reference = ScheduleBatches(dataset, schedule, tokenizer)
+    for batch in got:
+        assert torch.equal(batch["pixel_values"], reference[batch["batch"]]["pixel_values"])
+        assert batch["batch_weight"] == 1.0 and isinstance(batch["epoch"], int)
+    assert list(make_loader(batches, start_batch=n)) == []
+    with pytest.raises(ValueError, match="start_batch"):
+        make_loader(batches, start_batch=n + 1)
+    with pytest.raises(ValueError, match="num_workers"):
+        make_loader(batches, num_workers=-1)
+
+
+def test_loader_with_workers_keeps_schedule_order(dataset, tokenizer):
+    batches = epoch_batches(dataset, tokenizer, center_crop=False, flip_p=0.5)
+    in_process = list(make_loader(batches, start_batch=1))
+    with_workers = list(make_loader(batches, start_batch=1, num_workers=2))
+    assert [b["batch"] for b in with_workers] == list(range(1, len(batches)))
+    for a, b in zip(in_process, with_workers, strict=True):
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+# --- latents --------------------------------------------------------------------------------------------
+
+
+def count_encodes(vae, monkeypatch) -> list[int]:
+    """Rows passed to vae.encode, one entry per call."""
+    rows: list[int] = []
+    original = vae.encode
+
+    def counting(pixels, *args, **kwargs):
+        rows.append(pixels.shape[0])
+        return original(pixels, *args, **kwargs)
+
+    monkeypatch.setattr(vae, "encode", counting)
+    return rows
+
+
+def test_latent_cache_encodes_each_image_once(dataset, tokenizer, vae, monkeypatch):
+    scaling = 0.18215
+    epoch_0 = epoch_batches(dataset, tokenizer, epoch=0)
+    epoch_1 = epoch_batches(dataset, tokenizer, epoch=1)
+    fresh = {}
+    for b in range(len(epoch_0)):
+        batch = epoch_0[b]
+        with torch.no_grad():
+            fresh[b] = vae.encode(batch["pixel_values"]).latent_dist.mode() * scaling
+
+    rows = count_encodes(vae, monkeypatch)
+    cache = LatentCache(True)
+    for b in range(len(epoch_0)):
+        latents = cache.latents(epoch_0[b], vae, scaling)
+        assert latents.shape == fresh[b].shape
+        torch.testing.assert_close(latents, fresh[b])
+    assert sum(rows) == len(dataset) == len(cache)  # multiplier 1: every image once in epoch 0
+    calls_after_epoch_0 = len(rows)
+    for b in range(len(epoch_1)):
+        cache.latents(epoch_1[b], vae, scaling)
+    assert len(rows) == calls_after_epoch_0  # epoch 1 reuses every latent
+    assert not any(latents.requires_grad for latents in cache._store.values())
+
+
+def test_latent_cache_encodes_only_new_images(vae, monkeypatch):
+    rows = count_encodes(vae, monkeypatch)
+    pixels = torch.rand(3, 3, 32, 32) * 2 - 1
+    cache = LatentCache(True)
+    first = cache.latents({"pixel_values": pixels[:2], "image_index": torch.tensor([0, 1])}, vae, 1.0)
+    second = cache.latents({"pixel_values": pixels[1:], "image_index": torch.tensor([1, 2])}, vae, 1.0)
+    assert rows == [2, 1]
+    assert torch.equal(first[1], second[0])
+    # The same image at another bucket size is another latent.
+    cache.latents({"pixel_values": torch.zeros(1, 3, 32, 64), "image_index": torch.tensor([0])}, vae, 1.0)
+    assert rows == [2, 1, 1] and len(cache) == 4
+
+
+def test_latent_cache_disabled_samples_every_time(vae, monkeypatch):
+    rows = count_encodes(vae, monkeypatch)
+    batch = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "image_index": torch.tensor([0, 1])}
+    cache = LatentCache(False)
+    a = cache.latents(batch, vae, 0.5, generator=torch.Generator().manual_seed(0))
+    b = cache.latents(batch, vae, 0.5, generator=torch.Generator().manual_seed(0))
+    c = cache.latents(batch, vae, 0.5, generator=torch.Generator().manual_seed(1))
+    assert rows == [2, 2, 2] and len(cache) == 0
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with torch.no_grad():
+        mean = vae.encode(batch["pixel_values"]).latent_dist.mode() * 0.5
+    assert not torch.equal(a, mean)  # a sample, not the mean
