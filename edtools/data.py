@@ -203,7 +203,7 @@ class ScheduleBatches(_TorchDataset):
 
 def make_loader(
     batches: ScheduleBatches, *, num_workers: int = 0, start_batch: int = 0, pin_memory: bool = False
-):
+) -> torch.utils.data.DataLoader:
     """A DataLoader over batches start_batch, start_batch+1, ... (earlier ones are never loaded, so a
     resumed run skips them for free). Workers decode images in parallel; order is always the schedule's."""
     from torch.utils.data import DataLoader

@@ -24,7 +24,9 @@ def _check_prediction_type(prediction_type: str) -> None:
         )
 
 
-def prediction_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+def prediction_target(
+    noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """What the UNet should output: the noise (epsilon models) or the velocity (v_prediction models)."""
     prediction_type = noise_scheduler.config.prediction_type
     _check_prediction_type(prediction_type)

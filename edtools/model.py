@@ -11,9 +11,19 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["SDComponents", "load_components", "make_pipeline", "make_tiny_model", "save_components"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "SDComponents",
+    "load_components",
+    "make_pipeline",
+    "make_tiny_model",
+    "save_components",
+    "tiny_components",
+]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 _SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -78,7 +88,9 @@ def _check_model_folder(folder: Path) -> None:
         )
 
 
-def load_components(model: str, *, dtype=None, local_files_only: bool | None = None) -> SDComponents:
+def load_components(
+    model: str, *, dtype: torch.dtype | None = None, local_files_only: bool | None = None
+) -> SDComponents:
     """Load unet, vae, text encoder, tokenizer and a DDPM noise scheduler from a diffusers folder (always
     offline) or a Hugging Face hub id (local_files_only=None leaves the HF_HUB_OFFLINE setting in charge).
 
@@ -140,7 +152,7 @@ def load_components(model: str, *, dtype=None, local_files_only: bool | None = N
 # Saving and sampling
 
 
-def make_pipeline(components: SDComponents, *, device=None):
+def make_pipeline(components: SDComponents, *, device: str | torch.device | None = None) -> Any:
     """A StableDiffusionPipeline sharing the training modules (no copies), with a DDIM sampler built from
     the noise scheduler's config (same betas and prediction type; good images in few steps)."""
     diffusers = _require("diffusers")
