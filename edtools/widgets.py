@@ -337,7 +337,7 @@ class _ConceptRow:
             f"<span title='{html.escape(path)}'>{html.escape(_short(path))}</span>",
             layout=widgets.Layout(width="190px"),
         )
-        self.count = widgets.Label(str(n_images), layout=widgets.Layout(width="48px"))
+        self.count = widgets.Label(str(n_images), layout=widgets.Layout(width="60px"))
         self.slider = widgets.FloatLogSlider(
             value=1.0, base=10, min=lo, max=hi, step=0.01, readout=False, layout=widgets.Layout(width="180px")
         )
@@ -381,6 +381,9 @@ class _ConceptRow:
     def _slider_moved(self, change) -> None:
         if self._syncing:
             return
+        current = self.panel.multipliers[self.path]
+        if abs(math.log10(change["new"]) - math.log10(current)) <= self.slider.step / 2 + 1e-9:
+            return  # the browser snapping a shown value to the slider's step: not a user move
         value = _round_sig(change["new"], 3)  # a drag position, quantised to a readable value
         self._syncing = True
         try:
@@ -416,8 +419,11 @@ class _ConceptRow:
         self.panel.set_multiplier(self.path, value, from_row=True)
 
     def _loss_moved(self, change) -> None:
-        if not self._syncing:
-            self.panel.set_loss_scale(self.path, float(change["new"]), from_row=True)
+        if self._syncing:
+            return
+        if abs(change["new"] - self.panel.loss_scales[self.path]) <= self.loss.step / 2 + 1e-9:
+            return  # the browser snapping a shown value to the slider's step: not a user move
+        self.panel.set_loss_scale(self.path, float(change["new"]), from_row=True)
 
 
 class BalancePanel(_Panel):
@@ -472,9 +478,9 @@ class BalancePanel(_Panel):
         self.histogram = widgets.Image(format="png", layout=widgets.Layout(width="100%"))
         self.histogram.add_class("edtools-histogram")
         header = widgets.HTML(
-            "<div style='display:flex;font-weight:bold;font-size:90%'><span style='width:190px'>folder</span>"
-            "<span style='width:48px'>images</span><span style='width:258px'>multiplier (0.01-10, or type)</span>"
-            "<span style='width:190px'>loss_scale</span><span style='width:80px'>per epoch</span></div>"
+            "<div style='display:flex;font-weight:bold;font-size:90%'><span style='width:194px'>folder</span>"
+            "<span style='width:64px'>images</span><span style='width:270px'>multiplier (0.01-10, or type)</span>"
+            "<span style='width:194px'>loss_scale</span><span style='width:84px'>per epoch</span></div>"
         )
         self.rows_box = widgets.VBox(layout=widgets.Layout(max_height=ROWS_HEIGHT, overflow="auto"))
         self.rows_box.add_class("edtools-rows")

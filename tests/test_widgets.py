@@ -275,3 +275,16 @@ def test_data_panel_reports_a_missing_folder(tmp_path):
 def test_gpu_status_is_one_actionable_line():
     line = ew.gpu_status()
     assert line.startswith(("GPU:", "No GPU found", "torch is not installed"))
+
+
+def test_a_browser_snapping_shown_values_to_the_slider_step_changes_nothing(demo_like):
+    panel = panel_for(demo_like)
+    write_concept_values(demo_like, "style", multiplier=3.429, loss_scale=0.33)
+    panel.reset()
+    row = panel.rows["style"]
+    row.slider.value = 10 ** round(np.log10(3.429), 2)  # what the slider view sends back when it renders
+    row.loss.value = 0.35
+    assert panel.changes() == {}
+    assert panel.multipliers["style"] == 3.429 and panel.loss_scales["style"] == 0.33
+    row.slider.value = 10 ** (round(np.log10(3.429), 2) + 0.01)  # one key press: a real move
+    assert panel.multipliers["style"] == float(f"{10 ** (round(np.log10(3.429), 2) + 0.01):.3g}")

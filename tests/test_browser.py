@@ -1,0 +1,237 @@
+"""The notebook in a real browser: JupyterLab on 127.0.0.1 driven by Debian's chromium through playwright.
+
+It runs every cell, moves a multiplier slider and types a value, watches the histogram and totals change, and
+clicks Save. EDTOOLS_SCREENSHOTS=1 also trains the tiny model and writes docs/balance_panel.png and
+docs/training_panel.png.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "notebooks" / "edtools.ipynb"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT_LIMIT = 300_000  # bytes per committed PNG
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sandbox_env(base: Path, **extra: str) -> dict[str, str]:
+    """The server's environment: every Jupyter/IPython/matplotlib/HF folder in `base`, HOME untouched."""
+    env = dict(os.environ)
+    for name in (
+        "JUPYTER_CONFIG_DIR",
+        "JUPYTER_DATA_DIR",
+        "JUPYTER_RUNTIME_DIR",
+        "IPYTHONDIR",
+        "MPLCONFIGDIR",
+    ):
+        env[name] = str(base / name.lower())
+        Path(env[name]).mkdir(parents=True, exist_ok=True)
+    env["HF_HOME"] = str(base / "hf")
+    env["XDG_CACHE_HOME"] = str(base / "cache")
+    env["npm_config_cache"] = str(base / "npm")  # JupyterLab asks npm for its prefix; npm logs there
+    env["JUPYTER_PLATFORM_DIRS"] = "1"
+    kernel = Path(env["JUPYTER_DATA_DIR"]) / "kernels" / "python3"
+    kernel.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (edtools)",
+        "language": "python",
+    }
+    (kernel / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
+    # no "get Jupyter news?" prompt over the cells
+    labconfig = Path(env["JUPYTER_CONFIG_DIR"]) / "labconfig"
+    labconfig.mkdir()
+    disabled = {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}
+    (labconfig / "page_config.json").write_text(json.dumps(disabled), encoding="utf-8")
+    env.update(extra)
+    return env
+
+
+def start_jupyterlab(root: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    port, token = free_port(), secrets.token_hex(16)
+    command = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--allow-root",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.news_url=",
+    ]
+    server = subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2) as reply:
+                if reply.status == 200:
+                    return server, f"{url}/lab/tree/edtools.ipynb?token={token}"
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"JupyterLab did not start; its log:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.5)
+
+
+def save_screenshot(locator, name: str) -> Path:
+    """An element's screenshot in docs/, reduced to a palette PNG so it stays small."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(locator.screenshot())).convert("RGB")
+    out = REPO / "docs" / name
+    out.parent.mkdir(exist_ok=True)
+    image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
+    assert out.stat().st_size < SCREENSHOT_LIMIT, f"{out} is {out.stat().st_size} bytes"
+    return out
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_balance_panel_in_jupyterlab(tmp_path):
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (make browser-deps)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is missing: pip install playwright (no browser download is needed)")
+    from edtools.demo import make_demo_dataset
+
+    screenshots = os.environ.get("EDTOOLS_SCREENSHOTS") == "1"
+    root = tmp_path / "notebooks"
+    root.mkdir()
+    shutil.copy(NOTEBOOK, root / "edtools.ipynb")
+    data_root = make_demo_dataset(tmp_path / "data")
+    env = sandbox_env(
+        tmp_path / "jupyter",
+        EDTOOLS_DATA_ROOT=str(data_root),
+        EDTOOLS_SMOKE="1" if screenshots else "0",  # screenshots show a real (tiny) training run
+    )
+    started = time.perf_counter()
+    server, url = start_jupyterlab(root, env, tmp_path / "jupyterlab.log")
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch_persistent_context(
+                str(tmp_path / "chromium-profile"),
+                executable_path=str(CHROMIUM),
+                args=CHROMIUM_ARGS,
+                headless=True,
+                viewport={"width": 1400, "height": 1000},
+            )
+            try:
+                page = browser.pages[0] if browser.pages else browser.new_page()
+                run_notebook_and_balance(
+                    page, url, data_root, screenshots, timeout_s=240 if screenshots else 120
+                )
+            finally:
+                browser.close()
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    print(f"browser test took {time.perf_counter() - started:.1f} s")
+
+
+def run_notebook_and_balance(page, url: str, data_root: Path, screenshots: bool, timeout_s: float) -> None:
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.wait_for_selector(".jp-Notebook .jp-Cell")
+    wait_for(
+        lambda: "Idle" in page.locator(".jp-StatusBar-TextItem", has_text="|").first.inner_text(),
+        60,
+        "kernel",
+    )
+    page.get_by_role("menuitem", name="Run", exact=True).click()
+    page.get_by_text("Run All Cells", exact=True).click()
+    page.locator(".edtools-total").wait_for(timeout=timeout_s * 1000)
+    # every cell ran: no execution prompt still shows [*]
+    wait_for(lambda: "[*]" not in page.locator(".jp-InputPrompt").all_inner_texts(), timeout_s, "all cells")
+    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
+    assert errors.count() == 0, errors.first.inner_text()
+
+    balance = page.locator(".edtools-balance")
+    total = balance.locator(".edtools-total")
+    histogram = balance.locator(".edtools-histogram")
+    first_total = total.inner_text()
+    assert first_total.startswith("Total: 96 images/epoch, ")  # showing the panel changed no value
+    first_picture = histogram.screenshot()
+    row = balance.locator(".edtools-row", has_text="people/alice")
+
+    # keyboard on the slider handle: two steps to the right multiply by 10**0.02
+    handle = row.locator(".edtools-multiplier-slider .noUi-handle")
+    handle.focus()
+    handle.press("ArrowRight")
+    handle.press("ArrowRight")
+    box = row.locator(".edtools-multiplier-box input")
+    stepped = float(f"{10**0.02:.3g}")  # drags and key steps are rounded to 3 significant digits
+    wait_for(
+        lambda: box.input_value() and float(box.input_value()) == stepped, 20, "the box to follow the slider"
+    )
+    wait_for(lambda: total.inner_text() != first_total, 20, "the totals label to change")
+
+    # typing a number: 24 images x 2.5 = 60 instead of 24, so the epoch grows by 36 images
+    box.fill("2.5")
+    box.press("Enter")
+    wait_for(lambda: total.inner_text().startswith("Total: 132 images/epoch"), 20, "totals after typing 2.5")
+    wait_for(lambda: histogram.screenshot() != first_picture, 20, "the histogram to change")
+    if screenshots:
+        save_screenshot(balance, "balance_panel.png")
+
+    balance.get_by_role("button", name="Save").click()
+    multiply = data_root / "people" / "alice" / "multiply.txt"
+    wait_for(multiply.is_file, 20, f"{multiply} to be written")
+    assert float(multiply.read_text()) == 2.5
+    status = balance.locator(".edtools-status")
+    wait_for(lambda: "Saved 1 file(s)" in status.inner_text(), 20, "the Save report")
+    assert "people/alice/multiply.txt = 2.5" in status.inner_text()
+
+    if screenshots:
+        training = page.locator(".edtools-training")
+        training.scroll_into_view_if_needed()
+        assert "Done." in training.locator(".edtools-train-status").inner_text()
+        save_screenshot(training, "training_panel.png")
