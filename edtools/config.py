@@ -1,0 +1,475 @@
+"""Training settings: one frozen TrainConfig, validated field by field, filled alike from YAML/JSON, CLI or widgets.
+
+Every field has a type, a default and a help line; the CLI options are generated from them, never listed twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["ConfigError", "TrainConfig", "add_arguments", "from_args", "LR_SCHEDULERS"]
+
+# diffusers.optimization schedules that need nothing beyond warmup steps and the total step count.
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+_DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
+
+
+class ConfigError(ValueError):
+    """A training setting that is missing, unknown or out of range; the message names it and what is allowed."""
+
+
+def _opt(default: Any, help: str) -> Any:
+    """A dataclass field with a default and the one-line help the CLI shows."""
+    return field(default=default, metadata={"help": help})
+
+
+def _required(help: str) -> Any:
+    return field(metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs. Frozen and hashable; `dataclasses.replace` makes variants."""
+
+    data_root: str = _required("folder of image folders (with multiply.txt / loss_scale.txt)")
+    model: str = _required("diffusers Stable Diffusion 1.x/2.x folder or Hugging Face hub id")
+    out: str = _required("output folder: checkpoints/, samples/, schedules/")
+    epochs: int = _opt(10, "passes over the data root's schedule")
+    batch_size: int = _opt(4, "images per batch (per process under accelerate launch)")
+    resolution: int = _opt(
+        512, "training side length in pixels; a multiple of 64 (aspect buckets keep the area)"
+    )
+    lr: float = _opt(1e-6, "peak learning rate")
+    optimizer: Literal["adamw8bit", "adamw"] = _opt("adamw8bit", "adamw8bit (bitsandbytes) or adamw (torch)")
+    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _opt("no", "no, fp16 (with a gradient scaler) or bf16")
+    seed: int = _opt(555, "seed of the schedule, noise, timesteps, crops and samples")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, slower")
+    grad_accum: int = _opt(1, "batches per optimizer step (gradient accumulation)")
+    max_grad_norm: float | None = _opt(1.0, "clip the gradient norm to this ('none' = no clipping)")
+    lr_scheduler: Literal[LR_SCHEDULERS] = _opt("constant", f"one of {', '.join(LR_SCHEDULERS)}")
+    lr_warmup_steps: int = _opt(
+        0, "optimizer steps of linear warmup (needs a *_with_warmup or decaying schedule)"
+    )
+    train_text_encoder: bool = _opt(True, "train the CLIP text encoder too (else it is frozen)")
+    min_snr_gamma: float | None = _opt(None, "Min-SNR-gamma loss weighting, e.g. 5 ('none' = off)")
+    sample_prompts: tuple[str, ...] = _opt((), "prompts for sample images (a PNG grid per sampling)")
+    sample_every_steps: int = _opt(0, "sample every N optimizer steps (0 = only at the end)")
+    sample_steps: int = _opt(20, "denoising steps per sample image")
+    sample_guidance_scale: float = _opt(7.5, "classifier-free guidance scale of sample images")
+    checkpoint_every_epochs: int = _opt(1, "save a checkpoint every N epochs (0 = only at the end)")
+    checkpoint_every_minutes: float = _opt(0.0, "also save every N minutes of training (0 = off)")
+    keep_checkpoints: int = _opt(0, "keep only the newest N checkpoints (0 = keep all)")
+    max_steps: int | None = _opt(None, "stop after this many optimizer steps, resumable ('none' = no limit)")
+    resume: bool = _opt(False, "continue from the newest complete checkpoint in out")
+    overwrite: bool = _opt(False, "start afresh in an out folder that holds checkpoints (deletes them)")
+    num_workers: int = _opt(0, "image decoding worker processes (0 = in the training process)")
+    cache_latents: bool = _opt(False, "keep VAE latents in memory (needs center_crop and flip_p 0)")
+    center_crop: bool = _opt(True, "crop images at the centre (else at a seeded random place)")
+    flip_p: float = _opt(0.0, "probability of a horizontal flip per image")
+    write_schedule: bool = _opt(False, "write ep{N}_batch_schedule.txt per epoch into out/schedules/")
+    multipliers: tuple[tuple[str, float], ...] = _opt((), "override multiply.txt: concept=value ...")
+    loss_scales: tuple[tuple[str, float], ...] = _opt((), "override loss_scale.txt: concept=value ...")
+    device: str | None = _opt(None, "cpu, cuda, cuda:1, mps ('none' = cuda when available, else cpu)")
+    progress_bar: bool = _opt(True, "show a tqdm progress bar")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), _hints()[f.name]))
+        _check_ranges(self)
+
+    # ---- conversions
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """A config from plain values (a parsed YAML/JSON file, widget values). Unknown keys are errors."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(
+                f"a training config must be a mapping of setting: value, got {type(values).__name__}"
+            )
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {', '.join(map(repr, unknown))}; known settings: {', '.join(known)}"
+            )
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.name not in values
+        ]
+        if missing:
+            raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """Read a .yaml/.yml or .json file of settings."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        suffix = path.suffix.lower()
+        try:
+            if suffix == ".json":
+                values = json.loads(text)
+            elif suffix in (".yaml", ".yml"):
+                values = _load_yaml(text)
+            else:
+                raise ConfigError(f"config file {path} must end in .yaml, .yml or .json")
+        except (ValueError, _yaml_error()) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"config file {path} is not valid {suffix[1:].upper()}: {exc}") from exc
+        if values is None:
+            values = {}
+        try:
+            return cls.from_dict(values)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-ready values: tuples as lists, multipliers / loss_scales as {concept: value}."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _PAIR_FIELDS:
+                value = dict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    def to_file(self, path: str | Path) -> Path:
+        """Write the settings as YAML (.yaml/.yml) or JSON (.json); from_file reads them back equal."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        else:
+            raise ConfigError(f"config file {path} must end in .yaml, .yml or .json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def to_args(self) -> list[str]:
+        """Command line options that give this config back through add_arguments / from_args."""
+        args: list[str] = []
+        for f in dataclasses.fields(self):
+            flag = _flag(f.name)
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                args.append(flag if value else "--no-" + flag[2:])
+            elif value is None:
+                args += [flag, "none"]
+            elif f.name in _PAIR_FIELDS:
+                args += [flag, *(f"{k}={v!r}" for k, v in value)]
+            elif isinstance(value, tuple):
+                args += [flag, *value]
+            else:
+                args += [flag, repr(value) if isinstance(value, float) else str(value)]
+        return args
+
+    @property
+    def multiplier_overrides(self) -> dict[str, float]:
+        return dict(self.multipliers)
+
+    @property
+    def loss_scale_overrides(self) -> dict[str, float]:
+        return dict(self.loss_scales)
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Same as the module's add_arguments."""
+        return add_arguments(parser)
+
+    @classmethod
+    def from_args(cls, namespace: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+        """Same as the module's from_args."""
+        return from_args(namespace, base=base)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Types: each field's annotation decides what it accepts (no silent conversions beyond int -> float and
+# list -> tuple).
+
+_PAIR_FIELDS = ("multipliers", "loss_scales")
+_HINTS: dict[str, Any] = {}
+
+
+def _hints() -> dict[str, Any]:
+    if not _HINTS:
+        _HINTS.update(typing.get_type_hints(TrainConfig))
+    return _HINTS
+
+
+def _is_optional(hint: Any) -> tuple[bool, Any]:
+    """(True, X) for `X | None`, else (False, hint)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(hint)) == 2:
+            return True, args[0]
+    return False, hint
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    optional, hint = _is_optional(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} is None; it needs a value")
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} is {_describe(value)}; it must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} is {_describe(value)}; it must be a whole number")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} is {_describe(value)}; it must be a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} is {value}; it must be a finite number")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} is {_describe(value)}; it must be text")
+        return value
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{name} is {value!r}; allowed: {', '.join(choices)}")
+        return value
+    if name in _PAIR_FIELDS:
+        return _coerce_pairs(name, value)
+    if origin is tuple:  # tuple[str, ...]
+        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+            raise ConfigError(f"{name} is {_describe(value)}; it must be a list of text")
+        bad = [v for v in value if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise ConfigError(f"{name} holds {bad!r}; every entry must be non-empty text")
+        return tuple(value)
+    raise TypeError(f"TrainConfig field {name} has an unsupported type {hint}")  # a bug in this module
+
+
+def _coerce_pairs(name: str, value: Any) -> tuple[tuple[str, float], ...]:
+    """{concept: number} (or a list of pairs) as a sorted tuple of (concept, float) pairs: hashable, canonical."""
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, list | tuple) and all(isinstance(p, list | tuple) and len(p) == 2 for p in value):
+        items = [tuple(p) for p in value]
+    else:
+        raise ConfigError(
+            f"{name} is {_describe(value)}; it must map concept folder to a number, e.g. {{'a': 2}}"
+        )
+    out = {}
+    for concept, number in items:
+        if not isinstance(concept, str) or not concept:
+            raise ConfigError(
+                f"{name} has concept {concept!r}; concepts are folder paths relative to data_root"
+            )
+        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+            raise ConfigError(f"{name}['{concept}'] is {_describe(number)}; it must be a finite number")
+        if concept in out:
+            raise ConfigError(f"{name} gives concept '{concept}' twice")
+        out[concept] = float(number)
+    return tuple(sorted(out.items()))
+
+
+def _check_ranges(c: TrainConfig) -> None:
+    """Value ranges and combinations; the message says the field, the value and what is allowed."""
+
+    def need(ok: bool, name: str, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"{name} is {getattr(c, name)!r}; {allowed}")
+
+    for name in ("data_root", "model", "out"):
+        need(bool(getattr(c, name).strip()), name, "it must name a folder (or for model a hub id)")
+    need(c.epochs >= 1, "epochs", "it must be >= 1")
+    need(c.batch_size >= 1, "batch_size", "it must be >= 1")
+    need(c.resolution >= 64 and c.resolution % 64 == 0, "resolution", "it must be a multiple of 64, e.g. 512")
+    need(c.lr > 0, "lr", "the learning rate must be > 0, e.g. 1e-6")
+    need(c.weight_decay >= 0, "weight_decay", "it must be >= 0")
+    need(c.seed >= 0, "seed", "it must be a whole number >= 0")
+    need(c.grad_accum >= 1, "grad_accum", "it must be >= 1 (1 = no accumulation)")
+    need(
+        c.max_grad_norm is None or c.max_grad_norm > 0,
+        "max_grad_norm",
+        "it must be > 0, or none for no clipping",
+    )
+    need(c.lr_warmup_steps >= 0, "lr_warmup_steps", "it must be >= 0")
+    need(
+        c.lr_warmup_steps == 0 or c.lr_scheduler != "constant",
+        "lr_warmup_steps",
+        "the 'constant' schedule has no warmup: use lr_scheduler constant_with_warmup (or another schedule)",
+    )
+    need(
+        c.min_snr_gamma is None or c.min_snr_gamma > 0,
+        "min_snr_gamma",
+        "it must be > 0 (5 is usual), or none",
+    )
+    need(c.sample_every_steps >= 0, "sample_every_steps", "it must be >= 0 (0 = only at the end)")
+    need(c.sample_steps >= 1, "sample_steps", "it must be >= 1")
+    need(c.sample_guidance_scale >= 0, "sample_guidance_scale", "it must be >= 0 (1 = no guidance)")
+    need(c.checkpoint_every_epochs >= 0, "checkpoint_every_epochs", "it must be >= 0 (0 = only at the end)")
+    need(c.checkpoint_every_minutes >= 0, "checkpoint_every_minutes", "it must be >= 0 (0 = off)")
+    need(c.keep_checkpoints >= 0, "keep_checkpoints", "it must be >= 0 (0 = keep all)")
+    need(c.max_steps is None or c.max_steps >= 1, "max_steps", "it must be >= 1, or none for no limit")
+    need(not (c.resume and c.overwrite), "overwrite", "resume and overwrite exclude each other: choose one")
+    need(c.num_workers >= 0, "num_workers", "it must be >= 0")
+    need(0.0 <= c.flip_p <= 1.0, "flip_p", "it is a probability: 0 to 1")
+    need(
+        not c.cache_latents or (c.center_crop and c.flip_p == 0),
+        "cache_latents",
+        "cached latents need fixed pixels: set center_crop true and flip_p 0, or cache_latents false",
+    )
+    for concept, value in c.multipliers:
+        if value <= 0:
+            raise ConfigError(
+                f"multipliers['{concept}'] is {value:g}; a multiplier must be > 0 "
+                "(e.g. 2 to repeat twice, 0.1 for a tenth of the folder per epoch)"
+            )
+    need(
+        c.device is None or bool(_DEVICE.match(c.device)),
+        "device",
+        "use cpu, cuda, cuda:N, mps, or none (auto)",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files
+
+
+def _yaml_error() -> type[Exception]:
+    import yaml
+
+    return yaml.YAMLError
+
+
+def _load_yaml(text: str) -> Any:
+    """YAML with 1e-6 read as a number (plain YAML 1.1 reads it as text without a dot: 1.0e-6)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(
+            r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+            |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+            |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+            |[-+]?\.(?:inf|Inf|INF)
+            |\.(?:nan|NaN|NAN))$""",
+            re.X,
+        ),
+        list("-+0123456789."),
+    )
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line: one option per field, named --field-name; only options given on the command line override.
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _optional_type(inner: Any, name: str) -> Any:
+    def parse(text: str) -> Any:
+        if text.strip().lower() in ("none", "null", ""):
+            return None
+        return inner(text)
+
+    parse.__name__ = name  # argparse names the type in its error message
+    return parse
+
+
+def _pair(text: str) -> tuple[str, float]:
+    concept, sep, number = text.rpartition("=")
+    if not sep or not concept:
+        raise argparse.ArgumentTypeError(f"'{text}' is not concept=value, e.g. people/alice=2")
+    try:
+        return concept, float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{number}' in '{text}' is not a number") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add --data-root, --epochs, ... (one per TrainConfig field). Defaults are left out on purpose, so
+    from_args can tell the options given on the command line from those that a --config file sets."""
+    hints = _hints()
+    group = parser.add_argument_group("training settings (also accepted in a --config YAML/JSON file)")
+    for f in dataclasses.fields(TrainConfig):
+        optional, hint = _is_optional(hints[f.name])
+        default = "" if f.default is dataclasses.MISSING else f" (default {_show_default(f.default)})"
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,
+            "help": f.metadata["help"] + default,
+        }
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is Literal:
+            kwargs["choices"] = typing.get_args(hint)
+        elif f.name in _PAIR_FIELDS:
+            kwargs.update(nargs="*", type=_pair, metavar="CONCEPT=VALUE")
+        elif typing.get_origin(hint) is tuple:
+            kwargs.update(nargs="*", metavar="TEXT")
+        else:
+            kwargs["type"] = _optional_type(hint, hint.__name__) if optional else hint
+        group.add_argument(_flag(f.name), **kwargs)
+    return parser
+
+
+def _show_default(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return "empty" if not value else " ".join(map(str, value))
+    return str(value)
+
+
+def from_args(namespace: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    """The config from parsed options over `base` (e.g. TrainConfig.from_file(--config)); options not given
+    keep base's values (or the defaults). Other attributes of the namespace are ignored."""
+    given = {
+        f.name: getattr(namespace, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if hasattr(namespace, f.name)
+    }
+    values = base.to_dict() if base is not None else {}
+    values.update(given)
+    missing = [
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if f.default is dataclasses.MISSING and f.name not in values
+    ]
+    if missing:
+        raise ConfigError(
+            f"missing required setting(s): {', '.join(_flag(m) for m in missing)} (give them as options or in --config)"
+        )
+    return TrainConfig.from_dict(values)
