@@ -116,21 +116,16 @@ class TrainConfig:
     def from_file(cls, path: str | Path) -> TrainConfig:
         """Read a .yaml/.yml or .json file of settings."""
         path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in (".json", ".yaml", ".yml"):
+            raise ConfigError(f"config file {path} must end in .yaml, .yml or .json")
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-        suffix = path.suffix.lower()
         try:
-            if suffix == ".json":
-                values = json.loads(text)
-            elif suffix in (".yaml", ".yml"):
-                values = _load_yaml(text)
-            else:
-                raise ConfigError(f"config file {path} must end in .yaml, .yml or .json")
+            values = json.loads(text) if suffix == ".json" else _load_yaml(text)
         except (ValueError, _yaml_error()) as exc:
-            if isinstance(exc, ConfigError):
-                raise
             raise ConfigError(f"config file {path} is not valid {suffix[1:].upper()}: {exc}") from exc
         if values is None:
             values = {}

@@ -397,7 +397,8 @@ def train_step(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints: out/checkpoints/step-00000123/{model/ (diffusers), resume/ (optimizer, counters, RNG, config)}
+# Checkpoints: out/checkpoints/step-00000123/ is a diffusers pipeline folder (use it as `model`) with one more
+# subfolder, resume/ (optimizer, LR scheduler, grad scaler, RNG states, counters, config).
 
 
 def find_checkpoints(out: str | os.PathLike) -> list[Path]:
@@ -411,7 +412,7 @@ def find_checkpoints(out: str | os.PathLike) -> list[Path]:
         match = _CHECKPOINT_NAME.match(path.name)
         if (
             match
-            and (path / "model" / "model_index.json").is_file()
+            and (path / "model_index.json").is_file()
             and (path / "resume" / "state.json").is_file()
             and (path / "resume" / "state.pt").is_file()
         ):
@@ -455,19 +456,19 @@ def save_checkpoint(
     world_size: int = 1,
     schedule_fingerprint: str | None = None,
 ) -> Path:
-    """Write folder/step-<global_step>: model/ (a diffusers pipeline, safetensors) and resume/ (optimizer,
-    LR scheduler, grad scaler, RNG states, counters, config). Everything goes into a hidden temp folder that
-    is renamed at the end, so a crash mid-save leaves nothing that resume would pick up."""
+    """Write folder/step-<global_step>: a diffusers pipeline folder (safetensors) plus resume/ (optimizer,
+    LR scheduler, grad scaler, RNG states, counters, config). It is written inside a hidden temp folder and
+    renamed at the end, so a crash mid-save leaves nothing that resume would pick up."""
     torch = _require("torch")
     from .model import save_components
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{state.global_step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{final.name}.", suffix=".tmp"))
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        save_components(components, tmp / "model")
-        resume = tmp / "resume"
+        checkpoint = save_components(components, staging / final.name)
+        resume = checkpoint / "resume"
         resume.mkdir()
         torch.save(
             {
@@ -486,16 +487,11 @@ def save_checkpoint(
             "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         (resume / "state.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-        if final.exists():  # the same step saved again (e.g. a resumed run): swap the old one out
-            old = Path(tempfile.mkdtemp(dir=folder, prefix=f".{final.name}.", suffix=".old"))
-            os.replace(final, old / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if final.exists():  # the same step saved again (e.g. by a resumed run): swap the old one out
+            os.replace(final, staging / "replaced")
+        os.replace(checkpoint, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
@@ -503,7 +499,7 @@ def load_checkpoint(
     path: str | os.PathLike, *, optimizer: Any, lr_scheduler: Any, scaler: Any, restore_rng: bool = True
 ) -> tuple[TrainState, dict]:
     """Restore optimizer, LR scheduler, grad scaler (and RNG states) from a checkpoint's resume/ folder.
-    The weights are its model/ folder (load it with model.load_components). Returns (state, info) where info
+    The weights are the checkpoint folder itself (load it with model.load_components). Returns (state, info) where info
     holds the saved config ("config"), world_size and schedule_fingerprint."""
     torch = _require("torch")
     resume = Path(path) / "resume"
@@ -539,7 +535,7 @@ def _check_resume(info: dict, config: TrainConfig, world_size: int, checkpoint: 
     if differ:
         raise ConfigError(
             f"cannot resume from {checkpoint}: these settings differ from the checkpoint's ({'; '.join(differ)}). "
-            f"Use the checkpoint's settings, or start a new run from its weights with model: {checkpoint / 'model'}"
+            f"Use the checkpoint's settings, or start a new run from its weights with model: {checkpoint}"
         )
 
 
@@ -787,7 +783,7 @@ def train(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | N
     total_steps = sum(steps_per_epoch)
 
     # Model, optimizer, schedules of the learning rate and the fp16 loss scale; then the checkpoint's state.
-    components = load_components(str(resume_from / "model") if resume_from else config.model)
+    components = load_components(str(resume_from) if resume_from else config.model)
     params = _prepare_modules(components, config, runtime.device)
     optimizer = make_optimizer(config, params)
     lr_scheduler = make_lr_scheduler(config, optimizer, total_steps)

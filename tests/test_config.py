@@ -1,0 +1,204 @@
+"""TrainConfig: defaults, validation messages, YAML/JSON files and the generated CLI options.
+
+Round trips go through real files and a real argparse parser; every bad value must name its field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+
+from edtools.config import ConfigError, TrainConfig, add_arguments, from_args
+
+REQUIRED = {"data_root": "data", "model": "model", "out": "out"}
+
+
+def make(**values) -> TrainConfig:
+    return TrainConfig.from_dict({**REQUIRED, **values})
+
+
+def full_config() -> TrainConfig:
+    """A config with every field away from its default, so round trips cannot pass by falling back."""
+    return make(
+        epochs=3,
+        batch_size=2,
+        resolution=256,
+        lr=2.5e-6,
+        optimizer="adamw",
+        weight_decay=0.0,
+        mixed_precision="bf16",
+        seed=7,
+        gradient_checkpointing=True,
+        grad_accum=4,
+        max_grad_norm=None,
+        lr_scheduler="cosine",
+        lr_warmup_steps=10,
+        train_text_encoder=False,
+        min_snr_gamma=5,
+        sample_prompts=["a photo of alice", "a painting, in style"],
+        sample_every_steps=50,
+        sample_steps=12,
+        sample_guidance_scale=5.0,
+        checkpoint_every_epochs=2,
+        checkpoint_every_minutes=30.5,
+        keep_checkpoints=3,
+        max_steps=100,
+        resume=True,
+        num_workers=2,
+        cache_latents=False,
+        center_crop=False,
+        flip_p=0.5,
+        write_schedule=True,
+        multipliers={"people/alice": 2, "preservation": 0.05},
+        loss_scales={"style": -0.5},
+        device="cuda:1",
+        progress_bar=False,
+    )
+
+
+def test_every_field_differs_from_default_in_the_full_config():
+    config = full_config()
+    same = [
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if f.default is not dataclasses.MISSING and getattr(config, f.name) == f.default
+    ]
+    # left at their defaults: overwrite excludes resume, cache_latents excludes center_crop False
+    assert same == ["overwrite", "cache_latents"]
+
+
+def test_defaults_and_normalised_values():
+    config = make()
+    assert (config.epochs, config.batch_size, config.resolution, config.lr) == (10, 4, 512, 1e-6)
+    assert config.optimizer == "adamw8bit" and config.mixed_precision == "no" and config.seed == 555
+    config = make(lr=1, sample_prompts=["x"], multipliers={"b": 2, "a": 1})
+    assert config.lr == 1.0 and isinstance(config.lr, float)
+    assert config.sample_prompts == ("x",)
+    assert config.multipliers == (("a", 1.0), ("b", 2.0))
+    assert config.multiplier_overrides == {"a": 1.0, "b": 2.0}
+    assert hash(config) == hash(make(lr=1.0, sample_prompts=("x",), multipliers=[("a", 1), ("b", 2)]))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 2.0
+
+
+def test_unknown_and_missing_keys_are_listed():
+    with pytest.raises(ConfigError) as info:
+        make(learning_rate=1e-5, epoch=3)
+    message = str(info.value)
+    assert "'epoch'" in message and "'learning_rate'" in message and "epochs" in message and "lr" in message
+    with pytest.raises(ConfigError, match="missing required setting.*model, out"):
+        TrainConfig.from_dict({"data_root": "x"})
+
+
+@pytest.mark.parametrize(
+    ("values", "field", "fragment"),
+    [
+        ({"epochs": 0}, "epochs", ">= 1"),
+        ({"epochs": 2.5}, "epochs", "whole number"),
+        ({"batch_size": True}, "batch_size", "whole number"),
+        ({"resolution": 500}, "resolution", "multiple of 64"),
+        ({"lr": 0}, "lr", "> 0"),
+        ({"lr": "1e-6"}, "lr", "must be a number"),
+        ({"lr": float("nan")}, "lr", "finite"),
+        ({"optimizer": "sgd"}, "optimizer", "adamw8bit, adamw"),
+        ({"mixed_precision": "fp8"}, "mixed_precision", "no, fp16, bf16"),
+        ({"seed": -1}, "seed", ">= 0"),
+        ({"gradient_checkpointing": "yes"}, "gradient_checkpointing", "true or false"),
+        ({"grad_accum": 0}, "grad_accum", ">= 1"),
+        ({"max_grad_norm": -1}, "max_grad_norm", "> 0"),
+        ({"lr_scheduler": "onecycle"}, "lr_scheduler", "cosine"),
+        ({"lr_warmup_steps": 10}, "lr_warmup_steps", "constant_with_warmup"),
+        ({"min_snr_gamma": 0}, "min_snr_gamma", "> 0"),
+        ({"sample_prompts": "a cat"}, "sample_prompts", "list of text"),
+        ({"sample_prompts": ["ok", ""]}, "sample_prompts", "non-empty"),
+        ({"sample_steps": 0}, "sample_steps", ">= 1"),
+        ({"checkpoint_every_minutes": -5}, "checkpoint_every_minutes", ">= 0"),
+        ({"max_steps": 0}, "max_steps", ">= 1"),
+        ({"resume": True, "overwrite": True}, "overwrite", "exclude each other"),
+        ({"flip_p": 1.5}, "flip_p", "0 to 1"),
+        ({"cache_latents": True, "flip_p": 0.5}, "cache_latents", "center_crop"),
+        ({"cache_latents": True, "center_crop": False}, "cache_latents", "center_crop"),
+        ({"multipliers": {"a": 0}}, "multipliers", "> 0"),
+        ({"multipliers": {"a": "2"}}, "multipliers", "finite number"),
+        ({"multipliers": ["a=2"]}, "multipliers", "concept folder to a number"),
+        ({"loss_scales": {"a": float("inf")}}, "loss_scales", "finite number"),
+        ({"device": "gpu"}, "device", "cuda"),
+        ({"data_root": "  "}, "data_root", "folder"),
+        ({"model": None}, "model", "needs a value"),
+    ],
+)
+def test_bad_values_name_the_field(values, field, fragment):
+    with pytest.raises(ConfigError) as info:
+        make(**values)
+    message = str(info.value)
+    assert message.startswith(field) and fragment in message
+
+
+def test_yaml_and_json_round_trip(tmp_path):
+    config = full_config()
+    for name in ("run.yaml", "run.yml", "run.json"):
+        path = config.to_file(tmp_path / name)
+        assert TrainConfig.from_file(path) == config
+    assert json.loads((tmp_path / "run.json").read_text())["multipliers"] == {
+        "people/alice": 2.0,
+        "preservation": 0.05,
+    }
+
+
+def test_yaml_reads_numbers_as_people_write_them(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data_root: d\nmodel: m\nout: o\nlr: 1e-6\nmax_grad_norm: null\nmultipliers: {a: 2}\n")
+    config = TrainConfig.from_file(path)
+    assert config.lr == 1e-6 and config.max_grad_norm is None and config.multipliers == (("a", 2.0),)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data_root: d\nmodel: m\nout: o\nepochs: many\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: epochs is 'many'"):
+        TrainConfig.from_file(bad)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        TrainConfig.from_file(broken)
+    with pytest.raises(ConfigError, match=r"\.yaml, \.yml or \.json"):
+        TrainConfig.from_file(tmp_path / "run.toml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        TrainConfig.from_file(tmp_path / "missing.yaml")
+
+
+def parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser())
+
+
+def test_cli_round_trip():
+    config = full_config()
+    assert from_args(parser().parse_args(config.to_args())) == config
+    assert TrainConfig.from_args(parser().parse_args(make().to_args())) == make()
+
+
+def test_cli_overrides_only_given_options(tmp_path):
+    base = full_config()
+    namespace = parser().parse_args(
+        ["--epochs", "7", "--no-resume", "--max-grad-norm", "0.5", "--sample-prompts"]
+    )
+    namespace.config, namespace.command = "ignored.yaml", "train"  # other CLI attributes are left alone
+    config = from_args(namespace, base=base)
+    assert config == dataclasses.replace(base, epochs=7, resume=False, max_grad_norm=0.5, sample_prompts=())
+    namespace = parser().parse_args(["--multipliers", "people/alice=3", "x=y=0.5", "--min-snr-gamma", "none"])
+    config = from_args(namespace, base=base)
+    assert config.multipliers == (("people/alice", 3.0), ("x=y", 0.5)) and config.min_snr_gamma is None
+
+
+def test_cli_errors():
+    with pytest.raises(ConfigError, match="--data-root, --model, --out"):
+        from_args(parser().parse_args(["--epochs", "2"]))
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--optimizer", "sgd"])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--multipliers", "alice"])
+    with pytest.raises(ConfigError, match="epochs is 0"):
+        from_args(parser().parse_args(["--data-root", "d", "--model", "m", "--out", "o", "--epochs", "0"]))
