@@ -51,6 +51,7 @@ __all__ = [
     "make_grad_scaler",
     "make_lr_scheduler",
     "make_optimizer",
+    "prepare_modules",
     "save_checkpoint",
     "save_samples",
     "step_generator",
@@ -726,8 +727,9 @@ def _prepare_out(config: TrainConfig, out: Path, runtime: _Runtime) -> Path | No
     return None
 
 
-def _prepare_modules(components: SDComponents, config: TrainConfig, device: Any) -> list:
-    """Move to the device, freeze the VAE (and the text encoder unless trained); returns trainable params."""
+def prepare_modules(components: SDComponents, config: TrainConfig, device: Any) -> list:
+    """Move to the device, set train/eval modes, freeze the VAE (and the text encoder unless trained), turn on
+    gradient checkpointing if asked. Returns the trainable parameters (UNet first, then text encoder)."""
     components.vae.requires_grad_(False).eval().to(device)
     components.unet.requires_grad_(True).train().to(device)
     if config.gradient_checkpointing:
@@ -784,7 +786,7 @@ def train(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | N
 
     # Model, optimizer, schedules of the learning rate and the fp16 loss scale; then the checkpoint's state.
     components = load_components(str(resume_from) if resume_from else config.model)
-    params = _prepare_modules(components, config, runtime.device)
+    params = prepare_modules(components, config, runtime.device)
     optimizer = make_optimizer(config, params)
     lr_scheduler = make_lr_scheduler(config, optimizer, total_steps)
     scaler = make_grad_scaler(config, runtime.device)

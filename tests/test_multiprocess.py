@@ -1,0 +1,145 @@
+"""Two CPU processes under `accelerate launch` (gloo DDP): each trains its shard, together every batch once.
+
+Each rank's callback records what it trained; the test checks the world size, the coverage and the synced weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from edtools.config import TrainConfig
+from edtools.dataset import load_dataset
+from edtools.model import load_components, make_tiny_model
+from edtools.schedule import build_epoch
+
+WORKER = textwrap.dedent(
+    """
+    import hashlib, json, sys
+    from pathlib import Path
+
+    import edtools.train as train_module
+    from edtools.config import TrainConfig
+
+    kept = {}
+    prepare_modules = train_module.prepare_modules
+
+    def keep_components(components, config, device):  # to hash this rank's weights after training
+        kept["components"] = components
+        return prepare_modules(components, config, device)
+
+    train_module.prepare_modules = keep_components
+    record = {"steps": [], "epochs": []}
+
+    def on_event(event):
+        record["rank"], record["world_size"] = event.rank, event.world_size
+        if event.kind == "step":
+            record["steps"].append({"epoch": event.epoch, "images": list(event.images), "loss": event.loss})
+        elif event.kind == "epoch":
+            record["epochs"].append(event.images_per_concept)
+
+    result = train_module.train(TrainConfig.from_file(sys.argv[1]), on_event)
+    digest = hashlib.sha256()
+    for module in (kept["components"].unet, kept["components"].text_encoder):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+    record["weights"] = digest.hexdigest()
+    record["result"] = {"global_step": result.global_step, "checkpoint": result.checkpoint}
+    Path(sys.argv[2], f"rank{record['rank']}.json").write_text(json.dumps(record))
+    """
+)
+
+
+def weights_digest(components) -> str:
+    digest = hashlib.sha256()
+    for module in (components.unet, components.text_encoder):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_cover_each_batch_once(tree, tmp_path):
+    root = tree({"a": 5, "b": 3})
+    (root / "b" / "multiply.txt").write_text("1.5")
+    model = make_tiny_model(tmp_path / "model")
+    config = TrainConfig(
+        data_root=str(root),
+        model=str(model),
+        out=str(tmp_path / "out"),
+        epochs=2,
+        batch_size=2,
+        resolution=64,
+        lr=1e-3,
+        device="cpu",
+        progress_bar=False,
+    )
+    config_file = config.to_file(tmp_path / "run.json")
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    records = tmp_path / "records"
+    records.mkdir()
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",  # with cpu=True in the Accelerator: real 2-rank gloo DDP (--cpu would run one process)
+        "--num_processes=2",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        f"--main_process_port={free_port()}",
+        str(worker),
+        str(config_file),
+        str(records),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    ranks = [json.loads((records / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert len(ranks[0]["steps"]) == len(ranks[1]["steps"])  # lockstep: a short rank trains a filler batch
+
+    dataset = load_dataset(root)
+    odd_epochs = 0
+    for epoch in range(config.epochs):
+        schedule = build_epoch(dataset, epoch=epoch, seed=config.seed, batch_size=2, resolution=64)
+        scheduled = Counter(tuple(sorted(schedule.batch(b).tolist())) for b in range(schedule.n_batches))
+        trained = Counter(
+            tuple(sorted(step["images"]))
+            for r in ranks
+            for step in r["steps"]
+            if step["epoch"] == epoch and step["images"]
+        )
+        assert trained == scheduled, f"epoch {epoch}"
+        odd_epochs += schedule.n_batches % 2  # an odd count gives rank 1 a zero-weight filler batch
+        counts = dict(zip(dataset.concept_paths, schedule.images_per_concept(dataset).tolist(), strict=True))
+        assert ranks[0]["epochs"][epoch] == ranks[1]["epochs"][epoch] == counts
+        # the logged loss is the mean over both ranks' images, so both ranks report the same value
+        assert [s["loss"] for s in ranks[0]["steps"]] == [s["loss"] for s in ranks[1]["steps"]]
+
+    assert odd_epochs > 0
+
+    # Gradients were synced: both ranks end with the same weights, which are the checkpoint's, and moved.
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["result"] == ranks[1]["result"]
+    checkpoint = load_components(ranks[0]["result"]["checkpoint"])
+    assert weights_digest(checkpoint) == ranks[0]["weights"]
+    assert weights_digest(load_components(str(model))) != ranks[0]["weights"]
