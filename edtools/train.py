@@ -503,10 +503,8 @@ def load_checkpoint(
     The weights are the checkpoint folder itself (load it with model.load_components). Returns (state, info) where info
     holds the saved config ("config"), world_size and schedule_fingerprint."""
     torch = _require("torch")
-    resume = Path(path) / "resume"
-    info = json.loads((resume / "state.json").read_text(encoding="utf-8"))
-    info["config"] = json.loads((resume / "config.json").read_text(encoding="utf-8"))
-    payload = torch.load(resume / "state.pt", map_location="cpu", weights_only=True)
+    info = _checkpoint_info(path)
+    payload = torch.load(Path(path) / "resume" / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(payload["optimizer"])
     lr_scheduler.load_state_dict(payload["lr_scheduler"])
     if scaler is not None and payload["scaler"]:
@@ -515,6 +513,14 @@ def load_checkpoint(
         _set_rng_states(payload["rng"])
     names = {f.name for f in dataclasses.fields(TrainState)}
     return TrainState(**{k: v for k, v in info.items() if k in names}), info
+
+
+def _checkpoint_info(path: str | os.PathLike) -> dict:
+    """A checkpoint's counters (state.json) with its config under "config"."""
+    resume = Path(path) / "resume"
+    info = json.loads((resume / "state.json").read_text(encoding="utf-8"))
+    info["config"] = json.loads((resume / "config.json").read_text(encoding="utf-8"))
+    return info
 
 
 def _schedule_fingerprint(schedule: EpochSchedule) -> str:
@@ -769,6 +775,8 @@ def train(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | N
     runtime = _runtime(config)
     out = Path(config.out).expanduser()
     resume_from = _prepare_out(config, out, runtime)
+    if resume_from is not None:
+        _check_resume(_checkpoint_info(resume_from), config, runtime.world_size, resume_from)
     dataset = _load_data(config)
     concepts = dataset.concept_paths
     buckets = make_buckets(config.resolution)
@@ -796,7 +804,6 @@ def train(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | N
         state, info = load_checkpoint(
             resume_from, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler
         )
-        _check_resume(info, config, runtime.world_size, resume_from)
         resume_fingerprint = info.get("schedule_fingerprint")
         log.info(
             "resuming from %s: step %d, epoch %d, batch %d", resume_from, *dataclasses.astuple(state)[:3]
