@@ -166,12 +166,14 @@ def _png(fig, dpi: int = 80) -> bytes:
 
 
 class _Panel:
-    """Displays as its root widget, so a cell can end with the panel itself."""
+    """Displays as its root widget (display(panel), or a cell ending with the panel), with ipywidgets 7 or 8."""
 
     widget: widgets.Widget
 
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -279,7 +281,7 @@ class _BalanceFigure:
         from matplotlib.figure import Figure
 
         n = len(concepts)
-        self.figure = Figure(figsize=(6.4, max(2.4, 0.24 * n + 1.3)), layout="constrained")
+        self.figure = Figure(figsize=(5.6, max(2.4, 0.24 * n + 1.3)), layout="constrained")
         FigureCanvasAgg(self.figure)
         self.ax = self.figure.add_subplot()
         y = np.arange(n)
@@ -335,20 +337,20 @@ class _ConceptRow:
         lo, hi = (math.log10(v) for v in MULTIPLIER_RANGE)
         self.name = widgets.HTML(
             f"<span title='{html.escape(path)}'>{html.escape(_short(path))}</span>",
-            layout=widgets.Layout(width="190px"),
+            layout=widgets.Layout(width="170px"),
         )
-        self.count = widgets.Label(str(n_images), layout=widgets.Layout(width="60px"))
+        self.count = widgets.Label(str(n_images), layout=widgets.Layout(width="50px"))
         self.slider = widgets.FloatLogSlider(
-            value=1.0, base=10, min=lo, max=hi, step=0.01, readout=False, layout=widgets.Layout(width="180px")
+            value=1.0, base=10, min=lo, max=hi, step=0.01, readout=False, layout=widgets.Layout(width="170px")
         )
         self.slider.add_class("edtools-multiplier-slider")
-        self.box = widgets.FloatText(value=1.0, layout=widgets.Layout(width="78px"))
+        self.box = widgets.FloatText(value=1.0, layout=widgets.Layout(width="72px"))
         self.box.add_class("edtools-multiplier-box")
         self.loss = widgets.FloatSlider(
-            value=1.0, min=0.0, max=2.0, step=0.05, readout_format=".2f", layout=widgets.Layout(width="190px")
+            value=1.0, min=0.0, max=2.0, step=0.05, readout_format=".2f", layout=widgets.Layout(width="180px")
         )
         self.loss.add_class("edtools-loss-slider")
-        self.per_epoch = widgets.HTML(layout=widgets.Layout(width="80px"))
+        self.per_epoch = widgets.HTML(layout=widgets.Layout(width="70px"))
         self.slider.observe(self._slider_moved, "value")
         self.box.observe(self._box_typed, "value")
         self.loss.observe(self._loss_moved, "value")
@@ -478,14 +480,14 @@ class BalancePanel(_Panel):
         self.histogram = widgets.Image(format="png", layout=widgets.Layout(width="100%"))
         self.histogram.add_class("edtools-histogram")
         header = widgets.HTML(
-            "<div style='display:flex;font-weight:bold;font-size:90%'><span style='width:194px'>folder</span>"
-            "<span style='width:64px'>images</span><span style='width:270px'>multiplier (0.01-10, or type)</span>"
-            "<span style='width:194px'>loss_scale</span><span style='width:84px'>per epoch</span></div>"
+            "<div style='display:flex;font-weight:bold;font-size:90%'><span style='width:174px'>folder</span>"
+            "<span style='width:54px'>images</span><span style='width:250px'>multiplier (0.01-10, or type)</span>"
+            "<span style='width:184px'>loss_scale</span><span style='width:74px'>per epoch</span></div>"
         )
         self.rows_box = widgets.VBox(layout=widgets.Layout(max_height=ROWS_HEIGHT, overflow="auto"))
         self.rows_box.add_class("edtools-rows")
         histogram_box = widgets.Box(
-            [self.histogram], layout=widgets.Layout(max_height=ROWS_HEIGHT, overflow="auto", width="480px")
+            [self.histogram], layout=widgets.Layout(max_height=ROWS_HEIGHT, overflow="auto", width="450px")
         )
         self.widget = widgets.VBox(
             [
@@ -748,6 +750,9 @@ def _config_field_defaults() -> dict[str, Any]:
     }
 
 
+_ACTIVE: TrainingPanel | None = None  # one run per kernel: a re-run cell must not start a second one
+
+
 class TrainingPanel(_Panel):
     """Training settings that fill a TrainConfig, Train / Stop, and live progress, balance, loss and samples.
 
@@ -756,8 +761,13 @@ class TrainingPanel(_Panel):
     """
 
     def __init__(self, balance: BalancePanel, *, smoke: bool | None = None, base_config: Any = None) -> None:
+        """base_config: a TrainConfig or a YAML/JSON file of one, for the settings these widgets do not show."""
         self.balance = balance
         self.smoke = smoke_mode() if smoke is None else smoke
+        if isinstance(base_config, str | os.PathLike):
+            from .config import TrainConfig
+
+            base_config = TrainConfig.from_file(base_config)
         self.base_config = base_config
         self.events: list[Any] = []
         self.result: Any = None
@@ -779,7 +789,9 @@ class TrainingPanel(_Panel):
                 "epochs": 2,
                 "batch_size": 4,
                 "lr": 1e-4,
-                "sample_prompts": ("a photo of alice",),
+                "sample_prompts": ("a photo of alice", "an ink drawing"),
+                "sample_every_steps": 20,
+                "overwrite": True,  # the demo run is scratch: running the notebook again starts afresh
             }
         full = widgets.Layout(width="95%")
         text = dict(style={"description_width": "130px"})
@@ -830,9 +842,23 @@ class TrainingPanel(_Panel):
             layout=full,
             **text,
         )
-        self.resume = widgets.Checkbox(
-            value=bool(defaults.get("resume", False)),
-            description="resume from the last checkpoint in the output folder",
+        self.sample_every = widgets.IntText(
+            value=int(defaults.get("sample_every_steps", 0)), description="sample every", **text
+        )
+        self.earlier_run = widgets.Dropdown(
+            options=[
+                ("refuse to start", "refuse"),
+                ("resume it", "resume"),
+                ("delete it, start afresh", "overwrite"),
+            ],
+            value="resume"
+            if defaults.get("resume")
+            else "overwrite"
+            if defaults.get("overwrite")
+            else "refuse",
+            description="earlier run in output folder",
+            style={"description_width": "190px"},
+            layout=widgets.Layout(width="420px"),
         )
         self.train_button = widgets.Button(description="Train", icon="play", button_style="primary")
         self.stop_button = widgets.Button(
@@ -851,8 +877,9 @@ class TrainingPanel(_Panel):
         self.status.add_class("edtools-train-status")
         self.balance_image = widgets.Image(format="png", layout=widgets.Layout(width="48%"))
         self.loss_image = widgets.Image(format="png", layout=widgets.Layout(width="48%"))
-        self.samples = widgets.VBox()
-        self.log = widgets.HTML(layout=widgets.Layout(max_height="200px", overflow="auto"))
+        self.samples = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
+        self.keep_samples = 3
+        self.log = widgets.HTML(layout=widgets.Layout(max_height="160px", overflow="auto"))
         for widget in (self.batch_size, self.resolution, self.seed):
             widget.observe(lambda _: self._schedule_changed(), "value")
         self._schedule_changed()
@@ -863,8 +890,9 @@ class TrainingPanel(_Panel):
                 self.out,
                 widgets.HBox([self.resolution, self.batch_size, self.epochs]),
                 widgets.HBox([self.lr, self.optimizer, self.mixed_precision]),
-                widgets.HBox([self.seed, self.resume]),
+                widgets.HBox([self.seed, self.sample_every]),
                 self.sample_prompts,
+                self.earlier_run,
             ]
         )
         self.widget = widgets.VBox(
@@ -904,12 +932,15 @@ class TrainingPanel(_Panel):
             "mixed_precision": self.mixed_precision.value,
             "seed": int(self.seed.value),
             "sample_prompts": tuple(p.strip() for p in self.sample_prompts.value.splitlines() if p.strip()),
-            "resume": bool(self.resume.value),
+            "sample_every_steps": int(self.sample_every.value),
+            "resume": self.earlier_run.value == "resume",
+            "overwrite": self.earlier_run.value == "overwrite",
+            "progress_bar": False,  # the panel has its own
             "multipliers": {c: v["multiplier"] for c, v in changes.items() if "multiplier" in v},
             "loss_scales": {c: v["loss_scale"] for c, v in changes.items() if "loss_scale" in v},
         }
         if self.smoke:
-            values.update(sample_steps=2)
+            values.update(sample_steps=2)  # the tiny model's samples are noise anyway: keep them quick
         if self.base_config is not None:
             return TrainConfig.from_dict({**self.base_config.to_dict(), **values})
         return TrainConfig.from_dict(values)
@@ -928,8 +959,11 @@ class TrainingPanel(_Panel):
 
     def start(self) -> None:
         """Check the settings and start training in a background thread (returns at once)."""
-        if self.running:
-            raise RuntimeError("training is already running: press Stop first")
+        global _ACTIVE
+        if _ACTIVE is not None and _ACTIVE.running:
+            raise RuntimeError(
+                "a training run is still going (maybe from an earlier cell): press its Stop first"
+            )
         config = self.config()  # a bad value stops here with the field's name in the message
         self._trained_dataset = self.balance.dataset()
         self.events, self.result, self.error = [], None, None
@@ -941,6 +975,7 @@ class TrainingPanel(_Panel):
         self.train_button.disabled, self.stop_button.disabled = True, False
         self._say("starting…")
         self._thread = threading.Thread(target=self._run, args=(config,), name="edtools-train", daemon=True)
+        _ACTIVE = self
         self._thread.start()
 
     def stop(self) -> None:
@@ -961,8 +996,9 @@ class TrainingPanel(_Panel):
 
     def _run(self, config) -> None:
         handler = _WidgetLogHandler(self.log)
+        level = _log.level
         _log.addHandler(handler)
-        if _log.level == logging.NOTSET or _log.level > logging.INFO:
+        if level == logging.NOTSET or level > logging.INFO:
             _log.setLevel(logging.INFO)
         try:
             if self.smoke and not Path(config.model).exists():
@@ -975,11 +1011,11 @@ class TrainingPanel(_Panel):
 
             self._say("training…")
             self.result = train(config, self._on_event)
-            stopped = self._stop.is_set()
-            self._say(
-                ("Stopped cleanly; tick resume and press Train to continue. " if stopped else "Done. ")
-                + html.escape(str(self.result))
-            )
+            if self.result.stop_reason == "callback":
+                self.earlier_run.value = "resume"
+                self._say(f"Stopped cleanly: {html.escape(str(self.result))}. Press Train to resume.")
+            else:
+                self._say(f"Done: {html.escape(str(self.result))}")
         except BaseException as exc:  # shown in the panel; wait() re-raises it
             self.error = exc
             self._say(
@@ -989,18 +1025,20 @@ class TrainingPanel(_Panel):
             )
         finally:
             _log.removeHandler(handler)
+            _log.setLevel(level)
             self.train_button.disabled, self.stop_button.disabled = False, True
 
     def _set_progress_total(self, config) -> None:
         dataset = self._trained_dataset
         buckets = make_buckets(config.resolution)
-        total = sum(
+        batches = [
             build_epoch(
                 dataset, epoch=e, seed=config.seed, batch_size=config.batch_size, buckets=buckets
             ).n_batches
             for e in range(config.epochs)
-        )
-        if getattr(config, "max_steps", None):
+        ]
+        total = sum(-(-n // config.grad_accum) for n in batches)  # optimizer steps, as train() counts them
+        if config.max_steps is not None:
             total = min(total, config.max_steps)
         self.progress.max, self.progress.value = max(total, 1), 0
 
@@ -1039,18 +1077,18 @@ class TrainingPanel(_Panel):
             self.loss_image.value = self._loss_figure.render()
 
     def _on_sample(self, event) -> None:
+        from PIL import Image
+
         images = []
         for path in event.paths:
-            images.append(
-                widgets.Image(
-                    value=Path(path).read_bytes(), format="png", layout=widgets.Layout(max_width="100%")
-                )
-            )
+            data = Path(path).read_bytes()
+            with Image.open(io.BytesIO(data)) as grid:
+                width = grid.width
+            shown = min(max(width, 256), 640)  # small grids (tiny models) enlarged, big ones shrunk
+            images.append(widgets.Image(value=data, format="png", layout=widgets.Layout(width=f"{shown}px")))
         label = widgets.HTML(f"<b>samples at step {event.global_step}</b>")
-        self.samples.children = ([widgets.VBox([label, *images])] + list(self.samples.children))[:4]
-
-    def _on_checkpoint(self, event) -> None:
-        _log.info("checkpoint saved: %s", event.path)
+        newest = widgets.VBox([label, *images], layout=widgets.Layout(margin="0 12px 8px 0"))
+        self.samples.children = ([newest] + list(self.samples.children))[: self.keep_samples]
 
     def _on_end(self, event) -> None:
         self.progress.value = self.progress.max if not self._stop.is_set() else self.progress.value

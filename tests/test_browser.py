@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -121,14 +122,15 @@ def save_screenshot(locator, name: str) -> Path:
     return out
 
 
-def wait_for(predicate, timeout: float, what: str):
+def wait_for(predicate, timeout: float, what: str, state=None):
+    """Poll predicate until true; on timeout fail with `what` and what state() says about the page."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+    pytest.fail(f"timed out after {timeout} s waiting for {what}" + (f"; {state()}" if state else ""))
 
 
 def test_balance_panel_in_jupyterlab(tmp_path):
@@ -159,13 +161,18 @@ def test_balance_panel_in_jupyterlab(tmp_path):
                 executable_path=str(CHROMIUM),
                 args=CHROMIUM_ARGS,
                 headless=True,
-                viewport={"width": 1400, "height": 1000},
+                viewport={"width": 1700, "height": 1800} if screenshots else {"width": 1400, "height": 1000},
             )
             try:
                 page = browser.pages[0] if browser.pages else browser.new_page()
-                run_notebook_and_balance(
-                    page, url, data_root, screenshots, timeout_s=240 if screenshots else 120
-                )
+                try:
+                    run_notebook_and_balance(
+                        page, url, data_root, screenshots, timeout_s=240 if screenshots else 120
+                    )
+                except BaseException:
+                    page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+                    print(f"the page at the failure: {tmp_path / 'failure.png'}")
+                    raise
             finally:
                 browser.close()
     finally:
@@ -189,8 +196,15 @@ def run_notebook_and_balance(page, url: str, data_root: Path, screenshots: bool,
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_text("Run All Cells", exact=True).click()
     page.locator(".edtools-total").wait_for(timeout=timeout_s * 1000)
-    # every cell ran: no execution prompt still shows [*]
-    wait_for(lambda: "[*]" not in page.locator(".jp-InputPrompt").all_inner_texts(), timeout_s, "all cells")
+    # every code cell ran to the end: each prompt shows its number, none still [*]
+    n_code = json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]
+    n_code = sum(cell["cell_type"] == "code" for cell in n_code)
+    prompts = page.locator(".jp-InputPrompt")
+
+    def all_ran() -> bool:
+        return sum(bool(re.fullmatch(r"\[\d+\]:", p.strip())) for p in prompts.all_inner_texts()) == n_code
+
+    wait_for(all_ran, timeout_s, "every cell to finish", lambda: prompts.all_inner_texts())
     errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
     assert errors.count() == 0, errors.first.inner_text()
 
@@ -204,13 +218,19 @@ def run_notebook_and_balance(page, url: str, data_root: Path, screenshots: bool,
 
     # keyboard on the slider handle: two steps to the right multiply by 10**0.02
     handle = row.locator(".edtools-multiplier-slider .noUi-handle")
+    row.scroll_into_view_if_needed()
     handle.focus()
     handle.press("ArrowRight")
     handle.press("ArrowRight")
     box = row.locator(".edtools-multiplier-box input")
     stepped = float(f"{10**0.02:.3g}")  # drags and key steps are rounded to 3 significant digits
     wait_for(
-        lambda: box.input_value() and float(box.input_value()) == stepped, 20, "the box to follow the slider"
+        lambda: box.input_value() and float(box.input_value()) == stepped,
+        20,
+        "the box to follow the slider",
+        lambda: (
+            f"box {box.input_value()!r}, {total.inner_text()!r}, handle {handle.get_attribute('aria-valuenow')}"
+        ),
     )
     wait_for(lambda: total.inner_text() != first_total, 20, "the totals label to change")
 
@@ -233,5 +253,5 @@ def run_notebook_and_balance(page, url: str, data_root: Path, screenshots: bool,
     if screenshots:
         training = page.locator(".edtools-training")
         training.scroll_into_view_if_needed()
-        assert "Done." in training.locator(".edtools-train-status").inner_text()
+        assert "Done:" in training.locator(".edtools-train-status").inner_text()
         save_screenshot(training, "training_panel.png")

@@ -36,7 +36,9 @@ def test_notebook_is_committed_without_outputs_and_with_short_cells():
     code = [c for c in notebook.cells if c.cell_type == "code"]
     assert code, "the notebook has no code cells"
     for cell in code:
-        assert cell.outputs == [] and cell.execution_count is None, f"outputs not stripped: {cell.source[:60]}"
+        assert cell.outputs == [] and cell.execution_count is None, (
+            f"outputs not stripped: {cell.source[:60]}"
+        )
         assert len(cell.source.splitlines()) <= 15, f"cell longer than 15 lines: {cell.source[:60]}"
     for before, cell in zip(notebook.cells, notebook.cells[1:], strict=False):
         if cell.cell_type == "code":

@@ -288,3 +288,179 @@ def test_a_browser_snapping_shown_values_to_the_slider_step_changes_nothing(demo
     assert panel.multipliers["style"] == 3.429 and panel.loss_scales["style"] == 0.33
     row.slider.value = 10 ** (round(np.log10(3.429), 2) + 0.01)  # one key press: a real move
     assert panel.multipliers["style"] == float(f"{10 ** (round(np.log10(3.429), 2) + 0.01):.3g}")
+
+
+# ---- training panel
+
+
+@pytest.fixture
+def training_parts(demo_like, tmp_path):
+    """A balance panel on the demo-like root and a training panel writing into tmp_path/run."""
+    pytest.importorskip("edtools.config")
+    balance = panel_for(demo_like)
+    training = ew.TrainingPanel(balance, smoke=False)
+    training.model.value = str(tmp_path / "model")
+    training.out.value = str(tmp_path / "run")
+    return balance, training
+
+
+def fake_train(events_per_epoch: int = 3, fail: bool = False):
+    """A stand-in for edtools.train.train: the same events and the same stop rule, no model."""
+    from edtools.train import TrainEvent, TrainResult
+
+    def train(config, callback):
+        step, reason = 0, "finished"
+        for epoch in range(config.epochs):
+            for batch in range(events_per_epoch):
+                step += 1
+                if fail and step == 2:
+                    raise RuntimeError("CUDA out of memory (pretend)")
+                losses = {"people/alice": 1.0 / step, "style": 0.5 / step}
+                if callback(TrainEvent("step", step, epoch, batch=batch, loss=0.7, loss_per_concept=losses)):
+                    reason = "callback"
+                    break
+            if reason == "callback":
+                break
+            counts = {"people/alice": 8, "people/bob": 8, "style": 4, "preservation": 5}
+            callback(TrainEvent("epoch", step, epoch, images_per_concept=counts))
+        result = TrainResult(str(config.out), step, epoch, 0, reason, "ckpt", 0, 0.7, 0.1)
+        callback(TrainEvent("end", step, epoch, result=result))
+        return result
+
+    return train
+
+
+def test_training_widgets_fill_the_train_config_with_unsaved_balance_values(training_parts, demo_like):
+    balance, training = training_parts
+    balance.rows["people/alice"].box.value = 2.5
+    balance.rows["style"].loss.value = 0.75
+    training.batch_size.value = 2
+    training.resolution.value = 256
+    training.epochs.value = 3
+    training.lr.value = 2e-6
+    training.optimizer.value = "adamw"
+    training.mixed_precision.value = "bf16"
+    training.sample_prompts.value = "a photo of alice\n\n  an ink drawing  \n"
+    training.earlier_run.value = "resume"
+    config = training.config()
+    assert config.data_root == str(demo_like.resolve())
+    assert (config.batch_size, config.resolution, config.epochs, config.lr) == (2, 256, 3, 2e-6)
+    assert (config.optimizer, config.mixed_precision) == ("adamw", "bf16")
+    assert config.sample_prompts == ("a photo of alice", "an ink drawing")
+    assert config.resume and not config.overwrite
+    assert dict(config.multipliers) == {"people/alice": 2.5}
+    assert dict(config.loss_scales) == {"style": 0.75}
+    assert config.progress_bar is False
+    assert balance.totals_note.value.count("batch size 2, resolution 256") == 1  # steps follow the form
+
+
+def test_training_defaults_come_from_the_train_config(training_parts):
+    from edtools.config import TrainConfig
+
+    _, training = training_parts
+    defaults = {
+        f: TrainConfig.__dataclass_fields__[f].default for f in ("epochs", "batch_size", "lr", "optimizer")
+    }
+    assert training.epochs.value == defaults["epochs"] and training.batch_size.value == defaults["batch_size"]
+    assert (
+        training.lr.value == defaults["lr"]
+        and training.optimizer.value == defaults["optimizer"] == "adamw8bit"
+    )
+
+
+def test_a_bad_setting_is_reported_in_the_panel_and_nothing_starts(training_parts):
+    _, training = training_parts
+    training.batch_size.value = 0
+    training.train_button.click()
+    assert "not started" in training.status.value and "batch_size" in training.status.value
+    assert not training.running
+    with pytest.raises(ValueError, match="batch_size"):
+        training.start()
+
+
+def test_training_events_drive_progress_histogram_losses_and_stop(training_parts, monkeypatch):
+    pytest.importorskip("edtools.train")
+    _, training = training_parts
+    monkeypatch.setattr("edtools.train.train", fake_train(events_per_epoch=3))
+    training.epochs.value = 2
+    training.resolution.value = 64
+    training.start()
+    result = training.wait(timeout=30)
+    assert result.stop_reason == "finished" and result.global_step == 6
+    kinds = [e.kind for e in training.events]
+    assert kinds.count("step") == 6 and kinds.count("epoch") == 2 and kinds[-1] == "end"
+    assert training.progress.value == training.progress.max
+    assert training.progress_text.value.startswith("step 6/")
+    assert training.balance_image.value[:4] == b"\x89PNG" and training.loss_image.value[:4] == b"\x89PNG"
+    assert set(training._loss_figure.series) == {"people/alice", "style"}
+    assert "Done:" in training.status.value
+    assert not training.train_button.disabled and training.stop_button.disabled
+
+
+def test_stop_button_makes_the_callback_return_true(training_parts, monkeypatch):
+    pytest.importorskip("edtools.train")
+    _, training = training_parts
+    fake = fake_train(events_per_epoch=1000)
+    seen = []
+
+    def slow_train(config, callback):
+        def wrapped(event):
+            seen.append(event.kind)
+            if event.kind == "step" and event.global_step == 3:
+                training.stop_button.click()  # what a click from the browser does meanwhile
+            return callback(event)
+
+        return fake(config, wrapped)
+
+    monkeypatch.setattr("edtools.train.train", slow_train)
+    training.start()
+    result = training.wait(timeout=30)
+    assert result.stop_reason == "callback" and result.global_step == 3
+    assert training.earlier_run.value == "resume"  # pressing Train again continues the run
+    assert "Stopped cleanly" in training.status.value
+
+
+def test_a_training_error_shows_in_the_panel_and_wait_raises_it(training_parts, monkeypatch):
+    pytest.importorskip("edtools.train")
+    _, training = training_parts
+    monkeypatch.setattr("edtools.train.train", fake_train(fail=True))
+    training.start()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        training.wait(timeout=30)
+    assert "training failed" in training.status.value and "out of memory" in training.status.value
+    assert not training.train_button.disabled
+
+
+@pytest.mark.slow
+def test_tiny_model_trains_stops_and_resumes_from_the_panel(tmp_path, monkeypatch):
+    pytest.importorskip("edtools.train")
+    pytest.importorskip("torch")
+    monkeypatch.chdir(tmp_path)
+    data = ew.DataPanel()  # the demo data root, made here
+    balance = ew.BalancePanel(data, debounce_s=0)
+    training = ew.TrainingPanel(balance, smoke=True)
+    training.epochs.value = 1
+    training.sample_every.value = 0
+    training.sample_prompts.value = "a photo of alice"
+    balance.rows["people/alice"].box.value = 0.5  # unsaved: must still reach the trainer
+
+    def stop_after_two_steps(event):
+        if event.kind == "step" and event.global_step == 2:
+            training.stop()
+
+    original = training._on_event
+    monkeypatch.setattr(training, "_on_event", lambda e: (stop_after_two_steps(e), original(e))[1])
+    training.start()
+    stopped = training.wait(timeout=300)
+    assert stopped.stop_reason == "callback" and stopped.global_step == 2
+    assert Path(stopped.checkpoint).is_dir()
+    assert training.earlier_run.value == "resume"
+
+    training.start()
+    finished = training.wait(timeout=300)
+    assert finished.stop_reason == "finished"
+    assert finished.global_step == training.progress.max  # the panel's step count agrees with train()
+    epoch = [e for e in training.events if e.kind == "epoch"][0]
+    assert epoch.images_per_concept["people/alice"] == 12  # 24 x 0.5: the unsaved slider value trained
+    assert any(e.kind == "sample" for e in training.events)
+    assert len(training.samples.children) == 1
