@@ -693,14 +693,16 @@ def _runtime(config: TrainConfig) -> _Runtime:
 # The loop
 
 
-def _load_data(config: TrainConfig) -> Dataset:
+def _load_data(config: TrainConfig, main: bool) -> Dataset:
+    """Scan the data root (logging each applied multiply.txt / loss_scale.txt and each warning on the main
+    process), refuse errors, apply the config's overrides."""
     from .dataset import DatasetError
 
     result = scan(config.data_root)
     for line in result.log:
-        log.info(line)
+        log.log(logging.INFO if main else logging.DEBUG, line)
     for problem in result.warnings:
-        log.warning(str(problem))
+        log.log(logging.WARNING if main else logging.DEBUG, "%s", problem)
     dataset = result.raise_for_errors()
     try:
         return dataset.with_values(config.multiplier_overrides, config.loss_scale_overrides)
@@ -744,9 +746,13 @@ def prepare_modules(components: SDComponents, config: TrainConfig, device: Any) 
     if config.train_text_encoder:
         components.text_encoder.requires_grad_(True).train().to(device)
         if config.gradient_checkpointing:
-            components.text_encoder.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            text_encoder = components.text_encoder
+            if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5
+                text_encoder.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                text_encoder.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
         params += list(components.text_encoder.parameters())
     else:
         components.text_encoder.requires_grad_(False).eval().to(device)
@@ -773,11 +779,12 @@ def train(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | N
     started = time.monotonic()
     _quiet_bitsandbytes()
     runtime = _runtime(config)
+    say = log.info if runtime.main else log.debug  # one process tells the story
     out = Path(config.out).expanduser()
     resume_from = _prepare_out(config, out, runtime)
     if resume_from is not None:
         _check_resume(_checkpoint_info(resume_from), config, runtime.world_size, resume_from)
-    dataset = _load_data(config)
+    dataset = _load_data(config, runtime.main)
     concepts = dataset.concept_paths
     buckets = make_buckets(config.resolution)
 
@@ -805,9 +812,7 @@ def train(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | N
             resume_from, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler
         )
         resume_fingerprint = info.get("schedule_fingerprint")
-        log.info(
-            "resuming from %s: step %d, epoch %d, batch %d", resume_from, *dataclasses.astuple(state)[:3]
-        )
+        say("resuming from %s: step %d, epoch %d, batch %d", resume_from, *dataclasses.astuple(state)[:3])
     step_components = dataclasses.replace(
         components,
         unet=runtime.wrap(components.unet),
@@ -816,7 +821,7 @@ def train(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | N
         else components.text_encoder,
     )
     latent_cache = LatentCache(config.cache_latents)
-    log.info(
+    say(
         "training %d images in %d concepts: %d optimizer steps over %d epochs on %s (%s, %s, %d process%s)",
         len(dataset),
         len(concepts),
@@ -894,18 +899,19 @@ def train(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | N
         runtime.barrier()
         last_sample_step = state.global_step
 
-    def should_stop(fingerprint: str | None) -> bool:
-        """After an optimizer step (or an epoch): samples and timed checkpoints when due; True to stop."""
+    def should_stop(fingerprint: str | None) -> str | None:
+        """After an optimizer step (or an epoch): samples and timed checkpoints when due. Returns why to
+        stop (callback or max_steps; then a checkpoint is saved), else None. All ranks decide alike."""
         every = config.sample_every_steps
         if every and state.global_step % every == 0 and state.global_step != start_step:
             sample()
         minutes = config.checkpoint_every_minutes
         timed = bool(minutes) and runtime.main and time.monotonic() - last_checkpoint_time >= minutes * 60
         at_max = config.max_steps is not None and state.global_step >= config.max_steps
-        timed_any, stop_any = (v > 0 for v in runtime.sum([float(timed), float(stop_requested or at_max)]))
-        if timed_any or stop_any:
+        timed, requested, at_max = (v > 0 for v in runtime.sum([timed, stop_requested, at_max]))
+        if timed or requested or at_max:
             checkpoint(fingerprint)
-        return stop_any
+        return "callback" if requested else "max_steps" if at_max else None
 
     stop_reason = "finished"
     if config.max_steps is not None and state.global_step >= config.max_steps:
@@ -986,9 +992,10 @@ def train(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | N
                 )
             )
             sums, counts, images, nonfinite = np.zeros(len(concepts)), np.zeros(len(concepts)), [], False
-            if b + 1 < local.n_batches and should_stop(fingerprint):  # an epoch's last step: see below
-                stop_reason = "callback" if stop_requested else "max_steps"
-                break
+            if b + 1 < local.n_batches:  # after an epoch's last step this runs once the epoch is done
+                stop_reason = should_stop(fingerprint) or stop_reason
+                if stop_reason != "finished":
+                    break
         if stop_reason != "finished":
             break
         epoch += 1
@@ -1006,8 +1013,7 @@ def train(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | N
         )
         if config.checkpoint_every_epochs and epoch % config.checkpoint_every_epochs == 0:
             checkpoint(None)
-        if should_stop(None):
-            stop_reason = "callback" if stop_requested else "max_steps"
+        stop_reason = should_stop(None) or stop_reason
     progress.close()
 
     checkpoint(None if state.batch == 0 else _schedule_fingerprint(epoch_schedule(state.epoch)))
@@ -1026,7 +1032,7 @@ def train(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | N
         last_loss=last_loss,
         seconds=time.monotonic() - started,
     )
-    log.info("%s", result)
+    say("%s", result)
     emit(TrainEvent("end", state.global_step, state.epoch, result=result))
     return result
 

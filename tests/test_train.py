@@ -201,9 +201,15 @@ def test_loss_scale_zero_trains_nothing(tree, tiny_model, tmp_path):
         dict(
             mixed_precision="bf16", gradient_checkpointing=True, train_text_encoder=False, min_snr_gamma=5.0
         ),
-        dict(mixed_precision="fp16", optimizer="adamw", lr_scheduler="linear", lr_warmup_steps=2),
+        dict(
+            mixed_precision="fp16",
+            gradient_checkpointing=True,
+            optimizer="adamw",
+            lr_scheduler="linear",
+            lr_warmup_steps=2,
+        ),
     ],
-    ids=["bf16-checkpointing-frozen-te-minsnr-vpred", "fp16-scaler-adamw"],
+    ids=["bf16-checkpointing-frozen-te-minsnr-vpred", "fp16-scaler-checkpointing-adamw-warmup-vpred"],
 )
 def test_step_options(tree, tmp_path, options):
     model = make_tiny_model(tmp_path / "vpred", prediction_type="v_prediction")
