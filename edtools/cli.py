@@ -91,22 +91,21 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import ConfigError, TrainConfig
+    from .config import ConfigError, TrainConfig, read_config_file
     from .dataset import DatasetError
     from .train import train
 
     try:
-        base = TrainConfig.from_file(args.config) if args.config else None
+        base = read_config_file(args.config) if args.config else None
         config = TrainConfig.from_args(args, base=base)
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     try:
-        result = train(config)
+        train(config)  # it logs its own summary
     except DatasetError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    print(result)
     return 0
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["ConfigError", "TrainConfig", "add_arguments", "from_args", "LR_SCHEDULERS"]
+__all__ = ["ConfigError", "LR_SCHEDULERS", "TrainConfig", "add_arguments", "from_args", "read_config_file"]
 
 # diffusers.optimization schedules that need nothing beyond warmup steps and the total step count.
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -114,23 +114,9 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
-        """Read a .yaml/.yml or .json file of settings."""
-        path = Path(path)
-        suffix = path.suffix.lower()
-        if suffix not in (".json", ".yaml", ".yml"):
-            raise ConfigError(f"config file {path} must end in .yaml, .yml or .json")
+        """Read a .yaml/.yml or .json file of settings (all required settings included)."""
         try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-        try:
-            values = json.loads(text) if suffix == ".json" else _load_yaml(text)
-        except (ValueError, _yaml_error()) as exc:
-            raise ConfigError(f"config file {path} is not valid {suffix[1:].upper()}: {exc}") from exc
-        if values is None:
-            values = {}
-        try:
-            return cls.from_dict(values)
+            return cls.from_dict(read_config_file(path))
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
@@ -194,7 +180,9 @@ class TrainConfig:
         return add_arguments(parser)
 
     @classmethod
-    def from_args(cls, namespace: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    def from_args(
+        cls, namespace: argparse.Namespace, base: TrainConfig | Mapping[str, Any] | None = None
+    ) -> TrainConfig:
         """Same as the module's from_args."""
         return from_args(namespace, base=base)
 
@@ -448,15 +436,39 @@ def _show_default(value: Any) -> str:
     return str(value)
 
 
-def from_args(namespace: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
-    """The config from parsed options over `base` (e.g. TrainConfig.from_file(--config)); options not given
-    keep base's values (or the defaults). Other attributes of the namespace are ignored."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings in a .yaml/.yml or .json file as a plain mapping (not yet checked: see from_dict)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise ConfigError(f"config file {path} must end in .yaml, .yml or .json")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    try:
+        values = json.loads(text) if suffix == ".json" else _load_yaml(text)
+    except (ValueError, _yaml_error()) as exc:
+        raise ConfigError(f"config file {path} is not valid {suffix[1:].upper()}: {exc}") from exc
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping of setting: value")
+    return dict(values)
+
+
+def from_args(
+    namespace: argparse.Namespace, base: TrainConfig | Mapping[str, Any] | None = None
+) -> TrainConfig:
+    """The config from parsed options over `base` (a TrainConfig, or the values of a --config file, which
+    may leave out settings the options give); options not given keep base's values (or the defaults).
+    Other attributes of the namespace are ignored."""
     given = {
         f.name: getattr(namespace, f.name)
         for f in dataclasses.fields(TrainConfig)
         if hasattr(namespace, f.name)
     }
-    values = base.to_dict() if base is not None else {}
+    values = base.to_dict() if isinstance(base, TrainConfig) else dict(base or {})
     values.update(given)
     missing = [
         f.name
