@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from edtools.config import ConfigError, TrainConfig, add_arguments, from_args
+from edtools.config import ConfigError, TrainConfig, add_arguments, from_args, read_config_file
 
 REQUIRED = {"data_root": "data", "model": "model", "out": "out"}
 
@@ -202,3 +202,20 @@ def test_cli_errors():
         parser().parse_args(["--multipliers", "alice"])
     with pytest.raises(ConfigError, match="epochs is 0"):
         from_args(parser().parse_args(["--data-root", "d", "--model", "m", "--out", "o", "--epochs", "0"]))
+
+
+def test_partial_config_file_completed_by_flags(tmp_path):
+    """The CLI's flow: a --config file without data_root / model / out, which the flags then give."""
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 2\nlr: 1e-4\nsample_prompts: [a cat]\n")
+    with pytest.raises(ConfigError, match="missing required setting"):
+        TrainConfig.from_file(path)
+    values = read_config_file(path)
+    namespace = parser().parse_args(["--data-root", "d", "--model", "m", "--out", "o", "--epochs", "3"])
+    config = from_args(namespace, base=values)
+    assert (config.epochs, config.lr, config.sample_prompts, config.out) == (3, 1e-4, ("a cat",), "o")
+    with pytest.raises(ConfigError, match="--model, --out"):
+        from_args(parser().parse_args(["--data-root", "d"]), base=values)
+    (tmp_path / "list.yaml").write_text("- epochs\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        read_config_file(tmp_path / "list.yaml")
