@@ -737,7 +737,9 @@ def _prepare_out(config: TrainConfig, out: Path, runtime: _Runtime) -> Path | No
 
 def prepare_modules(components: SDComponents, config: TrainConfig, device: Any) -> list:
     """Move to the device, set train/eval modes, freeze the VAE (and the text encoder unless trained), turn on
-    gradient checkpointing if asked. Returns the trainable parameters (UNet first, then text encoder)."""
+    gradient checkpointing if asked. Attention stays on diffusers' default processor, which runs torch's
+    scaled_dot_product_attention (flash / memory-efficient kernels on GPUs). Returns the trainable parameters
+    (UNet first, then text encoder)."""
     components.vae.requires_grad_(False).eval().to(device)
     components.unet.requires_grad_(True).train().to(device)
     if config.gradient_checkpointing:
