@@ -336,8 +336,9 @@ class _ConceptRow:
         self._syncing = False
         lo, hi = (math.log10(v) for v in MULTIPLIER_RANGE)
         self.name = widgets.HTML(
-            f"<span title='{html.escape(path)}'>{html.escape(_short(path))}</span>",
-            layout=widgets.Layout(width="170px"),
+            f"<div title='{html.escape(path)}' style='white-space:nowrap;overflow:hidden;font-size:95%'>"
+            f"{html.escape(_short(path, 21))}</div>",
+            layout=widgets.Layout(width="170px", overflow="hidden"),
         )
         self.count = widgets.Label(str(n_images), layout=widgets.Layout(width="50px"))
         self.slider = widgets.FloatLogSlider(
@@ -356,7 +357,7 @@ class _ConceptRow:
         self.loss.observe(self._loss_moved, "value")
         self.widget = widgets.HBox(
             [self.name, self.count, self.slider, self.box, self.loss, self.per_epoch],
-            layout=widgets.Layout(align_items="center"),
+            layout=widgets.Layout(align_items="center", flex="0 0 auto"),  # no squeezing: the box scrolls
         )
         self.widget.add_class("edtools-row")
 
@@ -477,7 +478,7 @@ class BalancePanel(_Panel):
         self.equalize_button.on_click(lambda _: self.equalize())
         self.reset_button.on_click(lambda _: self.reset())
         self.save_button.on_click(lambda _: self.save())
-        self.histogram = widgets.Image(format="png", layout=widgets.Layout(width="100%"))
+        self.histogram = widgets.Image(format="png", layout=widgets.Layout(width="100%", flex="0 0 auto"))
         self.histogram.add_class("edtools-histogram")
         header = widgets.HTML(
             "<div style='display:flex;font-weight:bold;font-size:90%'><span style='width:174px'>folder</span>"
@@ -486,7 +487,7 @@ class BalancePanel(_Panel):
         )
         self.rows_box = widgets.VBox(layout=widgets.Layout(max_height=ROWS_HEIGHT, overflow="auto"))
         self.rows_box.add_class("edtools-rows")
-        histogram_box = widgets.Box(
+        histogram_box = widgets.VBox(
             [self.histogram], layout=widgets.Layout(max_height=ROWS_HEIGHT, overflow="auto", width="450px")
         )
         self.widget = widgets.VBox(

@@ -194,6 +194,10 @@ def test_sixty_folders_build_with_a_scroll_box_and_a_bar_each():
     assert time.perf_counter() - started < 10
     assert len(panel.rows_box.children) == 60
     assert panel.rows_box.layout.max_height == ew.ROWS_HEIGHT and panel.rows_box.layout.overflow == "auto"
+    assert all(
+        row.widget.layout.flex == "0 0 auto" for row in panel.rows.values()
+    )  # rows scroll, never squeeze
+    assert panel.histogram.layout.flex == "0 0 auto"
     assert len(panel.figure.widths()) == 60
     assert panel.figure.widths() == pytest.approx(expected_images_per_epoch(disk))
     panel.rows["group3/concept_33"].box.value = 2.0
