@@ -25,7 +25,7 @@ from .schedule import build_epoch, expected_images_per_epoch, make_buckets
 
 try:
     import ipywidgets as widgets
-except ImportError as exc:  # the balance maths below need no widgets, but the panels do
+except ImportError as exc:  # the panels are what this module is for
     raise ImportError(
         "edtools.widgets needs ipywidgets: pip install ipywidgets (or the [notebook] extra)"
     ) from exc
@@ -54,7 +54,7 @@ _log = logging.getLogger("edtools")
 
 
 def smoke_mode() -> bool:
-    """True when EDTOOLS_SMOKE=1: the tiny model at resolution 64 for 2 epochs, started by the notebook itself."""
+    """True when EDTOOLS_SMOKE=1: the tiny model at resolution 64 for 2 epochs, started by the notebook."""
     return os.environ.get(SMOKE_ENV, "") == "1"
 
 
@@ -126,7 +126,7 @@ def changed_values(
 def save_values(
     disk: Dataset, multipliers: Mapping[str, float], loss_scales: Mapping[str, float]
 ) -> list[Path]:
-    """Write multiply.txt / loss_scale.txt for the changed values only (atomically). Returns the files written."""
+    """Write multiply.txt / loss_scale.txt for the changed values only (atomically); returns the files."""
     written: list[Path] = []
     for concept, values in changed_values(disk, multipliers, loss_scales).items():
         written += write_concept_values(
@@ -136,7 +136,7 @@ def save_values(
 
 
 def epoch_totals(dataset: Dataset, *, batch_size: int, resolution: int, seed: int = 555) -> tuple[float, int]:
-    """(expected images per epoch, steps in epoch 0 of the real schedule: aspect buckets add short batches)."""
+    """(expected images per epoch, steps in epoch 0 of the real schedule: buckets add short batches)."""
     expected = float(expected_images_per_epoch(dataset).sum())
     if not dataset.concepts:
         return expected, 0
@@ -151,7 +151,7 @@ def _fmt(value: float) -> str:
 
 
 def _short(path: str, width: int = 30) -> str:
-    """The folder name for a narrow column: long paths keep their start and end ("people/…/alice_closeups")."""
+    """A folder name for a narrow column: long paths keep start and end ("people/…/alice_closeups")."""
     name = "(data root)" if path == "." else path
     if len(name) <= width:
         return name
@@ -166,7 +166,7 @@ def _png(fig, dpi: int = 80) -> bytes:
 
 
 class _Panel:
-    """Displays as its root widget (display(panel), or a cell ending with the panel), with ipywidgets 7 or 8."""
+    """Displays as its root widget (display(panel) or a cell ending with it), with ipywidgets 7 or 8."""
 
     widget: widgets.Widget
 
@@ -181,29 +181,32 @@ class _Panel:
 
 
 def _scan_html(result: ScanResult) -> str:
-    """The per-folder table, the applied-file log and every problem, as HTML."""
+    """The scan as HTML: summary, every problem (first, so none hides below a long table), files, table."""
     dataset = result.dataset
     total = float(expected_images_per_epoch(dataset).sum()) or 1.0
-    rows = []
-    for c in dataset.concepts:
-        mark = lambda from_file: " <small>(file)</small>" if from_file else ""  # noqa: E731
-        rows.append(
-            f"<tr><td>{html.escape(_short(c.path, 60))}</td><td>{c.n_images}</td>"
-            f"<td>{_fmt(c.multiplier)}{mark(c.multiplier_from_file)}</td>"
-            f"<td>{_fmt(c.loss_scale)}{mark(c.loss_scale_from_file)}</td>"
-            f"<td>{_fmt(c.images_per_epoch)}</td><td>{c.images_per_epoch / total:.1%}</td></tr>"
-        )
+
+    def value(number: float, from_file: bool) -> str:
+        return _fmt(number) + (" <small>(file)</small>" if from_file else "")
+
+    cell = "style='padding:1px 10px;text-align:right'"
+    rows = "".join(
+        f"<tr><td style='padding:1px 10px'>{html.escape(_short(c.path, 60))}</td><td {cell}>{c.n_images}</td>"
+        f"<td {cell}>{value(c.multiplier, c.multiplier_from_file)}</td>"
+        f"<td {cell}>{value(c.loss_scale, c.loss_scale_from_file)}</td>"
+        f"<td {cell}>{_fmt(c.images_per_epoch)}</td><td {cell}>{c.images_per_epoch / total:.1%}</td></tr>"
+        for c in dataset.concepts
+    )
+    header = "".join(
+        f"<th {cell}>{name}</th>" for name in ("images", "multiply", "loss_scale", "per epoch", "share")
+    )
     table = (
-        "<table class='edtools-table'><tr><th>folder</th><th>images</th><th>multiply</th><th>loss_scale</th>"
-        f"<th>per epoch</th><th>share</th></tr>{''.join(rows)}</table>"
+        "<table class='edtools-table' style='border-collapse:collapse'>"
+        f"<tr><th style='padding:1px 10px;text-align:left'>folder</th>{header}</tr>{rows}</table>"
     )
     summary = (
-        f"<b>{html.escape(str(dataset.root))}</b>: {len(dataset)} images in {len(dataset.concepts)} folder(s), "
+        f"<b>{html.escape(str(dataset.root))}</b>: {len(dataset)} images in "
+        f"{len(dataset.concepts)} folder(s), "
         f"{len(result.errors)} error(s), {len(result.warnings)} warning(s)"
-    )
-    log = (
-        "".join(f"<li>{html.escape(line)}</li>" for line in result.log)
-        or "<li>no multiply.txt / loss_scale.txt</li>"
     )
     colours = {"error": "#b00020", "warning": "#a05a00"}
     problems = "".join(
@@ -211,11 +214,18 @@ def _scan_html(result: ScanResult) -> str:
         f"{html.escape(p.message)}</li>"
         for p in result.problems
     )
-    parts = [summary, table, f"<details open><summary>files applied</summary><ul>{log}</ul></details>"]
-    if problems:
-        parts.append(f"<div class='edtools-problems'><b>Problems</b><ul>{problems}</ul></div>")
+    log = (
+        "".join(f"<li>{html.escape(line)}</li>" for line in result.log)
+        or "<li>no multiply.txt / loss_scale.txt</li>"
+    )
+    parts = [summary]
     if result.errors:
-        parts.append("<b style='color:#b00020'>Fix the errors above before training (then press Scan).</b>")
+        parts.append(
+            "<br><b style='color:#b00020'>Fix the errors below before training, then press Scan.</b>"
+        )
+    if problems:
+        parts.append(f"<div class='edtools-problems'><ul>{problems}</ul></div>")
+    parts += [f"<details open><summary>files applied</summary><ul>{log}</ul></details>", table]
     return "".join(parts)
 
 
@@ -292,7 +302,7 @@ class _BalanceFigure:
         self.ax.barh([0], [0], color="#8fa8c8", label="preservation (multiplier < 1 on disk)")
         self.labels = [self.ax.text(0, yi, "", va="center", fontsize=8) for yi in y]
         self.ax.set_yticks(y, [_short(c, 28) for c in concepts], fontsize=8 if n > 20 else 9)
-        self.ax.set_ylim(n - 0.5, -0.5)  # first folder on top, same order as the rows
+        self.ax.set_ylim(max(n, 1) - 0.5, -0.5)  # first folder on top, same order as the rows
         self.ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=3, fontsize=8, frameon=False)
         self.laid_out = False
         self.lock = threading.Lock()
@@ -317,7 +327,7 @@ class _BalanceFigure:
                 label.set_text(f" {_fmt(value)} ({value / total:.1%})")
             right = float(max(expected.max(initial=0), self.disk_expected.max(initial=0))) or 1.0
             self.ax.set_xlim(0, right * 1.35)
-            self.ax.set_xlabel(f"images per epoch (share of the epoch); {_fmt(total)} in all")
+            self.ax.set_xlabel(f"images per epoch (share of the epoch); {_fmt(float(expected.sum()))} in all")
             png = _png(self.figure)
             if not self.laid_out:  # labels keep their size: lay out once, later renders only redraw
                 self.figure.set_layout_engine("none")
@@ -432,7 +442,7 @@ class _ConceptRow:
 class BalancePanel(_Panel):
     """One row per folder (multiplier and loss_scale), a live histogram, totals, and Equalize / Reset / Save.
 
-    Values live in `multipliers` / `loss_scales` (concept path -> number); the files on disk change only on Save.
+    Values live in `multipliers` / `loss_scales` (concept path -> number); files change only on Save.
     Histogram redraws are throttled to one per `debounce_s` while a slider moves (0: redraw at once).
     """
 
@@ -482,7 +492,8 @@ class BalancePanel(_Panel):
         self.histogram.add_class("edtools-histogram")
         header = widgets.HTML(
             "<div style='display:flex;font-weight:bold;font-size:90%'><span style='width:174px'>folder</span>"
-            "<span style='width:54px'>images</span><span style='width:250px'>multiplier (0.01-10, or type)</span>"
+            "<span style='width:54px'>images</span>"
+            "<span style='width:250px'>multiplier (0.01-10, or type)</span>"
             "<span style='width:184px'>loss_scale</span><span style='width:74px'>per epoch</span></div>"
         )
         self.rows_box = widgets.VBox(layout=widgets.Layout(max_height=ROWS_HEIGHT, overflow="auto"))
@@ -517,7 +528,7 @@ class BalancePanel(_Panel):
     # ---- state
 
     def load(self, source: ScanResult | Dataset) -> None:
-        """Take a (new) scan: rows and histogram are rebuilt when the folders differ, else values refreshed."""
+        """Take a (new) scan: rows and histogram rebuilt when the folders differ, else values refreshed."""
         disk = source.dataset if isinstance(source, ScanResult) else source
         same_folders = self.disk is not None and disk.concept_paths == self.disk.concept_paths
         self.disk = disk
@@ -534,7 +545,8 @@ class BalancePanel(_Panel):
             row.show(self.multipliers[row.path], self.loss_scales[row.path], changed=False)
         if isinstance(source, ScanResult) and source.errors:
             self.say(
-                f"{len(source.errors)} error(s) in the data root (see the scan above): training refuses until fixed",
+                f"{len(source.errors)} error(s) in the data root (see the scan above): "
+                "training refuses until fixed",
                 error=True,
             )
         else:
@@ -589,14 +601,15 @@ class BalancePanel(_Panel):
         """Suggest equal images per epoch for the non-preservation folders (saved only by Save)."""
         suggested = equalize_multipliers(self.disk) if self.disk else {}
         if not suggested:
-            self.say("nothing to equalize: every folder is a preservation folder (multiplier < 1 on disk)")
+            self.say("nothing to equalize: no folder outside preservation (multiplier < 1 on disk)")
             return suggested
         for concept, value in suggested.items():
             self.multipliers[concept] = value
             self.rows[concept].show(value, self.loss_scales[concept], concept in self.changes())
-        kept = [c.path for c in self.disk.concepts if c.path not in suggested]
+        target = max(c.n_images for c in self.disk.concepts if c.path in suggested)
+        kept = [html.escape(c.path) for c in self.disk.concepts if c.path not in suggested]
         self.say(
-            f"Equalized {len(suggested)} folder(s) to {_fmt(max(c.n_images * suggested[c.path] for c in self.disk.concepts if c.path in suggested))} images/epoch each"
+            f"Equalized {len(suggested)} folder(s) to {target} images/epoch each"
             + (f"; preservation folders left alone: {', '.join(kept)}" if kept else "")
             + ". Press Save to write the files."
         )
@@ -607,12 +620,11 @@ class BalancePanel(_Panel):
         """Back to the files on disk (re-read them: they may have been edited meanwhile)."""
         if self.disk is None:
             return
-        result = scan(self.disk.root)
-        self.load(result)
+        self._rescan()
         self.say("Reset to the values in the files on disk.")
 
     def save(self) -> list[Path]:
-        """Write the changed values (atomic, one file per changed value), re-scan, and say what was written."""
+        """Write the changed values (atomic, a file per changed value), re-scan, and say what was written."""
         if self.disk is None:
             return []
         changes = self.changes()
@@ -625,11 +637,7 @@ class BalancePanel(_Panel):
             self.say("Nothing to save: every value equals its file on disk.")
             return []
         root = self.disk.root
-        result = scan(root)
-        if self.data_panel is not None:
-            self.data_panel.result = result
-            self.data_panel.report.value = _scan_html(result)
-        self.load(result)
+        self._rescan()
         lines = []
         for concept, values in changes.items():
             for kind, name in (("multiplier", "multiply.txt"), ("loss_scale", "loss_scale.txt")):
@@ -638,6 +646,14 @@ class BalancePanel(_Panel):
         self.say(f"Saved {len(written)} file(s) in {html.escape(str(root))}: " + "; ".join(lines))
         return written
 
+    def _rescan(self) -> None:
+        """Read the files again; the data panel's table shows the same scan."""
+        result = scan(self.disk.root)
+        if self.data_panel is not None:
+            self.data_panel.result = result
+            self.data_panel.report.value = _scan_html(result)
+        self.load(result)
+
     # ---- display
 
     def say(self, message: str, *, error: bool = False) -> None:
@@ -645,7 +661,7 @@ class BalancePanel(_Panel):
         self.status.value = f"<span style='color:{colour}'>{message}</span>" if message else ""
 
     def request_redraw(self) -> None:
-        """Redraw soon: at most once per debounce_s while events arrive, always reflecting the latest values."""
+        """Redraw soon: at most once per debounce_s while events arrive, always with the latest values."""
         if self.debounce_s <= 0:
             self.flush()
             return
@@ -684,7 +700,10 @@ class BalancePanel(_Panel):
         self.totals.value = f"Total: {_fmt(images)} images/epoch, {steps} steps/epoch"
         n_changes = len(self.changes())
         unsaved = f"; <b>{n_changes} unsaved folder(s)</b> (marked *)" if n_changes else ""
-        self.totals_note.value = f"<small>&nbsp;steps at batch size {self.batch_size}, resolution {self.resolution}{unsaved}</small>"
+        self.totals_note.value = (
+            f"<small>&nbsp;steps at batch size {self.batch_size}, "
+            f"resolution {self.resolution}{unsaved}</small>"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -724,6 +743,8 @@ class _LossFigure:
     def add(self, step: int, losses: Mapping[str, float], smoothing: float = 0.9) -> None:
         with self.lock:
             for concept, loss in losses.items():
+                if not math.isfinite(loss):  # a skipped step: it would poison the moving average
+                    continue
                 steps, values = self.series.setdefault(concept, ([], []))
                 values.append(
                     float(loss) if not values else smoothing * values[-1] + (1 - smoothing) * float(loss)
@@ -732,12 +753,16 @@ class _LossFigure:
 
     def render(self) -> bytes:
         with self.lock:
+            new_lines = False
             for concept, (steps, values) in self.series.items():
                 if concept not in self.lines:
                     (self.lines[concept],) = self.ax.plot([], [], linewidth=1.2, label=_short(concept, 24))
-                    if len(self.series) <= 12:
-                        self.ax.legend(fontsize=7, loc="upper right")
+                    new_lines = True
                 self.lines[concept].set_data(steps, values)
+            if new_lines and len(self.lines) <= 12:
+                self.ax.legend(fontsize=7, loc="upper right")
+            elif new_lines and self.ax.get_legend() is not None:  # too many concepts to tell apart by colour
+                self.ax.get_legend().remove()
             self.ax.relim()
             self.ax.autoscale_view()
             return _png(self.figure)
@@ -757,12 +782,12 @@ _ACTIVE: TrainingPanel | None = None  # one run per kernel: a re-run cell must n
 class TrainingPanel(_Panel):
     """Training settings that fill a TrainConfig, Train / Stop, and live progress, balance, loss and samples.
 
-    Training runs in a background thread so Stop (and the balance panel) stay responsive; `wait()` blocks until
-    it ends and re-raises its error, for notebooks run headless.
+    Training runs in a background thread so Stop (and the balance panel) stay responsive; `wait()` blocks
+    until it ends and re-raises its error, for notebooks run headless.
     """
 
     def __init__(self, balance: BalancePanel, *, smoke: bool | None = None, base_config: Any = None) -> None:
-        """base_config: a TrainConfig or a YAML/JSON file of one, for the settings these widgets do not show."""
+        """base_config: a TrainConfig or a YAML/JSON file of one: the settings these widgets do not show."""
         self.balance = balance
         self.smoke = smoke_mode() if smoke is None else smoke
         if isinstance(base_config, str | os.PathLike):
@@ -917,7 +942,7 @@ class TrainingPanel(_Panel):
         )
 
     def config(self):
-        """The TrainConfig these widgets describe: unsaved balance values go in as multipliers / loss_scales."""
+        """The TrainConfig these widgets describe; unsaved balance values go in as multipliers/loss_scales."""
         from .config import TrainConfig
 
         changes = self.balance.changes()

@@ -229,7 +229,8 @@ def run_notebook_and_balance(page, url: str, data_root: Path, screenshots: bool,
         20,
         "the box to follow the slider",
         lambda: (
-            f"box {box.input_value()!r}, {total.inner_text()!r}, handle {handle.get_attribute('aria-valuenow')}"
+            f"box {box.input_value()!r}, {total.inner_text()!r}, "
+            f"handle {handle.get_attribute('aria-valuenow')}"
         ),
     )
     wait_for(lambda: total.inner_text() != first_total, 20, "the totals label to change")

@@ -1,6 +1,6 @@
 """The notebook: committed without outputs and with short cells, and runs top to bottom headless.
 
-The headless run uses a kernel on this Python (the project's .venv) with EDTOOLS_SMOKE=1: demo data, tiny model.
+The headless run uses a kernel on this Python (the project's .venv), EDTOOLS_SMOKE=1: demo data, tiny model.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ nbformat = pytest.importorskip("nbformat")
 
 
 def install_kernelspec() -> None:
-    """A python3 kernelspec for this interpreter in the sandboxed JUPYTER_DATA_DIR (the venv's own says `python`)."""
+    """A python3 kernelspec for this Python in the sandboxed JUPYTER_DATA_DIR (the venv's runs `python`)."""
     folder = Path(os.environ["JUPYTER_DATA_DIR"]) / "kernels" / "python3"
     folder.mkdir(parents=True, exist_ok=True)
     spec = {

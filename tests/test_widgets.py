@@ -265,7 +265,7 @@ def test_data_panel_shows_every_warning_and_error(tree):
     report = data.report.value
     assert "misnamed multiply.txt" in report and "WARNING" in report
     assert "&#x27;two&#x27; is not a number" in report and "ERROR" in report
-    assert "Fix the errors" in report
+    assert "Fix the errors below" in report
     balance = ew.BalancePanel(data, debounce_s=0)
     assert "training refuses until fixed" in balance.status.value
 
