@@ -156,10 +156,13 @@ def test_balance_panel_in_jupyterlab(tmp_path):
     server, url = start_jupyterlab(root, env, tmp_path / "jupyterlab.log")
     try:
         with sync_playwright() as playwright:
+            # chromium keeps crash-report settings under $XDG_CONFIG_HOME whatever --user-data-dir says
+            browser_env = {**env, "XDG_CONFIG_HOME": str(tmp_path / "xdg-config")}
             browser = playwright.chromium.launch_persistent_context(
                 str(tmp_path / "chromium-profile"),
                 executable_path=str(CHROMIUM),
                 args=CHROMIUM_ARGS,
+                env=browser_env,
                 headless=True,
                 viewport={"width": 1700, "height": 1800} if screenshots else {"width": 1400, "height": 1000},
             )
