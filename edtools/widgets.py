@@ -16,12 +16,16 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .dataset import Dataset, DatasetError, ScanResult, scan, write_concept_values
 from .schedule import build_epoch, expected_images_per_epoch, make_buckets
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .train import TrainResult
 
 try:
     import ipywidgets as widgets
@@ -941,7 +945,7 @@ class TrainingPanel(_Panel):
             batch_size=self.batch_size.value, resolution=self.resolution.value, seed=self.seed.value
         )
 
-    def config(self):
+    def config(self) -> TrainConfig:
         """The TrainConfig these widgets describe; unsaved balance values go in as multipliers/loss_scales."""
         from .config import TrainConfig
 
@@ -1010,7 +1014,7 @@ class TrainingPanel(_Panel):
             self._stop.set()
             self._say("stopping after the current step, then saving a resumable checkpoint…")
 
-    def wait(self, timeout: float | None = None):
+    def wait(self, timeout: float | None = None) -> TrainResult | None:
         """Block until training ends; re-raise its error. Returns the TrainResult."""
         if self._thread is not None:
             self._thread.join(timeout)
