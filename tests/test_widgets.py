@@ -219,14 +219,14 @@ def test_redraws_are_throttled_and_end_on_the_latest_values(demo_like):
     row = panel.rows["people/alice"]
     for exponent in np.linspace(0, 0.9, 12):  # a drag: many events in quick succession
         row.slider.value = 10**exponent
-    deadline = time.monotonic() + 5
-    while panel._timer is not None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.05)
-    assert 1 <= panel.redraws - start < 12
+    final = float(f"{10**0.9:.3g}")
+    assert panel.multipliers["people/alice"] == final
     index = panel.disk.concept_paths.index("people/alice")
-    assert panel.figure.widths()[index] == pytest.approx(8 * panel.multipliers["people/alice"])
-    assert panel.multipliers["people/alice"] == float(f"{10**0.9:.3g}")
+    deadline = time.monotonic() + 20  # generous: a loaded machine renders slowly
+    while panel.figure.widths()[index] != pytest.approx(8 * final) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert panel.figure.widths()[index] == pytest.approx(8 * final)  # the last redraw saw the last value
+    assert 1 <= panel.redraws - start < 12
 
 
 def test_schedule_settings_change_the_steps(demo_like):
