@@ -100,7 +100,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=6, help="runs of each loop, alternating")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # steadier timings on a shared machine
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="edtools-bench-") as tmp:
         tmp = Path(tmp)
@@ -123,7 +128,12 @@ def main() -> None:
             ).n_batches
             for e in range(config.epochs)
         )
-        print(f"tiny model, resolution 64, batch {config.batch_size}, {steps} steps per run, CPU")
+        import torch
+
+        print(
+            f"tiny model, resolution 64, batch {config.batch_size}, {steps} steps per run, CPU, "
+            f"{torch.get_num_threads()} torch thread(s)"
+        )
         bare, ours = [], []
         for round_ in range(args.rounds):
             order = ("bare", "edtools") if round_ % 2 == 0 else ("edtools", "bare")  # no order effect
