@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -429,3 +430,30 @@ def test_out_folder_rules(tree, tiny_model, tmp_path):
     assert again.global_step == 1 and len(find_checkpoints(config.out)) == 1
     with pytest.raises(ConfigError, match="unknown concept"):
         train(dataclasses.replace(config, overwrite=True, multipliers={"nope": 2}))
+
+
+def test_timed_checkpoints(tree, tiny_model, tmp_path):
+    config = make_config(
+        tree({"a": 6}),
+        tiny_model,
+        tmp_path / "out",
+        epochs=1,
+        checkpoint_every_epochs=0,
+        checkpoint_every_minutes=1e-9,
+    )
+    events = []
+    result = train(config, events.append)
+    assert [e.global_step for e in events if e.kind == "checkpoint"] == [1, 2, 3]
+    assert [p.name for p in find_checkpoints(config.out)] == [f"step-{s:08d}" for s in (1, 2, 3)]
+    assert result.checkpoint == str(find_checkpoints(config.out)[-1])
+
+
+def test_missing_bitsandbytes_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
+    config = make_config(tmp_path, tmp_path, tmp_path / "out")
+    with pytest.raises(ImportError, match=r"pip install -U 'bitsandbytes>=0.50'.*optimizer: adamw"):
+        make_optimizer(config, [torch.nn.Parameter(torch.zeros(3))])
+    assert isinstance(
+        make_optimizer(dataclasses.replace(config, optimizer="adamw"), [torch.nn.Parameter(torch.zeros(3))]),
+        torch.optim.AdamW,
+    )
