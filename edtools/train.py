@@ -1,7 +1,6 @@
 """Training: train_step (one batch: latents, noise, UNet, loss_scale-weighted loss, optimizer) and train (the loop).
 
-The loop walks the exact per-epoch schedules; every random draw is a function of (seed, epoch, rank, batch), so a
-run stopped at any step and resumed from its checkpoint ends with the same weights as one never stopped.
+Random draws depend only on (seed, epoch, rank, batch): a run stopped and resumed ends with the same weights.
 """
 
 from __future__ import annotations
