@@ -1,6 +1,6 @@
-"""Training settings: one frozen TrainConfig, validated field by field, filled alike from YAML/JSON, CLI or widgets.
+"""Training settings: one frozen, validated TrainConfig, filled alike from YAML/JSON, the CLI or widgets.
 
-Every field has a type, a default and a help line; the CLI options are generated from them, never listed twice.
+Every field has a type, a default and a help line; the CLI options are generated from them, not listed twice.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
 
 
 class ConfigError(ValueError):
-    """A training setting that is missing, unknown or out of range; the message names it and what is allowed."""
+    """A setting that is missing, unknown or out of range; the message names it and what is allowed."""
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -258,7 +258,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 
 def _coerce_pairs(name: str, value: Any) -> tuple[tuple[str, float], ...]:
-    """{concept: number} (or a list of pairs) as a sorted tuple of (concept, float) pairs: hashable, canonical."""
+    """{concept: number} (or a list of pairs) as a sorted tuple of (concept, float) pairs: hashable."""
     if isinstance(value, Mapping):
         items = list(value.items())
     elif isinstance(value, list | tuple) and all(isinstance(p, list | tuple) and len(p) == 2 for p in value):
@@ -477,6 +477,7 @@ def from_args(
     ]
     if missing:
         raise ConfigError(
-            f"missing required setting(s): {', '.join(_flag(m) for m in missing)} (give them as options or in --config)"
+            f"missing required setting(s): {', '.join(_flag(m) for m in missing)} "
+            "(give them as options or in --config)"
         )
     return TrainConfig.from_dict(values)

@@ -1,4 +1,4 @@
-"""Training: train_step (one batch: latents, noise, UNet, loss_scale-weighted loss, optimizer) and train (the loop).
+"""Training: train_step (latents, noise, UNet, loss_scale-weighted loss, optimizer step) and the train() loop.
 
 Random draws depend only on (seed, epoch, rank, batch): a run stopped and resumed ends with the same weights.
 """
@@ -256,7 +256,7 @@ def _distributed() -> bool:
 
 
 def _any_rank(flag: bool, device: Any) -> bool:
-    """True on every rank when it is True on any (one all-reduce; returns flag unchanged when not distributed)."""
+    """True on every rank when it is True on any (one all-reduce; just `flag` when not distributed)."""
     if not _distributed():
         return flag
     import torch
@@ -499,8 +499,8 @@ def load_checkpoint(
     path: str | os.PathLike, *, optimizer: Any, lr_scheduler: Any, scaler: Any, restore_rng: bool = True
 ) -> tuple[TrainState, dict]:
     """Restore optimizer, LR scheduler, grad scaler (and RNG states) from a checkpoint's resume/ folder.
-    The weights are the checkpoint folder itself (load it with model.load_components). Returns (state, info) where info
-    holds the saved config ("config"), world_size and schedule_fingerprint."""
+    The weights are the checkpoint folder itself (load it with model.load_components). Returns (state, info)
+    where info holds the saved config ("config"), world_size and schedule_fingerprint."""
     torch = _require("torch")
     info = _checkpoint_info(path)
     payload = torch.load(Path(path) / "resume" / "state.pt", map_location="cpu", weights_only=True)
@@ -540,7 +540,8 @@ def _check_resume(info: dict, config: TrainConfig, world_size: int, checkpoint: 
         differ.append(f"processes: checkpoint {info.get('world_size', 1)}, now {world_size}")
     if differ:
         raise ConfigError(
-            f"cannot resume from {checkpoint}: these settings differ from the checkpoint's ({'; '.join(differ)}). "
+            f"cannot resume from {checkpoint}: these settings differ from the checkpoint's "
+            f"({'; '.join(differ)}). "
             f"Use the checkpoint's settings, or start a new run from its weights with model: {checkpoint}"
         )
 
