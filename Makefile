@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO := demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick lint format bench browser-deps clean venv
+.PHONY: demo test test-quick lint format bench browser-deps screenshots clean venv
 
 venv: $(STAMP)
 
@@ -55,6 +55,10 @@ test: $(STAMP) browser-deps lint
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not notebook and not browser" $(PYTEST_ARGS)
+
+# Real screenshots of the notebook panels in chromium, written to docs/.
+screenshots: $(STAMP) browser-deps
+	EDTOOLS_SCREENSHOTS=1 $(BIN)/python -m pytest tests/test_browser.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/schedule.py
