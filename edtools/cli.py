@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
     try:
         train(config)  # it logs its own summary
-    except DatasetError as exc:
+    except (ConfigError, DatasetError) as exc:  # e.g. --resume with no checkpoint, bad data root
         print(str(exc), file=sys.stderr)
         return 2
     return 0

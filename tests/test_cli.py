@@ -67,3 +67,20 @@ def test_python_dash_m_entry_point(tree):
     )
     assert done.returncode == 0, done.stderr
     assert "total" in done.stdout
+
+
+def test_train_refuses_resume_without_checkpoint(tree, tmp_path, capsys):
+    root = tree({"a": 2})
+    args = [
+        "train",
+        "--data-root",
+        str(root),
+        "--model",
+        str(tmp_path / "none"),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    assert main([*args, "--resume"]) == 2
+    assert capsys.readouterr().err.strip()
+    assert main([*args, "--epochs", "0"]) == 2  # a bad value is a message and exit code 2, not a traceback
+    assert "epochs" in capsys.readouterr().err
