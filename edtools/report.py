@@ -111,7 +111,8 @@ def plot_balance(
     """Horizontal bars, largest at the top: expected images per epoch per concept, and beside it the actual
     mean over the given epochs with min-max whiskers. Readable with dozens of concepts. Returns the Figure;
     writes a PNG when `out` is given."""
-    from matplotlib.figure import Figure  # a bare Figure renders without pyplot: the user's backend is untouched
+    # A bare Figure renders without pyplot, so the user's matplotlib backend is left untouched.
+    from matplotlib.figure import Figure
 
     expected = expected_images_per_epoch(dataset)
     order = np.argsort(expected, kind="stable")  # barh draws from the bottom: largest ends on top
