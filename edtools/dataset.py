@@ -329,6 +329,15 @@ def _walk(root: Path) -> Iterable[tuple[Path, list[os.DirEntry]]]:
         stack.extend(reversed(subfolders))
 
 
+def _read_value(folder, root, name, parse, allowed: str, problems: list[Problem]) -> float | None:
+    """The number in folder/name, or None with an error added to problems (file, value, what is allowed)."""
+    try:
+        return parse((folder / name).read_text(encoding="utf-8-sig"))
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        problems.append(Problem("error", _rel(folder / name, root), f"{exc}; {name} must hold {allowed}"))
+        return None
+
+
 def _rel(path: Path, root: Path) -> str:
     rel = path.relative_to(root).as_posix()
     return rel if rel else ROOT_CONCEPT
@@ -384,24 +393,18 @@ def scan(data_root: str | os.PathLike, *, cache: bool = True) -> ScanResult:
                 )
 
         if MULTIPLY_FILE in names:
-            where = _rel(folder / MULTIPLY_FILE, root)
-            try:
-                multiplier = parse_multiplier((folder / MULTIPLY_FILE).read_text(encoding="utf-8-sig"))
-                multiply_file = True
-            except (ValueError, OSError, UnicodeDecodeError) as exc:
-                problems.append(
-                    Problem("error", where, f"{exc}; multiply.txt must hold one number > 0, e.g. 0.5 or 2")
-                )
+            value = _read_value(
+                folder, root, MULTIPLY_FILE, parse_multiplier, "one number > 0, e.g. 0.5 or 2", problems
+            )
+            if value is not None:
+                multiplier, multiply_file = value, True
         if LOSS_SCALE_FILE in names:
             where = _rel(folder / LOSS_SCALE_FILE, root)
-            try:
-                loss_scale = parse_loss_scale((folder / LOSS_SCALE_FILE).read_text(encoding="utf-8-sig"))
-                loss_file = True
-            except (ValueError, OSError, UnicodeDecodeError) as exc:
-                problems.append(
-                    Problem("error", where, f"{exc}; loss_scale.txt must hold one number, e.g. 0.5 or 1.5")
-                )
-            else:
+            value = _read_value(
+                folder, root, LOSS_SCALE_FILE, parse_loss_scale, "one number, e.g. 0.5 or 1.5", problems
+            )
+            if value is not None:
+                loss_scale, loss_file = value, True
                 if loss_scale == 0:
                     problems.append(
                         Problem(
