@@ -5,6 +5,7 @@ The notebook cells only create these panels; the balance maths are plain functio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import io
@@ -375,20 +376,30 @@ class _ConceptRow:
         )
         self.widget.add_class("edtools-row")
 
-    def show(self, multiplier: float, loss_scale: float, changed: bool) -> None:
-        """Put values into the widgets without echoing them back as user edits."""
+    @contextlib.contextmanager
+    def _quiet(self):
+        """Set widget values without the observers taking them for user edits."""
         self._syncing = True
         try:
-            exponent = math.log10(multiplier)
-            self.slider.min = min(self.slider.min, math.floor(exponent))
-            self.slider.max = max(self.slider.max, math.ceil(exponent))
-            self.slider.value = multiplier
+            yield
+        finally:
+            self._syncing = False
+
+    def _put_slider(self, multiplier: float) -> None:
+        """Move the log slider, widening its range for a typed value outside it (never clamp)."""
+        exponent = math.log10(multiplier)
+        self.slider.min = min(self.slider.min, math.floor(exponent))
+        self.slider.max = max(self.slider.max, math.ceil(exponent))
+        self.slider.value = multiplier
+
+    def show(self, multiplier: float, loss_scale: float, changed: bool) -> None:
+        """Put values into the widgets without echoing them back as user edits."""
+        with self._quiet():
+            self._put_slider(multiplier)
             self.box.value = multiplier
             self.loss.min = min(self.loss.min, math.floor(loss_scale))
             self.loss.max = max(self.loss.max, math.ceil(loss_scale))
             self.loss.value = loss_scale
-        finally:
-            self._syncing = False
         self.show_per_epoch(multiplier, changed)
 
     def show_per_epoch(self, multiplier: float, changed: bool) -> None:
@@ -402,11 +413,8 @@ class _ConceptRow:
         if abs(math.log10(change["new"]) - math.log10(current)) <= self.slider.step / 2 + 1e-9:
             return  # the browser snapping a shown value to the slider's step: not a user move
         value = _round_sig(change["new"], 3)  # a drag position, quantised to a readable value
-        self._syncing = True
-        try:
+        with self._quiet():
             self.box.value = value
-        finally:
-            self._syncing = False
         self.panel.set_multiplier(self.path, value, from_row=True)
 
     def _box_typed(self, change) -> None:
@@ -419,20 +427,11 @@ class _ConceptRow:
                 f"kept {_fmt(self.panel.multipliers[self.path])}",
                 error=True,
             )
-            self._syncing = True
-            try:
+            with self._quiet():
                 self.box.value = self.panel.multipliers[self.path]
-            finally:
-                self._syncing = False
             return
-        self._syncing = True
-        try:
-            exponent = math.log10(value)
-            self.slider.min = min(self.slider.min, math.floor(exponent))
-            self.slider.max = max(self.slider.max, math.ceil(exponent))
-            self.slider.value = value
-        finally:
-            self._syncing = False
+        with self._quiet():
+            self._put_slider(value)
         self.panel.set_multiplier(self.path, value, from_row=True)
 
     def _loss_moved(self, change) -> None:
