@@ -20,7 +20,7 @@ from PIL import Image
 from edtools.config import TrainConfig
 from edtools.data import ScheduleBatches, make_loader
 from edtools.dataset import load_dataset
-from edtools.model import load_components, make_tiny_model
+from edtools.models import load_components, make_tiny_model
 from edtools.schedule import build_epoch
 from edtools.train import train
 

@@ -10,6 +10,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .errors import EdtoolsError
+
 __all__ = ["main"]
 
 log = logging.getLogger("edtools")
@@ -83,7 +85,7 @@ def cmd_make_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from .model import make_tiny_model
+    from .models import make_tiny_model
 
     path = make_tiny_model(args.dir, seed=args.seed, prediction_type=args.prediction_type)
     print(f"tiny SD-shaped diffusers model written to {path}")
@@ -92,7 +94,6 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import ConfigError, TrainConfig, read_config_file
-    from .dataset import DatasetError
     from .train import train
 
     try:
@@ -101,11 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    try:
-        train(config)  # it logs its own summary
-    except (ConfigError, DatasetError) as exc:  # e.g. --resume with no checkpoint, bad data root
-        print(str(exc), file=sys.stderr)
-        return 2
+    train(config)  # it logs its own summary; expected failures reach main's error boundary
     return 0
 
 
@@ -156,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("PIL", "matplotlib", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except EdtoolsError as exc:  # bad data, setting, model or path: the message alone, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .errors import EdtoolsError
+
 __all__ = ["ConfigError", "LR_SCHEDULERS", "TrainConfig", "add_arguments", "from_args", "read_config_file"]
 
 # diffusers.optimization schedules that need nothing beyond warmup steps and the total step count.
@@ -24,7 +26,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 _DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
 
 
-class ConfigError(ValueError):
+class ConfigError(EdtoolsError, ValueError):
     """A setting that is missing, unknown or out of range; the message names it and what is allowed."""
 
 

@@ -18,6 +18,8 @@ from typing import Literal
 
 import numpy as np
 
+from .errors import EdtoolsError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MULTIPLY_FILE",
@@ -43,7 +45,7 @@ MANIFEST_NAME = ".edtools_manifest.json"
 ROOT_CONCEPT = "."
 
 
-class DatasetError(ValueError):
+class DatasetError(EdtoolsError, ValueError):
     """A data root with problems that must be fixed before anything trains."""
 
 

@@ -1,7 +1,7 @@
 """Batches from schedules: every image mode decodes right, batches match their buckets and concepts,
 augmentation is reproducible, resumed loaders skip batches, cached latents are encoded once.
 
-Images are written in code; the tokenizer is the tiny CLIP one from edtools.model.
+Images are written in code; the tokenizer is the tiny CLIP one from edtools.models.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ W, H = 32, 16
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from edtools.model import _tiny_tokenizer
+    from edtools.models import tiny_tokenizer
 
-    return _tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")
 def vae():
-    from edtools.model import tiny_components
+    from edtools.models import tiny_components
 
     return tiny_components(seed=0).vae
 

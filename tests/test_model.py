@@ -16,7 +16,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from edtools.model import (  # noqa: E402
+from edtools.errors import ModelError  # noqa: E402
+from edtools.models import (  # noqa: E402
     SDComponents,
     load_components,
     make_pipeline,
@@ -221,7 +222,7 @@ def test_not_a_diffusers_folder_says_what_is_missing(tmp_path, tiny_models):
 
 
 def test_uncached_hub_id_offline_is_an_actionable_error():
-    with pytest.raises(OSError, match="could not load"):
+    with pytest.raises(ModelError, match="could not load"):
         load_components("edtools-tests/no-such-model")
 
 

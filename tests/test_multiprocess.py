@@ -19,7 +19,7 @@ import pytest
 
 from edtools.config import TrainConfig
 from edtools.dataset import load_dataset
-from edtools.model import load_components, make_tiny_model
+from edtools.models import load_components, make_tiny_model
 from edtools.schedule import build_epoch
 
 WORKER = textwrap.dedent(
@@ -27,7 +27,7 @@ WORKER = textwrap.dedent(
     import hashlib, json, sys
     from pathlib import Path
 
-    import edtools.train as train_module
+    import edtools.train.loop as train_module
     from edtools.config import TrainConfig
 
     kept = {}

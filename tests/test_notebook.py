@@ -54,7 +54,7 @@ def test_notebook_is_committed_without_outputs_and_with_short_cells():
 def test_notebook_runs_top_to_bottom_in_smoke_mode(tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    for module in ("edtools.train", "edtools.config", "edtools.model"):
+    for module in ("edtools.train", "edtools.config", "edtools.models"):
         pytest.importorskip(module, reason=f"{module} is needed to train in the notebook")
     install_kernelspec()
     monkeypatch.setenv("EDTOOLS_SMOKE", "1")

@@ -17,7 +17,7 @@ import torch
 from edtools.config import ConfigError, TrainConfig
 from edtools.data import LatentCache, ScheduleBatches
 from edtools.dataset import load_dataset
-from edtools.model import load_components, make_tiny_model
+from edtools.models import load_components, make_tiny_model
 from edtools.schedule import build_epoch
 from edtools.train import (
     TrainState,

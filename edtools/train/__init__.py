@@ -1,0 +1,36 @@
+"""Training: train(config, callback) runs the loop; train_step trains one batch; checkpoints resume exactly.
+
+`step` is one batch, `loop` the epochs, `checkpoint` saving and resuming, `sample` the sample grids,
+`runtime` one or several processes.
+"""
+
+from .checkpoint import TrainState, find_checkpoints, load_checkpoint, save_checkpoint
+from .loop import TrainEvent, TrainResult, train
+from .sample import save_samples
+from .step import (
+    StepResult,
+    make_grad_scaler,
+    make_lr_scheduler,
+    make_optimizer,
+    prepare_modules,
+    step_generator,
+    train_step,
+)
+
+__all__ = [
+    "StepResult",
+    "TrainEvent",
+    "TrainResult",
+    "TrainState",
+    "find_checkpoints",
+    "load_checkpoint",
+    "make_grad_scaler",
+    "make_lr_scheduler",
+    "make_optimizer",
+    "prepare_modules",
+    "save_checkpoint",
+    "save_samples",
+    "step_generator",
+    "train",
+    "train_step",
+]

@@ -1,0 +1,209 @@
+"""Checkpoints: out/checkpoints/step-00000123/ is a diffusers folder (usable as `model`) plus resume/ with the
+optimizer, LR scheduler, grad scaler, RNG states, counters and config; saved atomically, found, restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..config import ConfigError, TrainConfig
+from ..errors import require
+from ..schedule import EpochSchedule
+
+if TYPE_CHECKING:
+    from ..models import SDComponents
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "TrainState",
+    "check_resume",
+    "checkpoint_info",
+    "find_checkpoints",
+    "load_checkpoint",
+    "save_checkpoint",
+    "schedule_fingerprint",
+]
+
+CHECKPOINTS_DIR = "checkpoints"
+_CHECKPOINT_NAME = re.compile(r"^step-(\d{8,})$")
+# Settings a resumed run must share with its checkpoint: they fix the schedule positions, the optimizer
+# state's layout or the learning-rate curve. (epochs may grow: the LR schedule then stretches to the new end.)
+_RESUME_MUST_MATCH = (
+    "seed",
+    "batch_size",
+    "resolution",
+    "grad_accum",
+    "optimizer",
+    "train_text_encoder",
+    "lr",
+    "lr_scheduler",
+    "lr_warmup_steps",
+)
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Where training stands: optimizer steps taken, and the next batch (of this rank's shard) to train."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    skipped_steps: int = 0
+
+
+def find_checkpoints(out: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under out/checkpoints, oldest first. A save in progress or torn (a hidden temp
+    folder) never counts: a checkpoint folder only gets its name once everything in it is written."""
+    folder = Path(out) / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _CHECKPOINT_NAME.match(path.name)
+        if (
+            match
+            and (path / "model_index.json").is_file()
+            and (path / "resume" / "state.json").is_file()
+            and (path / "resume" / "state.pt").is_file()
+        ):
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def _rng_states() -> dict:
+    torch = require("torch")
+    numpy_state = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    torch = require("torch")
+    torch.set_rng_state(states["torch"])
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(
+    folder: str | os.PathLike,
+    components: SDComponents,
+    *,
+    optimizer: Any,
+    lr_scheduler: Any,
+    scaler: Any,
+    state: TrainState,
+    config: TrainConfig,
+    world_size: int = 1,
+    schedule_fingerprint: str | None = None,
+) -> Path:
+    """Write folder/step-<global_step>: a diffusers pipeline folder (safetensors) plus resume/ (optimizer,
+    LR scheduler, grad scaler, RNG states, counters, config). It is written inside a hidden temp folder and
+    renamed at the end, so a crash mid-save leaves nothing that resume would pick up."""
+    torch = require("torch")
+    from ..models import save_components
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{state.global_step:08d}"
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        checkpoint = save_components(components, staging / final.name)
+        resume = checkpoint / "resume"
+        resume.mkdir()
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else {},
+                "rng": _rng_states(),
+            },
+            resume / "state.pt",
+        )
+        (resume / "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
+        info = {
+            **dataclasses.asdict(state),
+            "world_size": world_size,
+            "schedule_fingerprint": schedule_fingerprint,
+            "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        (resume / "state.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+        if final.exists():  # the same step saved again (e.g. by a resumed run): swap the old one out
+            os.replace(final, staging / "replaced")
+        os.replace(checkpoint, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: str | os.PathLike, *, optimizer: Any, lr_scheduler: Any, scaler: Any, restore_rng: bool = True
+) -> tuple[TrainState, dict]:
+    """Restore optimizer, LR scheduler, grad scaler (and RNG states) from a checkpoint's resume/ folder.
+    The weights are the checkpoint folder itself (load it with model.load_components). Returns (state, info)
+    where info holds the saved config ("config"), world_size and schedule_fingerprint."""
+    torch = require("torch")
+    info = checkpoint_info(path)
+    payload = torch.load(Path(path) / "resume" / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(payload["optimizer"])
+    lr_scheduler.load_state_dict(payload["lr_scheduler"])
+    if scaler is not None and payload["scaler"]:
+        scaler.load_state_dict(payload["scaler"])
+    if restore_rng:
+        _set_rng_states(payload["rng"])
+    names = {f.name for f in dataclasses.fields(TrainState)}
+    return TrainState(**{k: v for k, v in info.items() if k in names}), info
+
+
+def checkpoint_info(path: str | os.PathLike) -> dict:
+    """A checkpoint's counters (state.json) with its config under "config"."""
+    resume = Path(path) / "resume"
+    info = json.loads((resume / "state.json").read_text(encoding="utf-8"))
+    info["config"] = json.loads((resume / "config.json").read_text(encoding="utf-8"))
+    return info
+
+
+def schedule_fingerprint(schedule: EpochSchedule) -> str:
+    digest = hashlib.sha256()
+    for array in (schedule.image_index, schedule.batch_offsets, schedule.batch_bucket):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_resume(info: dict, config: TrainConfig, world_size: int, checkpoint: Path) -> None:
+    saved = info["config"]
+    differ = [
+        f"{name}: checkpoint {saved.get(name)!r}, now {getattr(config, name)!r}"
+        for name in _RESUME_MUST_MATCH
+        if saved.get(name) != getattr(config, name)
+    ]
+    if info.get("world_size", 1) != world_size:
+        differ.append(f"processes: checkpoint {info.get('world_size', 1)}, now {world_size}")
+    if differ:
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: these settings differ from the checkpoint's "
+            f"({'; '.join(differ)}). "
+            f"Use the checkpoint's settings, or start a new run from its weights with model: {checkpoint}"
+        )

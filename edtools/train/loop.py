@@ -1,0 +1,545 @@
+"""The training loop: train(config, callback) trains exactly the batches the scheduler produced, epoch by epoch.
+
+train() reads top to bottom; each part (start, one epoch, end of epoch, checkpoint, samples, finish) is a
+function over one _Run that holds the run's state. Random draws depend only on (seed, epoch, rank, batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ..config import ConfigError, TrainConfig
+from ..dataset import Dataset, scan
+from ..errors import require
+from ..schedule import (
+    EpochSchedule,
+    build_epoch,
+    expected_images_per_epoch,
+    make_buckets,
+    shard,
+    write_schedule,
+)
+from .checkpoint import (
+    CHECKPOINTS_DIR,
+    TrainState,
+    check_resume,
+    checkpoint_info,
+    find_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    schedule_fingerprint,
+)
+from .runtime import Runtime, make_runtime
+from .sample import SAMPLES_DIR, save_samples
+from .step import (
+    make_grad_scaler,
+    make_lr_scheduler,
+    make_optimizer,
+    prepare_modules,
+    quiet_bitsandbytes,
+    step_generator,
+    train_step,
+)
+
+__all__ = ["SCHEDULES_DIR", "TrainEvent", "TrainResult", "train"]
+
+log = logging.getLogger("edtools.train")
+
+SCHEDULES_DIR = "schedules"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the loop reports
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """How a train() call ended. stop_reason: finished, max_steps or callback."""
+
+    out: str
+    global_step: int
+    epoch: int  # epochs fully trained
+    batch: int  # batches of the next epoch already trained (on each rank)
+    stop_reason: Literal["finished", "max_steps", "callback"]
+    checkpoint: str | None
+    skipped_steps: int
+    last_loss: float | None
+    seconds: float
+
+    def __str__(self) -> str:
+        where = f"epoch {self.epoch}" + (f" + {self.batch} batches" if self.batch else "")
+        how = {"finished": "finished", "max_steps": "stopped at max_steps", "callback": "stopped on request"}
+        loss = "" if self.last_loss is None else f", last loss {self.last_loss:.4f}"
+        skipped = f", {self.skipped_steps} step(s) skipped (non-finite)" if self.skipped_steps else ""
+        return (
+            f"{how[self.stop_reason]} after {self.global_step} optimizer steps ({where}) in "
+            f"{self.seconds:.1f} s{loss}{skipped}; checkpoint: {self.checkpoint}"
+        )
+
+
+@dataclass(frozen=True)
+class TrainEvent:
+    """What the callback receives. kind decides which fields are set:
+    step: global_step, epoch, batch, loss (mean MSE of the step's images), loss_per_concept, lr, skipped,
+          images (image numbers this rank trained in the step);
+    epoch: epoch, images_per_concept (trained this epoch), expected (n_images x multiplier);
+    sample: global_step, paths (PNG grids); checkpoint: global_step, path; end: result.
+    Under accelerate launch every process calls its callback; sample and checkpoint come from the main one."""
+
+    kind: Literal["step", "epoch", "sample", "checkpoint", "end"]
+    global_step: int
+    epoch: int
+    batch: int | None = None
+    loss: float | None = None
+    loss_per_concept: dict[str, float] = field(default_factory=dict)
+    lr: float | None = None
+    skipped: bool = False
+    images: tuple[int, ...] = ()
+    images_per_concept: dict[str, int] = field(default_factory=dict)
+    expected: dict[str, float] = field(default_factory=dict)
+    paths: tuple[str, ...] = ()
+    path: str | None = None
+    result: TrainResult | None = None
+    rank: int = 0
+    world_size: int = 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | None = None) -> TrainResult:
+    """Train config.model on config.data_root; write checkpoints, samples and schedules under config.out.
+
+    callback gets every TrainEvent; returning True stops cleanly after the current step with a resumable
+    checkpoint. Under `accelerate launch` each process trains its shard of every epoch's batches.
+    """
+    run = _start(config, callback)
+    stop_reason = "max_steps" if _at_max_steps(run) else "finished"
+    while stop_reason == "finished" and run.state.epoch < config.epochs:
+        stop_reason = _train_epoch(run, run.state.epoch)
+        if stop_reason == "finished":
+            stop_reason = _end_epoch(run)
+    return _finish(run, stop_reason)
+
+
+@dataclass
+class _Run:
+    """One train() call: what it was given, what it built, and where it stands."""
+
+    config: TrainConfig
+    callback: Callable[[TrainEvent], bool | None] | None
+    runtime: Runtime
+    out: Path
+    dataset: Dataset
+    buckets: Any
+    components: Any  # SDComponents: the modules checkpoints and samples use
+    step_components: Any  # the same, with DDP-wrapped trainable modules under several processes
+    optimizer: Any
+    lr_scheduler: Any
+    scaler: Any
+    latent_cache: Any
+    progress: Any
+    state: TrainState
+    resume_from: Path | None
+    resume_fingerprint: str | None
+    started: float
+    start_step: int
+    stop_requested: bool = False
+    last_loss: float | None = None
+    last_checkpoint: Path | None = None
+    last_checkpoint_step: int = -1
+    last_checkpoint_time: float = field(default_factory=time.monotonic)
+    last_sample_step: int = -1
+
+    def schedule(self, epoch: int) -> EpochSchedule:
+        c = self.config
+        return build_epoch(
+            self.dataset, epoch=epoch, seed=c.seed, batch_size=c.batch_size, buckets=self.buckets
+        )
+
+    def say(self, message: str, *args: Any) -> None:
+        """Log on the main process only: one process tells the story."""
+        log.log(logging.INFO if self.runtime.main else logging.DEBUG, message, *args)
+
+
+def _steps_in_epoch(n_batches: int, world_size: int, grad_accum: int) -> int:
+    per_rank = -(-n_batches // world_size)
+    return -(-per_rank // grad_accum)
+
+
+def _start(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | None) -> _Run:
+    """Check the out folder and resume settings, scan the data, load the model, build the optimizer and the
+    LR / fp16 loss-scale schedules, and restore a checkpoint's state when resuming."""
+    from tqdm.auto import tqdm
+
+    from ..data import LatentCache
+    from ..models import load_components
+
+    started = time.monotonic()
+    quiet_bitsandbytes()
+    runtime = make_runtime(config)
+    out = Path(config.out).expanduser()
+    resume_from = _prepare_out(config, out, runtime)
+    if resume_from is not None:
+        check_resume(checkpoint_info(resume_from), config, runtime.world_size, resume_from)
+    dataset = _load_data(config, runtime.main)
+    buckets = make_buckets(config.resolution)
+    schedules = [
+        build_epoch(dataset, epoch=e, seed=config.seed, batch_size=config.batch_size, buckets=buckets)
+        for e in range(config.epochs)
+    ]
+    total_steps = sum(_steps_in_epoch(s.n_batches, runtime.world_size, config.grad_accum) for s in schedules)
+
+    components = load_components(str(resume_from) if resume_from else config.model)
+    params = prepare_modules(components, config, runtime.device)
+    optimizer = make_optimizer(config, params)
+    lr_scheduler = make_lr_scheduler(config, optimizer, total_steps)
+    scaler = make_grad_scaler(config, runtime.device)
+    state, resume_fingerprint = TrainState(), None
+    if resume_from is not None:
+        state, info = load_checkpoint(
+            resume_from, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler
+        )
+        resume_fingerprint = info.get("schedule_fingerprint")
+    step_components = dataclasses.replace(
+        components,
+        unet=runtime.wrap(components.unet),
+        text_encoder=runtime.wrap(components.text_encoder)
+        if config.train_text_encoder
+        else components.text_encoder,
+    )
+    progress = tqdm(
+        total=total_steps,
+        initial=state.global_step,
+        unit="step",
+        disable=not (config.progress_bar and runtime.main),
+        dynamic_ncols=True,
+    )
+    run = _Run(
+        config=config,
+        callback=callback,
+        runtime=runtime,
+        out=out,
+        dataset=dataset,
+        buckets=buckets,
+        components=components,
+        step_components=step_components,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        scaler=scaler,
+        latent_cache=LatentCache(config.cache_latents),
+        progress=progress,
+        state=state,
+        resume_from=resume_from,
+        resume_fingerprint=resume_fingerprint,
+        started=started,
+        start_step=state.global_step,
+        last_checkpoint=resume_from,
+        last_checkpoint_step=state.global_step if resume_from is not None else -1,
+    )
+    if resume_from is not None:
+        run.say("resuming from %s: step %d, epoch %d, batch %d", resume_from, *dataclasses.astuple(state)[:3])
+    run.say(
+        "training %d images in %d concepts: %d optimizer steps over %d epochs on %s (%s, %s, %d process%s)",
+        len(dataset),
+        len(dataset.concepts),
+        total_steps,
+        config.epochs,
+        runtime.device,
+        config.optimizer,
+        "fp32" if config.mixed_precision == "no" else config.mixed_precision,
+        runtime.world_size,
+        "es" if runtime.world_size > 1 else "",
+    )
+    return run
+
+
+def _train_epoch(run: _Run, epoch: int) -> str:
+    """Train this rank's batches of one epoch from where the state stands. Returns "finished" at the
+    epoch's end, else why it stopped early (callback or max_steps; a checkpoint is then saved)."""
+    torch = require("torch")
+    from ..data import ScheduleBatches, make_loader
+
+    config, runtime, concepts = run.config, run.runtime, run.dataset.concept_paths
+    full = run.schedule(epoch)
+    fingerprint = schedule_fingerprint(full)
+    if config.write_schedule and runtime.main:
+        write_schedule(full, run.dataset, run.out / SCHEDULES_DIR)
+    local = shard(full, runtime.rank, runtime.world_size) if runtime.world_size > 1 else full
+    start = run.state.batch
+    if start and run.resume_fingerprint not in (None, fingerprint):
+        raise ConfigError(
+            f"cannot resume mid-epoch from {run.resume_from}: epoch {epoch}'s schedule differs from the one "
+            "trained (the data root, multipliers or loss_scales changed). Restore them, or resume from a "
+            "checkpoint saved at an epoch's end"
+        )
+    batches = ScheduleBatches(
+        run.dataset,
+        local,
+        run.components.tokenizer,
+        center_crop=config.center_crop,
+        flip_p=config.flip_p,
+        seed=config.seed,
+    )
+    loader = make_loader(
+        batches,
+        num_workers=config.num_workers,
+        start_batch=start,
+        pin_memory=torch.device(runtime.device).type == "cuda",
+    )
+    # Per accumulation group: MSE sums and image counts per concept, the images, a non-finite flag.
+    sums, counts, images, nonfinite = np.zeros(len(concepts)), np.zeros(len(concepts)), [], False
+    for batch in loader:
+        b = int(batch["batch"])
+        sync = (b + 1) % config.grad_accum == 0 or b + 1 == local.n_batches
+        result = train_step(
+            run.step_components,
+            run.optimizer,
+            batch,
+            config=config,
+            lr_scheduler=run.lr_scheduler,
+            scaler=run.scaler,
+            latent_cache=run.latent_cache,
+            generator=step_generator(config.seed, epoch, runtime.rank, b),
+            sync=sync,
+            nonfinite_before=nonfinite,
+        )
+        nonfinite = nonfinite or result.nonfinite
+        if batch["batch_weight"] > 0:  # a filler batch (shard padding) trains nothing: not counted
+            concept = batch["concept"].numpy()
+            np.add.at(sums, concept, result.per_sample.numpy().astype(np.float64))
+            np.add.at(counts, concept, 1)
+            images += batch["image_index"].tolist()
+        if not sync:
+            continue
+        state = run.state
+        run.state = TrainState(state.global_step + 1, epoch, b + 1, state.skipped_steps + int(result.skipped))
+        totals = runtime.sum([*sums, *counts])
+        sums_all, counts_all = np.array(totals[: len(concepts)]), np.array(totals[len(concepts) :])
+        loss = float(sums_all.sum() / counts_all.sum()) if counts_all.sum() else float("nan")
+        run.last_loss = loss
+        run.progress.update(1)
+        run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{result.lr:.2e}", refresh=False)
+        _emit(
+            run,
+            TrainEvent(
+                "step",
+                run.state.global_step,
+                epoch,
+                batch=b,
+                loss=loss,
+                loss_per_concept={
+                    concepts[i]: float(sums_all[i] / counts_all[i]) for i in np.flatnonzero(counts_all)
+                },
+                lr=result.lr,
+                skipped=result.skipped,
+                images=tuple(images),
+            ),
+        )
+        sums, counts, images, nonfinite = np.zeros(len(concepts)), np.zeros(len(concepts)), [], False
+        if b + 1 < local.n_batches:  # after an epoch's last step, _end_epoch decides
+            stop_reason = _after_step(run, fingerprint)
+            if stop_reason is not None:
+                return stop_reason
+    return "finished"
+
+
+def _end_epoch(run: _Run) -> str:
+    """Count the epoch as done, report its images per concept, save the epoch's checkpoint when due."""
+    epoch = run.state.epoch
+    run.state = TrainState(run.state.global_step, epoch + 1, 0, run.state.skipped_steps)
+    concepts = run.dataset.concept_paths
+    trained = run.schedule(epoch).images_per_concept(run.dataset)
+    expected = expected_images_per_epoch(run.dataset)
+    _emit(
+        run,
+        TrainEvent(
+            "epoch",
+            run.state.global_step,
+            epoch,
+            images_per_concept={c: int(n) for c, n in zip(concepts, trained, strict=True)},
+            expected={c: float(e) for c, e in zip(concepts, expected, strict=True)},
+        ),
+    )
+    every = run.config.checkpoint_every_epochs
+    if every and run.state.epoch % every == 0:
+        _checkpoint(run, None)
+    return _after_step(run, None) or "finished"
+
+
+def _after_step(run: _Run, fingerprint: str | None) -> str | None:
+    """After an optimizer step (or an epoch): samples and timed checkpoints when due. Returns why to stop
+    (callback or max_steps; then a checkpoint is saved), else None. All ranks decide alike."""
+    config, state = run.config, run.state
+    every = config.sample_every_steps
+    if every and state.global_step % every == 0 and state.global_step != run.start_step:
+        _sample(run)
+    minutes = config.checkpoint_every_minutes
+    timed = bool(minutes) and run.runtime.main and time.monotonic() - run.last_checkpoint_time >= minutes * 60
+    timed, requested, at_max = (
+        v > 0 for v in run.runtime.sum([timed, run.stop_requested, _at_max_steps(run)])
+    )
+    if timed or requested or at_max:
+        _checkpoint(run, fingerprint)
+    return "callback" if requested else "max_steps" if at_max else None
+
+
+def _at_max_steps(run: _Run) -> bool:
+    return run.config.max_steps is not None and run.state.global_step >= run.config.max_steps
+
+
+def _finish(run: _Run, stop_reason: str) -> TrainResult:
+    """The final checkpoint and samples, the trained balance plot, the result (also sent as an end event)."""
+    run.progress.close()
+    state = run.state
+    mid_epoch = None if state.batch == 0 else schedule_fingerprint(run.schedule(state.epoch))
+    _checkpoint(run, mid_epoch)
+    if stop_reason != "callback" and state.global_step > run.start_step:
+        _sample(run)
+    if run.runtime.main and state.epoch > 0:
+        _plot_actual_balance(run.dataset, [run.schedule(e) for e in range(state.epoch)], run.out)
+    result = TrainResult(
+        out=str(run.out),
+        global_step=state.global_step,
+        epoch=state.epoch,
+        batch=state.batch,
+        stop_reason=stop_reason,
+        checkpoint=str(run.last_checkpoint) if run.last_checkpoint is not None else None,
+        skipped_steps=state.skipped_steps,
+        last_loss=run.last_loss,
+        seconds=time.monotonic() - run.started,
+    )
+    run.say("%s", result)
+    _emit(run, TrainEvent("end", state.global_step, state.epoch, result=result))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Events, checkpoints and samples during the run
+
+
+def _emit(run: _Run, event: TrainEvent) -> None:
+    """Send an event to the callback; a True answer asks the run to stop after the current step."""
+    if run.callback is not None and run.callback(
+        dataclasses.replace(event, rank=run.runtime.rank, world_size=run.runtime.world_size)
+    ):
+        run.stop_requested = True
+
+
+def _checkpoint(run: _Run, fingerprint: str | None) -> None:
+    """Save a checkpoint of the current step (once per step), prune old ones, announce it."""
+    state, runtime = run.state, run.runtime
+    if state.global_step == run.last_checkpoint_step:
+        return
+    runtime.barrier()
+    folder = run.out / CHECKPOINTS_DIR
+    path = folder / f"step-{state.global_step:08d}"
+    if runtime.main:
+        path = save_checkpoint(
+            folder,
+            run.components,
+            optimizer=run.optimizer,
+            lr_scheduler=run.lr_scheduler,
+            scaler=run.scaler,
+            state=state,
+            config=run.config,
+            world_size=runtime.world_size,
+            schedule_fingerprint=fingerprint,
+        )
+        log.info("checkpoint saved: %s", path)
+        if run.config.keep_checkpoints:
+            for old in find_checkpoints(run.out)[: -run.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+    runtime.barrier()
+    run.last_checkpoint, run.last_checkpoint_step, run.last_checkpoint_time = (
+        path,
+        state.global_step,
+        time.monotonic(),
+    )
+    if runtime.main:
+        _emit(run, TrainEvent("checkpoint", state.global_step, state.epoch, path=str(path)))
+
+
+def _sample(run: _Run) -> None:
+    """Save a sample grid of the current step (once per step) on the main process."""
+    state, runtime = run.state, run.runtime
+    if not run.config.sample_prompts or state.global_step == run.last_sample_step:
+        return
+    runtime.barrier()
+    if runtime.main:
+        paths = save_samples(
+            run.components, run.config, run.out / SAMPLES_DIR, state.global_step, runtime.device
+        )
+        log.info("samples saved: %s", ", ".join(map(str, paths)))
+        _emit(run, TrainEvent("sample", state.global_step, state.epoch, paths=tuple(map(str, paths))))
+    runtime.barrier()
+    run.last_sample_step = state.global_step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data and output folder
+
+
+def _load_data(config: TrainConfig, main: bool) -> Dataset:
+    """Scan the data root (logging each applied multiply.txt / loss_scale.txt and each warning on the main
+    process), refuse errors, apply the config's overrides."""
+    from ..dataset import DatasetError
+
+    result = scan(config.data_root)
+    for line in result.log:
+        log.log(logging.INFO if main else logging.DEBUG, line)
+    for problem in result.warnings:
+        log.log(logging.WARNING if main else logging.DEBUG, "%s", problem)
+    dataset = result.raise_for_errors()
+    try:
+        return dataset.with_values(config.multiplier_overrides, config.loss_scale_overrides)
+    except DatasetError as exc:
+        raise ConfigError(f"multipliers / loss_scales: {exc}") from None
+
+
+def _prepare_out(config: TrainConfig, out: Path, runtime: Runtime) -> Path | None:
+    """The checkpoint to resume from (resume), else a fresh out folder; never mixes two runs' checkpoints."""
+    checkpoints = find_checkpoints(out)
+    if config.resume:
+        if not checkpoints:
+            raise ConfigError(
+                f"resume is set but {out / CHECKPOINTS_DIR} holds no complete checkpoint; "
+                "start without resume (or point out at the earlier run's folder)"
+            )
+        return checkpoints[-1]
+    if checkpoints:
+        if not config.overwrite:
+            raise ConfigError(
+                f"{out / CHECKPOINTS_DIR} already holds checkpoints of an earlier run (newest "
+                f"{checkpoints[-1].name}); set resume to continue it, overwrite to delete them and start "
+                "afresh, or choose another out folder"
+            )
+        runtime.barrier()
+        if runtime.main:
+            shutil.rmtree(out / CHECKPOINTS_DIR)
+            shutil.rmtree(out / SAMPLES_DIR, ignore_errors=True)
+        runtime.barrier()
+    return None
+
+
+def _plot_actual_balance(dataset: Dataset, schedules: list[EpochSchedule], out: Path) -> None:
+    """out/balance_actual.png: expected images per concept beside those each trained epoch really held."""
+    from ..report import plot_balance
+
+    actual = np.stack([s.images_per_concept(dataset) for s in schedules])
+    plot_balance(
+        dataset,
+        actual,
+        out=out / "balance_actual.png",
+        title=f"Images per concept: expected vs trained, {len(schedules)} epoch(s)",
+    )

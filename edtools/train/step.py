@@ -1,0 +1,294 @@
+"""One training step: train_step (latents, noise, text encoder, UNet, loss_scale-weighted loss, optimizer step)
+and what it needs: the optimizer, the LR and fp16 loss-scale schedules, autocast, the step's generator.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..config import TrainConfig
+from ..errors import MissingDependency, require
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..models import SDComponents
+
+__all__ = [
+    "StepResult",
+    "make_grad_scaler",
+    "make_lr_scheduler",
+    "make_optimizer",
+    "prepare_modules",
+    "step_generator",
+    "train_step",
+]
+
+log = logging.getLogger("edtools.train")
+
+_TAG_STEP = 0xB0  # keeps the noise/timestep streams apart from the schedule's and the augmentations'
+
+
+@dataclass
+class StepResult:
+    """One batch's outcome. loss is the batch's objective (loss_scale, batch weight and Min-SNR applied);
+    per_sample is each image's plain MSE. stepped: this batch closed an accumulation group and the optimizer
+    stepped; skipped: it closed one and the step was skipped (non-finite loss or gradient)."""
+
+    loss: float
+    per_sample: Any  # torch.Tensor float32 [n] on the CPU
+    nonfinite: bool
+    stepped: bool = False
+    skipped: bool = False
+    grad_norm: float | None = None
+    lr: float | None = None
+
+
+def step_generator(seed: int, epoch: int, rank: int, batch: int) -> torch.Generator:
+    """The CPU generator of one batch's noise, timesteps and VAE sample: a pure function of its arguments."""
+    torch = require("torch")
+    words = np.random.SeedSequence([seed, _TAG_STEP, epoch, rank, batch]).generate_state(2, dtype=np.uint32)
+    generator = torch.Generator("cpu")
+    generator.manual_seed(((int(words[0]) << 32) | int(words[1])) & (2**63 - 1))
+    return generator
+
+
+def quiet_bitsandbytes() -> None:
+    """bitsandbytes' import (ours, or diffusers' while loading a model) warns about a 4-bit CPU kernel that
+    8-bit AdamW never uses; that one logger is silenced below errors."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def _import_bitsandbytes() -> Any:
+    """bitsandbytes >= 0.50 (its 8-bit AdamW runs on CPU and GPU), or an error that says what to do."""
+    quiet_bitsandbytes()
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise MissingDependency(
+            "optimizer adamw8bit needs bitsandbytes >= 0.50: pip install -U 'bitsandbytes>=0.50' "
+            "(or set optimizer: adamw, which takes 4x the optimizer memory)"
+        ) from exc
+    version = tuple(int(p) for p in re.findall(r"\d+", bitsandbytes.__version__)[:2])
+    if version < (0, 50):
+        raise MissingDependency(
+            f"optimizer adamw8bit needs bitsandbytes >= 0.50 (found {bitsandbytes.__version__}): "
+            "pip install -U 'bitsandbytes>=0.50' (or set optimizer: adamw)"
+        )
+    return bitsandbytes
+
+
+def make_optimizer(config: TrainConfig, params: Sequence[Any]) -> Any:
+    """AdamW8bit (bitsandbytes; 8-bit moments for tensors of 4096+ values) or torch AdamW."""
+    params = list(params)
+    if config.optimizer == "adamw8bit":
+        bnb = _import_bitsandbytes()
+        return bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+    torch = require("torch")
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_lr_scheduler(config: TrainConfig, optimizer: Any, total_steps: int) -> Any:
+    """diffusers' schedule by name, with warmup, over the run's total optimizer steps."""
+    optimization = require("diffusers.optimization")
+    return optimization.get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=max(int(total_steps), 1),
+    )
+
+
+def make_grad_scaler(config: TrainConfig, device: Any) -> Any:
+    """A GradScaler, enabled only for fp16 (bf16 and fp32 need no loss scaling)."""
+    torch = require("torch")
+    device_type = torch.device(device).type
+    enabled = config.mixed_precision == "fp16"
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device_type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled and device_type == "cuda")  # torch < 2.3
+
+
+def autocast(config: TrainConfig, device: Any):
+    torch = require("torch")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _any_rank(flag: bool, device: Any) -> bool:
+    """True on every rank when it is True on any (one all-reduce; just `flag` when not distributed)."""
+    if not _distributed():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def _grad_norm(params: list, max_norm: float | None) -> float:
+    """Total gradient norm before clipping; clips to max_norm when given."""
+    torch = require("torch")
+    if max_norm is not None:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [p.grad for p in params]
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return float(torch.nn.utils.get_total_norm(grads))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+def prepare_modules(components: SDComponents, config: TrainConfig, device: Any) -> list:
+    """Move to the device, set train/eval modes, freeze the VAE (and the text encoder unless trained), turn on
+    gradient checkpointing if asked. Attention stays on diffusers' default processor, which runs torch's
+    scaled_dot_product_attention (flash / memory-efficient kernels on GPUs). Returns the trainable parameters
+    (UNet first, then text encoder)."""
+    components.vae.requires_grad_(False).eval().to(device)
+    components.unet.requires_grad_(True).train().to(device)
+    if config.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+    params = list(components.unet.parameters())
+    if config.train_text_encoder:
+        components.text_encoder.requires_grad_(True).train().to(device)
+        if config.gradient_checkpointing:
+            text_encoder = components.text_encoder
+            if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5
+                text_encoder.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                text_encoder.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
+        params += list(components.text_encoder.parameters())
+    else:
+        components.text_encoder.requires_grad_(False).eval().to(device)
+    return params
+
+
+def train_step(
+    components: SDComponents,
+    optimizer: Any,
+    batch: dict,
+    *,
+    config: TrainConfig,
+    lr_scheduler: Any,
+    scaler: Any,
+    latent_cache: Any,
+    generator: torch.Generator,
+    sync: bool = True,
+    nonfinite_before: bool = False,
+) -> StepResult:
+    """Train one batch: VAE latents (no grad) -> noise and timesteps from `generator` -> add_noise -> text
+    encoder -> UNet -> target by prediction type -> per-image MSE -> optional Min-SNR weights -> loss with
+    loss_scale, batch weight and the nominal batch size -> backward of loss / grad_accum.
+
+    sync: this batch closes an accumulation group (always when grad_accum is 1); then gradients are unscaled
+    (fp16), checked, clipped, and the optimizer and LR scheduler step. A non-finite loss in the group (this
+    batch, or an earlier one: nonfinite_before) or a non-finite gradient skips the optimizer step: weights and
+    optimizer state stay untouched and the gradients are dropped. components.unet / text_encoder may be
+    DistributedDataParallel wrappers: gradients then sync on the closing batch only.
+    """
+    torch = require("torch")
+    from ..loss import batch_loss, compute_snr, min_snr_weights, per_sample_mse, prediction_target
+
+    unet, text_encoder, vae, noise_scheduler = (
+        components.unet,
+        components.text_encoder,
+        components.vae,
+        components.noise_scheduler,
+    )
+    fp16 = scaler is not None and scaler.is_enabled()
+    device = vae.device
+    distributed = _distributed()
+    with ExitStack() as stack:
+        if not sync:  # no gradient all-reduce until the group's last batch
+            for module in (unet, text_encoder):
+                if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+                    stack.enter_context(module.no_sync())
+        latents = latent_cache.latents(batch, vae, vae.config.scaling_factor, generator=generator).float()
+        n = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator, dtype=torch.int64
+        ).to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = prediction_target(noise_scheduler, latents, noise, timesteps)
+        input_ids = batch["input_ids"].to(device)
+        with autocast(config, device):
+            with torch.set_grad_enabled(config.train_text_encoder):
+                hidden = text_encoder(input_ids)[0]
+            model_pred = unet(noisy, timesteps, hidden).sample
+        per_sample = per_sample_mse(model_pred, target)
+        snr_weights = None
+        if config.min_snr_gamma is not None:
+            snr_weights = min_snr_weights(
+                compute_snr(noise_scheduler, timesteps),
+                config.min_snr_gamma,
+                noise_scheduler.config.prediction_type,
+            )
+        loss = batch_loss(
+            per_sample,
+            batch["loss_scale"],
+            nominal_batch_size=config.batch_size,
+            batch_weight=float(batch["batch_weight"]),
+            snr_weights=snr_weights,
+        )
+        loss_value = float(loss.detach())
+        nonfinite = not math.isfinite(loss_value)
+        if nonfinite:
+            log.warning(
+                "loss is %s at epoch %s batch %s: this optimizer step is skipped (weights and optimizer "
+                "state unchanged)",
+                loss_value,
+                batch.get("epoch"),
+                batch.get("batch"),
+            )
+        # Under DDP the closing batch's backward all-reduces gradients, so every rank must run it; the
+        # non-finite gradients it then holds are dropped below on all ranks alike.
+        if not nonfinite or (distributed and sync):
+            scaled = loss / config.grad_accum
+            (scaler.scale(scaled) if fp16 else scaled).backward()
+    result = StepResult(loss=loss_value, per_sample=per_sample.detach().float().cpu(), nonfinite=nonfinite)
+    if not sync:
+        return result
+
+    result.lr = float(lr_scheduler.get_last_lr()[0])
+    skip = _any_rank(nonfinite_before or nonfinite, device)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if fp16:
+        scaler.unscale_(optimizer)
+    if not skip and params:
+        result.grad_norm = _grad_norm(params, config.max_grad_norm)
+        if not math.isfinite(result.grad_norm):
+            skip = True
+            level = logging.INFO if fp16 else logging.WARNING  # fp16 overflow is routine: the scale backs off
+            log.log(level, "gradient norm is %s: this optimizer step is skipped", result.grad_norm)
+    if skip:
+        optimizer.zero_grad(set_to_none=True)
+        if fp16:
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+    else:
+        if fp16:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    lr_scheduler.step()  # also on a skipped step: the LR curve follows the schedule's steps
+    result.stepped, result.skipped = not skip, skip
+    return result

@@ -1,0 +1,450 @@
+"""The training panel: settings that fill a TrainConfig, Train and Stop, live progress, balance, losses, samples.
+
+Training runs in a background thread so Stop and the balance panel stay responsive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import io
+import logging
+import math
+import os
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..dataset import Dataset
+from ..schedule import build_epoch, make_buckets
+from .balance import BalancePanel
+from .common import DEMO_DIR, RESOLUTIONS, _Panel, _png, _short, smoke_mode, widgets
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+    from ..train import TrainResult
+
+__all__ = ["TrainingPanel"]
+
+_log = logging.getLogger("edtools")
+
+
+class _WidgetLogHandler(logging.Handler):
+    """Keeps the last log lines of a training run in an HTML widget."""
+
+    def __init__(self, target: widgets.HTML, keep: int = 200) -> None:
+        super().__init__(logging.INFO)
+        self.target, self.keep, self.lines = target, keep, []
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines = (self.lines + [html.escape(self.format(record))])[-self.keep :]
+        self.target.value = "<pre style='font-size:80%;margin:0'>" + "\n".join(self.lines) + "</pre>"
+
+
+class _LossFigure:
+    """Per-concept loss curves (exponential moving average), updated in place."""
+
+    def __init__(self) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(6.4, 3.2), layout="constrained")
+        FigureCanvasAgg(self.figure)
+        self.ax = self.figure.add_subplot()
+        self.ax.set_xlabel("step")
+        self.ax.set_ylabel("loss (moving average)")
+        self.ax.set_title("Loss per concept", fontsize=10)
+        self.series: dict[str, tuple[list[int], list[float]]] = {}
+        self.lines: dict[str, Any] = {}
+        self.lock = threading.Lock()
+
+    def add(self, step: int, losses: Mapping[str, float], smoothing: float = 0.9) -> None:
+        with self.lock:
+            for concept, loss in losses.items():
+                if not math.isfinite(loss):  # a skipped step: it would poison the moving average
+                    continue
+                steps, values = self.series.setdefault(concept, ([], []))
+                values.append(
+                    float(loss) if not values else smoothing * values[-1] + (1 - smoothing) * float(loss)
+                )
+                steps.append(step)
+
+    def render(self) -> bytes:
+        with self.lock:
+            new_lines = False
+            for concept, (steps, values) in self.series.items():
+                if concept not in self.lines:
+                    (self.lines[concept],) = self.ax.plot([], [], linewidth=1.2, label=_short(concept, 24))
+                    new_lines = True
+                self.lines[concept].set_data(steps, values)
+            if new_lines and len(self.lines) <= 12:
+                self.ax.legend(fontsize=7, loc="upper right")
+            elif new_lines and self.ax.get_legend() is not None:  # too many concepts to tell apart by colour
+                self.ax.get_legend().remove()
+            self.ax.relim()
+            self.ax.autoscale_view()
+            return _png(self.figure)
+
+
+def _config_field_defaults() -> dict[str, Any]:
+    from ..config import TrainConfig
+
+    return {
+        f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING
+    }
+
+
+_ACTIVE: TrainingPanel | None = None  # one run per kernel: a re-run cell must not start a second one
+
+
+class TrainingPanel(_Panel):
+    """Training settings that fill a TrainConfig, Train / Stop, and live progress, balance, loss and samples.
+
+    Training runs in a background thread so Stop (and the balance panel) stay responsive; `wait()` blocks
+    until it ends and re-raises its error, for notebooks run headless.
+    """
+
+    def __init__(self, balance: BalancePanel, *, smoke: bool | None = None, base_config: Any = None) -> None:
+        """base_config: a TrainConfig or a YAML/JSON file of one: the settings these widgets do not show."""
+        self.balance = balance
+        self.smoke = smoke_mode() if smoke is None else smoke
+        if isinstance(base_config, str | os.PathLike):
+            from ..config import TrainConfig
+
+            base_config = TrainConfig.from_file(base_config)
+        self.base_config = base_config
+        self.events: list[Any] = []
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._actual: list[np.ndarray] = []
+        self._last_loss_draw = 0.0
+        self._trained_dataset: Dataset | None = None
+        self._loss_figure: _LossFigure | None = None
+
+        defaults = _config_field_defaults() if base_config is None else base_config.to_dict()
+        if self.smoke:
+            defaults = {
+                **defaults,
+                "model": str(DEMO_DIR / "tiny-model"),
+                "out": str(DEMO_DIR / "run"),
+                "resolution": 64,
+                "epochs": 2,
+                "batch_size": 4,
+                "lr": 1e-4,
+                "sample_prompts": ("a photo of alice", "an ink drawing"),
+                "sample_every_steps": 20,
+                "overwrite": True,  # the demo run is scratch: running the notebook again starts afresh
+            }
+        full = widgets.Layout(width="95%")
+        text = dict(style={"description_width": "130px"})
+        self.model = widgets.Text(
+            value=str(defaults.get("model") or "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+            description="model",
+            placeholder="diffusers folder or Hugging Face hub id",
+            layout=full,
+            **text,
+        )
+        self.out = widgets.Text(
+            value=str(defaults.get("out") or "edtools_output"),
+            description="output folder",
+            layout=full,
+            **text,
+        )
+        resolution = int(defaults.get("resolution", 512))
+        self.resolution = widgets.Dropdown(
+            options=sorted(set(RESOLUTIONS) | {resolution}),
+            value=resolution,
+            description="resolution",
+            **text,
+        )
+        self.batch_size = widgets.IntText(
+            value=int(defaults.get("batch_size", 4)), description="batch size", **text
+        )
+        self.epochs = widgets.IntText(value=int(defaults.get("epochs", 10)), description="epochs", **text)
+        self.lr = widgets.FloatText(
+            value=float(defaults.get("lr", 1e-6)), description="learning rate", **text
+        )
+        self.optimizer = widgets.Dropdown(
+            options=["adamw8bit", "adamw"],
+            value=defaults.get("optimizer", "adamw8bit"),
+            description="optimizer",
+            **text,
+        )
+        self.mixed_precision = widgets.Dropdown(
+            options=["no", "fp16", "bf16"],
+            value=defaults.get("mixed_precision", "no"),
+            description="mixed precision",
+            **text,
+        )
+        self.seed = widgets.IntText(value=int(defaults.get("seed", 555)), description="seed", **text)
+        self.sample_prompts = widgets.Textarea(
+            value="\n".join(defaults.get("sample_prompts") or ()),
+            description="sample prompts",
+            placeholder="one prompt per line",
+            layout=full,
+            **text,
+        )
+        self.sample_every = widgets.IntText(
+            value=int(defaults.get("sample_every_steps", 0)), description="sample every", **text
+        )
+        self.earlier_run = widgets.Dropdown(
+            options=[
+                ("refuse to start", "refuse"),
+                ("resume it", "resume"),
+                ("delete it, start afresh", "overwrite"),
+            ],
+            value="resume"
+            if defaults.get("resume")
+            else "overwrite"
+            if defaults.get("overwrite")
+            else "refuse",
+            description="earlier run in output folder",
+            style={"description_width": "190px"},
+            layout=widgets.Layout(width="420px"),
+        )
+        self.train_button = widgets.Button(description="Train", icon="play", button_style="primary")
+        self.stop_button = widgets.Button(
+            description="Stop",
+            icon="stop",
+            button_style="danger",
+            disabled=True,
+            tooltip="stop after the current step and save a resumable checkpoint",
+        )
+        self.train_button.on_click(lambda _: self._start_from_button())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="60%"))
+        self.progress_text = widgets.Label()
+        self.progress_text.add_class("edtools-progress")
+        self.status = widgets.HTML()
+        self.status.add_class("edtools-train-status")
+        self.balance_image = widgets.Image(format="png", layout=widgets.Layout(width="48%"))
+        self.loss_image = widgets.Image(format="png", layout=widgets.Layout(width="48%"))
+        self.samples = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
+        self.keep_samples = 3
+        self.log = widgets.HTML(layout=widgets.Layout(max_height="160px", overflow="auto"))
+        for widget in (self.batch_size, self.resolution, self.seed):
+            widget.observe(lambda _: self._schedule_changed(), "value")
+        self._schedule_changed()
+
+        form = widgets.VBox(
+            [
+                self.model,
+                self.out,
+                widgets.HBox([self.resolution, self.batch_size, self.epochs]),
+                widgets.HBox([self.lr, self.optimizer, self.mixed_precision]),
+                widgets.HBox([self.seed, self.sample_every]),
+                self.sample_prompts,
+                self.earlier_run,
+            ]
+        )
+        self.widget = widgets.VBox(
+            [
+                form,
+                widgets.HBox([self.train_button, self.stop_button]),
+                widgets.HBox([self.progress, self.progress_text]),
+                self.status,
+                widgets.HBox(
+                    [self.balance_image, self.loss_image], layout=widgets.Layout(flex_flow="row wrap")
+                ),
+                self.samples,
+                self.log,
+            ]
+        )
+        self.widget.add_class("edtools-training")
+
+    def _schedule_changed(self) -> None:
+        self.balance.set_schedule(
+            batch_size=self.batch_size.value, resolution=self.resolution.value, seed=self.seed.value
+        )
+
+    def config(self) -> TrainConfig:
+        """The TrainConfig these widgets describe; unsaved balance values go in as multipliers/loss_scales."""
+        from ..config import TrainConfig
+
+        changes = self.balance.changes()
+        values = {
+            "data_root": str(self.balance.disk.root if self.balance.disk else ""),
+            "model": self.model.value.strip(),
+            "out": self.out.value.strip(),
+            "resolution": int(self.resolution.value),
+            "batch_size": int(self.batch_size.value),
+            "epochs": int(self.epochs.value),
+            "lr": float(self.lr.value),
+            "optimizer": self.optimizer.value,
+            "mixed_precision": self.mixed_precision.value,
+            "seed": int(self.seed.value),
+            "sample_prompts": tuple(p.strip() for p in self.sample_prompts.value.splitlines() if p.strip()),
+            "sample_every_steps": int(self.sample_every.value),
+            "resume": self.earlier_run.value == "resume",
+            "overwrite": self.earlier_run.value == "overwrite",
+            "progress_bar": False,  # the panel has its own
+            "multipliers": {c: v["multiplier"] for c, v in changes.items() if "multiplier" in v},
+            "loss_scales": {c: v["loss_scale"] for c, v in changes.items() if "loss_scale" in v},
+        }
+        if self.smoke:
+            values.update(sample_steps=2)  # the tiny model's samples are noise anyway: keep them quick
+        if self.base_config is not None:
+            return TrainConfig.from_dict({**self.base_config.to_dict(), **values})
+        return TrainConfig.from_dict(values)
+
+    # ---- run control
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _start_from_button(self) -> None:
+        try:
+            self.start()
+        except Exception as exc:  # a click has no cell to raise into: say it in the panel
+            self._say(f"not started: {exc}", error=True)
+
+    def start(self) -> None:
+        """Check the settings and start training in a background thread (returns at once)."""
+        global _ACTIVE
+        if _ACTIVE is not None and _ACTIVE.running:
+            raise RuntimeError(
+                "a training run is still going (maybe from an earlier cell): press its Stop first"
+            )
+        config = self.config()  # a bad value stops here with the field's name in the message
+        self._trained_dataset = self.balance.dataset()
+        self.events, self.result, self.error = [], None, None
+        self._actual = []
+        self._loss_figure = _LossFigure()
+        self._last_loss_draw = 0.0
+        self._stop.clear()
+        self.samples.children = []
+        self.train_button.disabled, self.stop_button.disabled = True, False
+        self._say("starting…")
+        self._thread = threading.Thread(target=self._run, args=(config,), name="edtools-train", daemon=True)
+        _ACTIVE = self
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask training to stop after the current step; it saves a resumable checkpoint."""
+        if self.running:
+            self._stop.set()
+            self._say("stopping after the current step, then saving a resumable checkpoint…")
+
+    def wait(self, timeout: float | None = None) -> TrainResult | None:
+        """Block until training ends; re-raise its error. Returns the TrainResult."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"training still running after {timeout} s")
+        if self.error is not None:
+            raise RuntimeError(f"training failed: {self.error}") from self.error
+        return self.result
+
+    def _run(self, config) -> None:
+        handler = _WidgetLogHandler(self.log)
+        level = _log.level
+        _log.addHandler(handler)
+        if level == logging.NOTSET or level > logging.INFO:
+            _log.setLevel(logging.INFO)
+        try:
+            if self.smoke and not Path(config.model).exists():
+                from ..models import make_tiny_model
+
+                self._say(f"making the tiny smoke-test model in {config.model}…")
+                make_tiny_model(config.model)
+            self._set_progress_total(config)
+            from ..train import train
+
+            self._say("training…")
+            self.result = train(config, self._on_event)
+            if self.result.stop_reason == "callback":
+                self.earlier_run.value = "resume"
+                self._say(f"Stopped cleanly: {html.escape(str(self.result))}. Press Train to resume.")
+            else:
+                self._say(f"Done: {html.escape(str(self.result))}")
+        except BaseException as exc:  # shown in the panel; wait() re-raises it
+            self.error = exc
+            self._say(
+                f"training failed: {html.escape(str(exc))}<details><summary>traceback</summary><pre>"
+                f"{html.escape(traceback.format_exc())}</pre></details>",
+                error=True,
+            )
+        finally:
+            _log.removeHandler(handler)
+            _log.setLevel(level)
+            self.train_button.disabled, self.stop_button.disabled = False, True
+
+    def _set_progress_total(self, config) -> None:
+        dataset = self._trained_dataset
+        buckets = make_buckets(config.resolution)
+        batches = [
+            build_epoch(
+                dataset, epoch=e, seed=config.seed, batch_size=config.batch_size, buckets=buckets
+            ).n_batches
+            for e in range(config.epochs)
+        ]
+        total = sum(-(-n // config.grad_accum) for n in batches)  # optimizer steps, as train() counts them
+        if config.max_steps is not None:
+            total = min(total, config.max_steps)
+        self.progress.max, self.progress.value = max(total, 1), 0
+
+    # ---- events from the training thread
+
+    def _on_event(self, event) -> bool:
+        self.events.append(event)
+        handler = getattr(self, f"_on_{event.kind}", None)
+        if handler is not None:
+            handler(event)
+        return self._stop.is_set()
+
+    def _on_step(self, event) -> None:
+        self.progress.value = min(int(event.global_step), self.progress.max)
+        self.progress_text.value = (
+            f"step {event.global_step}/{self.progress.max}, epoch {event.epoch + 1}, loss {event.loss:.4f}"
+        )
+        self._loss_figure.add(int(event.global_step), event.loss_per_concept)
+        now = time.monotonic()
+        if now - self._last_loss_draw > 1.0:  # rendering competes with training for the CPU
+            self._last_loss_draw = now
+            self.loss_image.value = self._loss_figure.render()
+
+    def _on_epoch(self, event) -> None:
+        from ..report import plot_balance
+
+        dataset = self._trained_dataset
+        self._actual.append(np.array([event.images_per_concept.get(c, 0) for c in dataset.concept_paths]))
+        figure = plot_balance(
+            dataset,
+            np.stack(self._actual),
+            title=f"Images per concept: expected vs actual, {len(self._actual)} epoch(s)",
+        )
+        self.balance_image.value = _png(figure)
+        if self._loss_figure is not None:
+            self.loss_image.value = self._loss_figure.render()
+
+    def _on_sample(self, event) -> None:
+        from PIL import Image
+
+        images = []
+        for path in event.paths:
+            data = Path(path).read_bytes()
+            with Image.open(io.BytesIO(data)) as grid:
+                width = grid.width
+            shown = min(max(width, 256), 640)  # small grids (tiny models) enlarged, big ones shrunk
+            images.append(widgets.Image(value=data, format="png", layout=widgets.Layout(width=f"{shown}px")))
+        label = widgets.HTML(f"<b>samples at step {event.global_step}</b>")
+        newest = widgets.VBox([label, *images], layout=widgets.Layout(margin="0 12px 8px 0"))
+        self.samples.children = ([newest] + list(self.samples.children))[: self.keep_samples]
+
+    def _on_end(self, event) -> None:
+        self.progress.value = self.progress.max if not self._stop.is_set() else self.progress.value
+        if self._loss_figure is not None:
+            self.loss_image.value = self._loss_figure.render()
+
+    def _say(self, message: str, *, error: bool = False) -> None:
+        colour = "#b00020" if error else "#205020"
+        self.status.value = f"<span style='color:{colour}'>{message}</span>"
