@@ -87,8 +87,15 @@ def cmd_make_demo(args: argparse.Namespace) -> int:
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from .models import make_tiny_model
 
-    path = make_tiny_model(args.dir, seed=args.seed, prediction_type=args.prediction_type)
-    print(f"tiny SD-shaped diffusers model written to {path}")
+    architecture = "sdxl" if args.sdxl else args.architecture
+    path = make_tiny_model(
+        args.dir,
+        architecture,
+        seed=args.seed,
+        prediction_type=args.prediction_type,
+        real_blocks=args.real_blocks,
+    )
+    print(f"tiny {architecture.upper()}-shaped diffusers model written to {path}")
     return 0
 
 
@@ -134,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
+    p.add_argument("--architecture", choices=("sd1", "sd2", "sdxl"), default="sd1")
+    p.add_argument("--sdxl", action="store_true", help="same as --architecture sdxl")
+    p.add_argument("--real-blocks", action="store_true", help="the real models' block structure (slower)")
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("train", help="train a Stable Diffusion model on a data root")

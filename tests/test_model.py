@@ -38,7 +38,8 @@ def state(module) -> dict[str, torch.Tensor]:
 
 
 def assert_same_weights(a: SDComponents, b: SDComponents) -> None:
-    for name in ("unet", "vae", "text_encoder"):
+    assert a.architecture == b.architecture
+    for name in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if a.architecture == "sdxl" else ()):
         sa, sb = state(getattr(a, name)), state(getattr(b, name))
         assert sa.keys() == sb.keys(), name
         for key in sa:
@@ -206,18 +207,33 @@ def test_not_a_diffusers_folder_says_what_is_missing(tmp_path, tiny_models):
     shutil.rmtree(broken / "vae")
     with pytest.raises(ValueError, match="lacks vae/"):
         load_components(str(broken))
-    sdxl = tmp_path / "sdxl"
-    sdxl.mkdir()
-    (sdxl / "model_index.json").write_text(
-        json.dumps({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "x"]})
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(
+        json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]})
     )
-    with pytest.raises(ValueError, match="StableDiffusionXLPipeline"):
-        load_components(str(sdxl))
-    single = tmp_path / "model.safetensors"
-    single.write_bytes(b"")
-    with pytest.raises(ValueError, match="single file"):
-        load_components(str(single))
-    with pytest.raises(ValueError, match="neither an existing folder nor a hub id"):
+    with pytest.raises(
+        ModelError, match="FluxPipeline model; edtools trains Stable Diffusion 1.x/2.x and SDXL"
+    ):
+        load_components(str(flux))
+    refiner = tmp_path / "refiner"
+    refiner.mkdir()
+    (refiner / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionXLImg2ImgPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "text_encoder": [None, None],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            }
+        )
+    )
+    with pytest.raises(ModelError, match="SDXL refiner"):
+        load_components(str(refiner))
+    (broken / "model_index.json").write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        load_components(str(broken))
+    with pytest.raises(ModelError, match="neither an existing folder or file nor a hub id"):
         load_components(str(tmp_path / "no" / "such" / "model"))
 
 
@@ -232,3 +248,30 @@ def test_make_tiny_model_rejects_bad_values(tmp_path):
     with pytest.raises(ValueError, match="sample_size"):
         make_tiny_model(tmp_path / "m", sample_size=0)
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("architecture", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("real_blocks", [False, True])
+def test_tiny_architectures_save_load_and_generate(tmp_path, architecture, real_blocks):
+    folder = make_tiny_model(tmp_path / "m", architecture, real_blocks=real_blocks)
+    index = json.loads((folder / "model_index.json").read_text())
+    sdxl = architecture == "sdxl"
+    assert index["_class_name"] == ("StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline")
+    components = load_components(str(folder))
+    assert components.architecture == ("sdxl" if sdxl else "sd")
+    assert len(components.text_encoders) == len(components.tokenizers) == (2 if sdxl else 1)
+    if sdxl:
+        assert type(components.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+        assert components.tokenizer_2.pad_token == "!" and components.tokenizer.pad_token == "<|endoftext|>"
+        assert components.unet.config.addition_embed_type == "text_time"
+        assert components.vae.config.force_upcast and components.vae.config.scaling_factor == 0.13025
+    levels = len(components.unet.config.block_out_channels)
+    assert levels == {("sd1", True): 4, ("sd2", True): 4, ("sdxl", True): 3}.get(
+        (architecture, real_blocks), 2
+    )
+    assert components.unet.config.use_linear_projection == (architecture != "sd1")
+    assert components.text_encoder.config.hidden_act == ("gelu" if architecture == "sd2" else "quick_gelu")
+    assert_same_weights(components, tiny_components(architecture, real_blocks=real_blocks))
+    pipeline = make_pipeline(components)
+    image = pipeline("a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and image.std() > 0

@@ -18,65 +18,119 @@ from ..errors import ModelError, require
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PREDICTION_TYPES", "SDComponents", "load_components", "make_pipeline", "save_components"]
+__all__ = [
+    "PREDICTION_TYPES",
+    "SINGLE_FILE_SUFFIXES",
+    "SDComponents",
+    "load_components",
+    "make_pipeline",
+    "save_components",
+]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 _SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Single-file checkpoints (A1111 / ComfyUI); .ckpt/.pt/.bin are read only as plain tensors, never unpickled code.
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclass
 class SDComponents:
-    """The five parts training touches. noise_scheduler is a DDPMScheduler built from the model's own
-    scheduler config, so betas and prediction_type ("epsilon" / "v_prediction") are the model's."""
+    """The parts training touches. noise_scheduler is a DDPMScheduler built from the model's own scheduler
+    config, so betas and prediction_type ("epsilon" / "v_prediction") are the model's. SDXL models have a
+    second text encoder (CLIPTextModelWithProjection, whose pooled output conditions the UNet) and tokenizer."""
 
     unet: Any  # diffusers UNet2DConditionModel
     text_encoder: Any  # transformers CLIPTextModel
     tokenizer: Any  # transformers CLIPTokenizer
     vae: Any  # diffusers AutoencoderKL
     noise_scheduler: Any  # diffusers DDPMScheduler
+    text_encoder_2: Any = None  # SDXL only: transformers CLIPTextModelWithProjection
+    tokenizer_2: Any = None  # SDXL only
+
+    @property
+    def architecture(self) -> str:
+        """ "sdxl" (two text encoders, size and crop conditioning) or "sd" (SD 1.x / 2.x)."""
+        return "sdxl" if self.text_encoder_2 is not None else "sd"
 
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
+
+    @property
+    def text_encoders(self) -> tuple[Any, ...]:
+        return (
+            (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
+        )
+
+    @property
+    def tokenizers(self) -> tuple[Any, ...]:
+        return (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer, self.tokenizer_2)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Loading
 
 
-def _check_model_folder(folder: Path) -> None:
-    """Raise with what is missing and what to do when a folder is not a diffusers SD model."""
-    index_file = folder / "model_index.json"
-    if not index_file.is_file():
-        raise ModelError(
-            f"model folder {folder} has no model_index.json, so it is not a diffusers model folder. "
-            "Point `model` at a diffusers Stable Diffusion folder (with unet/, vae/, text_encoder/, tokenizer/, "
-            "scheduler/) or a Hugging Face hub id; convert a single .ckpt/.safetensors file first with "
-            "diffusers' scripts/convert_original_stable_diffusion_to_diffusers.py"
-        )
+def _model_index(source: str, *, local: bool, hub: dict) -> dict:
+    """model_index.json of a diffusers folder or hub id, with a message for each way it can be wrong."""
+    diffusers = require("diffusers")
+    if local:
+        index_file = Path(source) / "model_index.json"
+        if not index_file.is_file():
+            raise ModelError(
+                f"model folder {source} has no model_index.json, so it is not a diffusers model folder. "
+                "Point `model` at a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, "
+                "scheduler/), a single .safetensors/.ckpt file, or a Hugging Face hub id"
+            )
+        try:
+            return json.loads(index_file.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ModelError(
+                f"{index_file} is not valid JSON ({exc}); re-download or re-save the model"
+            ) from exc
     try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ModelError(f"{index_file} is not valid JSON ({exc}); re-download or re-save the model") from exc
-    if "text_encoder_2" in index or "transformer" in index:
-        kind = index.get("_class_name", "this pipeline")
+        return dict(diffusers.DiffusionPipeline.load_config(source, **hub))
+    except (OSError, ValueError) as exc:
         raise ModelError(
-            f"{folder} is a {kind} model; edtools trains Stable Diffusion 1.x/2.x "
-            "(one CLIP text encoder and a UNet2DConditionModel)"
-        )
-    missing = [name for name in _SUBFOLDERS if not (folder / name).is_dir()]
-    if missing:
+            f"could not load Stable Diffusion model '{source}': {str(exc).rstrip('.')}. There is no folder "
+            f"'{source}' here, so it was read as a hub id: check the name, your network and the Hugging Face "
+            "cache (with HF_HUB_OFFLINE=1 only the cache is read)"
+        ) from exc
+
+
+def _architecture_of(index: dict, model: str) -> str:
+    """ "sd" or "sdxl" from a model_index.json; every other pipeline is refused with what it is."""
+    kind = index.get("_class_name", "this pipeline")
+    unet = index.get("unet") or [None, None]
+    text_encoder = index.get("text_encoder") or [None, None]
+    if unet[1] != "UNet2DConditionModel" or "transformer" in index:
         raise ModelError(
-            f"model folder {folder} lacks {', '.join(s + '/' for s in missing)}; a Stable Diffusion diffusers "
-            f"folder needs all of {', '.join(s + '/' for s in _SUBFOLDERS)}"
+            f"'{model}' is a {kind} model; edtools trains Stable Diffusion 1.x/2.x and SDXL "
+            "(a UNet2DConditionModel with CLIP text encoders)"
         )
+    if "text_encoder_2" in index:
+        if text_encoder[0] is None:
+            raise ModelError(
+                f"'{model}' is an SDXL refiner ({kind}: no first text encoder); edtools trains SDXL base models"
+            )
+        return "sdxl"
+    return "sd"
+
+
+def _subfolders(architecture: str) -> tuple[str, ...]:
+    return _SUBFOLDERS + (("text_encoder_2", "tokenizer_2") if architecture == "sdxl" else ())
 
 
 def load_components(
-    model: str, *, dtype: torch.dtype | None = None, local_files_only: bool | None = None
+    model: str,
+    *,
+    model_config: str | None = None,
+    dtype: torch.dtype | None = None,
+    local_files_only: bool | None = None,
 ) -> SDComponents:
-    """Load unet, vae, text encoder, tokenizer and a DDPM noise scheduler from a diffusers folder (always
-    offline) or a Hugging Face hub id (local_files_only=None leaves the HF_HUB_OFFLINE setting in charge).
+    """Load a Stable Diffusion 1.x/2.x or SDXL model: a diffusers folder (always offline), a single
+    .safetensors/.ckpt file (see models.single_file; model_config gives its component configs), or a
+    Hugging Face hub id (local_files_only=None leaves the HF_HUB_OFFLINE setting in charge).
 
     dtype: torch dtype for the weights (None = float32).
     """
@@ -85,23 +139,32 @@ def load_components(
     transformers = require("transformers")
 
     path = Path(model).expanduser()
-    if path.is_dir():
-        _check_model_folder(path)
-        source, local_files_only = str(path), True
-    elif path.suffix.lower() in (".ckpt", ".safetensors", ".pt", ".bin") or path.exists():
-        raise ModelError(
-            f"model '{model}' is a single file; edtools loads diffusers folders. Convert it with diffusers' "
-            "scripts/convert_original_stable_diffusion_to_diffusers.py and point `model` at the output folder"
+    if path.is_file() or (not path.is_dir() and path.suffix.lower() in SINGLE_FILE_SUFFIXES):
+        from .single_file import load_single_file
+
+        return load_single_file(
+            path, model_config=model_config, dtype=dtype, local_files_only=local_files_only
         )
+    if path.is_dir():
+        source, local_files_only = str(path), True
     elif model.count("/") != 1 or model.startswith(("/", ".", "~")):
         raise ModelError(
-            f"model '{model}' is neither an existing folder nor a hub id like 'owner/name'; "
-            "check the path (it must be a diffusers Stable Diffusion folder)"
+            f"model '{model}' is neither an existing folder or file nor a hub id like 'owner/name'; "
+            "check the path (a diffusers folder, or a single .safetensors/.ckpt file)"
         )
     else:
         source = model
-    dtype = torch.float32 if dtype is None else dtype
     hub = {} if local_files_only is None else {"local_files_only": bool(local_files_only)}
+    architecture = _architecture_of(_model_index(source, local=path.is_dir(), hub=hub), model)
+    if path.is_dir():
+        missing = [name for name in _subfolders(architecture) if not (path / name).is_dir()]
+        if missing:
+            raise ModelError(
+                f"model folder {path} lacks {', '.join(s + '/' for s in missing)}; a diffusers "
+                f"{'SDXL' if architecture == 'sdxl' else 'Stable Diffusion'} folder needs all of "
+                f"{', '.join(s + '/' for s in _subfolders(architecture))}"
+            )
+    dtype = torch.float32 if dtype is None else dtype
     try:
         unet = diffusers.UNet2DConditionModel.from_pretrained(
             source, subfolder="unet", torch_dtype=dtype, **hub
@@ -112,24 +175,36 @@ def load_components(
         )
         tokenizer = transformers.CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub)
         noise_scheduler = diffusers.DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub)
-    except OSError as exc:
+        second = {}
+        if architecture == "sdxl":
+            second["text_encoder_2"] = transformers.CLIPTextModelWithProjection.from_pretrained(
+                source, subfolder="text_encoder_2", dtype=dtype, **hub
+            )
+            second["tokenizer_2"] = transformers.CLIPTokenizer.from_pretrained(
+                source, subfolder="tokenizer_2", **hub
+            )
+    except (OSError, ValueError) as exc:
         if path.is_dir():
             hint = "the folder is incomplete or damaged; re-save or re-download it"
         else:
             hint = (
-                f"there is no folder '{model}' here, so it was read as a hub id: check the name, your network "
-                "and the Hugging Face cache (with HF_HUB_OFFLINE=1 only the cache is read)"
+                "check your network and the Hugging Face cache (with HF_HUB_OFFLINE=1 only the cache is read)"
             )
         raise ModelError(
             f"could not load Stable Diffusion model '{model}': {str(exc).rstrip('.')}. {hint}"
         ) from exc
-    prediction_type = noise_scheduler.config.prediction_type
+    components = SDComponents(unet, text_encoder, tokenizer, vae, noise_scheduler, **second)
+    check_prediction_type(components, model)
+    return components
+
+
+def check_prediction_type(components: SDComponents, model: str) -> None:
+    prediction_type = components.prediction_type
     if prediction_type not in PREDICTION_TYPES:
         raise ModelError(
             f"model '{model}' has scheduler prediction_type '{prediction_type}'; "
             f"edtools trains {' or '.join(PREDICTION_TYPES)}"
         )
-    return SDComponents(unet, text_encoder, tokenizer, vae, noise_scheduler)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -137,22 +212,32 @@ def load_components(
 
 
 def make_pipeline(components: SDComponents, *, device: str | torch.device | None = None) -> Any:
-    """A StableDiffusionPipeline sharing the training modules (no copies), with a DDIM sampler built from
-    the noise scheduler's config (same betas and prediction type; good images in few steps)."""
+    """A StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) sharing the training modules (no copies),
+    with a DDIM sampler built from the noise scheduler's config (same betas and prediction type)."""
     diffusers = require("diffusers")
-    pipeline = diffusers.StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        # set_alpha_to_one=False is SD's own sampler setting; a value in the config wins.
-        scheduler=diffusers.DDIMScheduler.from_config(
-            {"set_alpha_to_one": False, **components.noise_scheduler.config}
-        ),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    # set_alpha_to_one=False is SD's own sampler setting; a value in the config wins.
+    scheduler = diffusers.DDIMScheduler.from_config(
+        {"set_alpha_to_one": False, **components.noise_scheduler.config}
     )
+    common = dict(vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer)
+    if components.architecture == "sdxl":
+        pipeline = diffusers.StableDiffusionXLPipeline(
+            **common,
+            text_encoder_2=components.text_encoder_2,
+            tokenizer_2=components.tokenizer_2,
+            unet=components.unet,
+            scheduler=scheduler,
+            add_watermarker=False,
+        )
+    else:
+        pipeline = diffusers.StableDiffusionPipeline(
+            **common,
+            unet=components.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipeline.set_progress_bar_config(disable=True)
     if device is not None:
         pipeline.to(device)
