@@ -18,8 +18,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import EdtoolsError
+from .presets import PRESET_NAMES, PRESETS
 
-__all__ = ["ConfigError", "LR_SCHEDULERS", "TrainConfig", "add_arguments", "from_args", "read_config_file"]
+__all__ = [
+    "ConfigError",
+    "LR_SCHEDULERS",
+    "TrainConfig",
+    "add_arguments",
+    "from_args",
+    "read_config_file",
+    "with_preset",
+]
 
 # diffusers.optimization schedules that need nothing beyond warmup steps and the total step count.
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -44,26 +53,55 @@ class TrainConfig:
     """Everything one training run needs. Frozen and hashable; `dataclasses.replace` makes variants."""
 
     data_root: str = _required("folder of image folders (with multiply.txt / loss_scale.txt)")
-    model: str = _required("diffusers Stable Diffusion 1.x/2.x folder or Hugging Face hub id")
+    model: str = _required(
+        "SD 1.x/2.x or SDXL: a diffusers folder, a single .safetensors/.ckpt file, or a Hugging Face hub id"
+    )
     out: str = _required("output folder: checkpoints/, samples/, schedules/")
+    model_config: str | None = _opt(
+        None,
+        "for a single-file model: a diffusers folder or hub id with its component configs (none = infer)",
+    )
+    preset: str | None = _opt(
+        None, f"settings sized for a GPU, for those not given: {', '.join(PRESET_NAMES)} ('none' = no preset)"
+    )
     epochs: int = _opt(10, "passes over the data root's schedule")
     batch_size: int = _opt(4, "images per batch (per process under accelerate launch)")
-    resolution: int = _opt(
-        512, "training side length in pixels; a multiple of 64 (aspect buckets keep the area)"
+    resolution: int | None = _opt(
+        None,
+        "training side length in pixels, a multiple of 64 (aspect buckets keep the area); "
+        "none = the model's own (512 SD 1.x, 768 SD 2.x-v, 1024 SDXL)",
     )
-    lr: float = _opt(1e-6, "peak learning rate")
+    lr: float = _opt(1e-6, "peak learning rate of a full fine-tune")
     optimizer: Literal["adamw8bit", "adamw"] = _opt("adamw8bit", "adamw8bit (bitsandbytes) or adamw (torch)")
     weight_decay: float = _opt(0.01, "AdamW weight decay")
-    mixed_precision: Literal["no", "fp16", "bf16"] = _opt("no", "no, fp16 (with a gradient scaler) or bf16")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _opt(
+        "auto",
+        "auto (bf16 where the GPU has it, else fp16; fp32 on the CPU), no, fp16 (gradient scaler) or bf16",
+    )
     seed: int = _opt(555, "seed of the schedule, noise, timesteps, crops and samples")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, slower")
+    gradient_checkpointing: bool | None = _opt(
+        None, "recompute activations in backward: less memory, slower (none = on for SDXL and GPUs <= 16 GB)"
+    )
     grad_accum: int = _opt(1, "batches per optimizer step (gradient accumulation)")
     max_grad_norm: float | None = _opt(1.0, "clip the gradient norm to this ('none' = no clipping)")
     lr_scheduler: Literal[LR_SCHEDULERS] = _opt("constant", f"one of {', '.join(LR_SCHEDULERS)}")
     lr_warmup_steps: int = _opt(
         0, "optimizer steps of linear warmup (needs a *_with_warmup or decaying schedule)"
     )
-    train_text_encoder: bool = _opt(True, "train the CLIP text encoder too (else it is frozen)")
+    train_text_encoder: bool = _opt(True, "train the (first) text encoder too (else it is frozen)")
+    train_text_encoder_2: bool | None = _opt(
+        None, "SDXL: train the second text encoder ('none' = as train_text_encoder)"
+    )
+    cache_text_embeddings: bool = _opt(
+        False, "frozen text encoders: encode each caption once and keep it, so the encoders leave the GPU"
+    )
+    lora_rank: int = _opt(
+        0, "train LoRA adapters of this rank instead of the whole model (0 = full fine-tune)"
+    )
+    lora_alpha: float | None = _opt(None, "LoRA alpha: the adapters' scale is alpha / rank ('none' = rank)")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA adapters' input, 0 to < 1")
+    lora_text_encoder: bool = _opt(False, "LoRA: adapters on the text encoder(s) too")
+    lora_lr: float = _opt(1e-4, "peak learning rate of LoRA adapters")
     min_snr_gamma: float | None = _opt(None, "Min-SNR-gamma loss weighting, e.g. 5 ('none' = off)")
     sample_prompts: tuple[str, ...] = _opt((), "prompts for sample images (a PNG grid per sampling)")
     sample_every_steps: int = _opt(0, "sample every N optimizer steps (0 = only at the end)")
@@ -72,6 +110,9 @@ class TrainConfig:
     checkpoint_every_epochs: int = _opt(1, "save a checkpoint every N epochs (0 = only at the end)")
     checkpoint_every_minutes: float = _opt(0.0, "also save every N minutes of training (0 = off)")
     keep_checkpoints: int = _opt(0, "keep only the newest N checkpoints (0 = keep all)")
+    save_single_file: bool = _opt(
+        False, "also write checkpoints/step-N.safetensors (fp16) that AUTOMATIC1111 and ComfyUI load"
+    )
     max_steps: int | None = _opt(None, "stop after this many optimizer steps, resumable ('none' = no limit)")
     resume: bool = _opt(False, "continue from the newest complete checkpoint in out")
     overwrite: bool = _opt(False, "start afresh in an out folder that holds checkpoints (deletes them)")
@@ -105,6 +146,7 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown setting(s) {', '.join(map(repr, unknown))}; known settings: {', '.join(known)}"
             )
+        values = with_preset(values)
         missing = [
             f.name
             for f in dataclasses.fields(cls)
@@ -158,6 +200,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, bool):
                 args.append(flag if value else "--no-" + flag[2:])
+            elif value is None and _is_optional(_hints()[f.name])[1] is bool:
+                continue  # none is an optional switch's default: leaving the flag out gives it
             elif value is None:
                 args += [flag, "none"]
             elif f.name in _PAIR_FIELDS:
@@ -294,8 +338,31 @@ def _check_ranges(c: TrainConfig) -> None:
         need(bool(getattr(c, name).strip()), name, "it must name a folder (or for model a hub id)")
     need(c.epochs >= 1, "epochs", "it must be >= 1")
     need(c.batch_size >= 1, "batch_size", "it must be >= 1")
-    need(c.resolution >= 64 and c.resolution % 64 == 0, "resolution", "it must be a multiple of 64, e.g. 512")
+    need(
+        c.resolution is None or (c.resolution >= 64 and c.resolution % 64 == 0),
+        "resolution",
+        "it must be a multiple of 64, e.g. 512, or none for the model's own",
+    )
     need(c.lr > 0, "lr", "the learning rate must be > 0, e.g. 1e-6")
+    need(c.preset is None or c.preset in PRESETS, "preset", f"known presets: {', '.join(PRESET_NAMES)}")
+    need(c.lora_rank >= 0, "lora_rank", "it must be >= 0 (0 = full fine-tune; 4 to 128 is usual for LoRA)")
+    need(c.lora_alpha is None or c.lora_alpha > 0, "lora_alpha", "it must be > 0, or none for alpha = rank")
+    need(0.0 <= c.lora_dropout < 1.0, "lora_dropout", "it must be from 0 to below 1")
+    need(c.lora_lr > 0, "lora_lr", "the learning rate must be > 0, e.g. 1e-4")
+    need(
+        not c.lora_text_encoder or c.lora_rank > 0,
+        "lora_text_encoder",
+        "it adds LoRA adapters to the text encoders: set lora_rank > 0 too",
+    )
+    need(
+        not (
+            c.cache_text_embeddings
+            and (c.train_text_encoder or c.train_text_encoder_2 or c.lora_text_encoder)
+        ),
+        "cache_text_embeddings",
+        "cached embeddings need frozen text encoders: set train_text_encoder false (and train_text_encoder_2, "
+        "lora_text_encoder false), or cache_text_embeddings false",
+    )
     need(c.weight_decay >= 0, "weight_decay", "it must be >= 0")
     need(c.seed >= 0, "seed", "it must be a whole number >= 0")
     need(c.grad_accum >= 1, "grad_accum", "it must be >= 1 (1 = no accumulation)")
@@ -345,6 +412,17 @@ def _check_ranges(c: TrainConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Files
+
+
+def with_preset(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The values with their preset's settings filled in where the values do not give them."""
+    values = dict(values)
+    name = values.get("preset")
+    if name is None:
+        return values
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"preset is {name!r}; known presets: {', '.join(PRESET_NAMES)}")
+    return {**PRESETS[name].settings, **values}
 
 
 def _yaml_error() -> type[Exception]:

@@ -37,6 +37,15 @@ def full_config() -> TrainConfig:
         lr_scheduler="cosine",
         lr_warmup_steps=10,
         train_text_encoder=False,
+        train_text_encoder_2=False,
+        model_config="configs/sd15",
+        preset="sd15-full-t4",
+        lora_rank=8,
+        lora_alpha=4,
+        lora_dropout=0.1,
+        lora_text_encoder=True,
+        lora_lr=5e-5,
+        save_single_file=True,
         min_snr_gamma=5,
         sample_prompts=["a photo of alice", "a painting, in style"],
         sample_every_steps=50,
@@ -66,14 +75,16 @@ def test_every_field_differs_from_default_in_the_full_config():
         for f in dataclasses.fields(TrainConfig)
         if f.default is not dataclasses.MISSING and getattr(config, f.name) == f.default
     ]
-    # left at their defaults: overwrite excludes resume, cache_latents excludes center_crop False
-    assert same == ["overwrite", "cache_latents"]
+    # left at their defaults: overwrite excludes resume, cache_text_embeddings excludes lora_text_encoder,
+    # cache_latents excludes center_crop False
+    assert same == ["cache_text_embeddings", "overwrite", "cache_latents"]
 
 
 def test_defaults_and_normalised_values():
     config = make()
-    assert (config.epochs, config.batch_size, config.resolution, config.lr) == (10, 4, 512, 1e-6)
-    assert config.optimizer == "adamw8bit" and config.mixed_precision == "no" and config.seed == 555
+    assert (config.epochs, config.batch_size, config.resolution, config.lr) == (10, 4, None, 1e-6)
+    assert (config.mixed_precision, config.gradient_checkpointing, config.lora_rank) == ("auto", None, 0)
+    assert config.optimizer == "adamw8bit" and config.seed == 555
     config = make(lr=1, sample_prompts=["x"], multipliers={"b": 2, "a": 1})
     assert config.lr == 1.0 and isinstance(config.lr, float)
     assert config.sample_prompts == ("x",)

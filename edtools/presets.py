@@ -1,0 +1,184 @@
+"""Settings sized for a GPU: named presets (a free Colab T4 has 16 GB, fp16 only) and the defaults that
+depend on the device (precision, gradient checkpointing, resolution), as plain functions over plain values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+__all__ = ["PRESETS", "PRESET_NAMES", "Preset", "auto_settings", "choose_preset"]
+
+# A "T4-sized" GPU: at most this much memory (Colab's T4 reports 15 GiB), and no bfloat16.
+SMALL_GPU_GIB = 16.0
+
+
+@dataclass(frozen=True)
+class Preset:
+    """TrainConfig settings for one kind of run on one size of GPU; the user's own settings win."""
+
+    name: str
+    architecture: Literal["sd", "sdxl"]
+    gpu_gib: float  # the GPU memory it is sized for
+    summary: str  # what it trains and why these settings, for a person
+    settings: Mapping[str, Any]
+
+
+def _preset(name: str, architecture: str, gpu_gib: float, summary: str, **settings: Any) -> Preset:
+    return Preset(name, architecture, gpu_gib, summary, MappingProxyType(settings))
+
+
+# Every preset keeps the frozen parts out of the way: cached latents (the VAE encodes each image once) and,
+# with frozen text encoders, cached caption embeddings. T4 presets use fp16 (no bf16 on a T4).
+_T4 = dict(mixed_precision="fp16", gradient_checkpointing=True, optimizer="adamw8bit", cache_latents=True)
+_BIG = dict(mixed_precision="bf16", optimizer="adamw8bit", cache_latents=True)
+_FROZEN_TEXT = dict(train_text_encoder=False, train_text_encoder_2=False, cache_text_embeddings=True)
+
+PRESETS: Mapping[str, Preset] = MappingProxyType(
+    {
+        p.name: p
+        for p in (
+            _preset(
+                "sd15-full-t4",
+                "sd",
+                16,
+                "SD 1.x/2.x full fine-tune on a 16 GB T4: UNet and text encoder, 512 px, batch 4, fp16 with "
+                "gradient checkpointing and 8-bit AdamW (EveryDream2 trains SD 1.x fully on a T4 this way)",
+                resolution=512,
+                batch_size=4,
+                lora_rank=0,
+                train_text_encoder=True,
+                lr=1e-6,
+                **_T4,
+            ),
+            _preset(
+                "sd15-lora-t4",
+                "sd",
+                16,
+                "SD 1.x/2.x LoRA (rank 32) on a 16 GB T4: 512 px, batch 4, frozen text encoder with cached "
+                "caption embeddings, fp16 with gradient checkpointing",
+                resolution=512,
+                batch_size=4,
+                lora_rank=32,
+                lora_alpha=16.0,
+                lora_lr=1e-4,
+                **_T4,
+                **_FROZEN_TEXT,
+            ),
+            _preset(
+                "sdxl-lora-t4",
+                "sdxl",
+                16,
+                "SDXL LoRA (rank 16, UNet only) on a 16 GB T4: 1024 px, batch 1, frozen fp16 base weights, "
+                "cached latents and text-encoder outputs, gradient checkpointing (kohya trains SDXL LoRA in 8-10 GB "
+                "this way)",
+                resolution=1024,
+                batch_size=1,
+                lora_rank=16,
+                lora_alpha=8.0,
+                lora_lr=1e-4,
+                **_T4,
+                **_FROZEN_TEXT,
+            ),
+            _preset(
+                "sd15-full-24gb",
+                "sd",
+                24,
+                "SD 1.x/2.x full fine-tune on a 24 GB GPU: UNet and text encoder, 512 px, batch 8, bf16",
+                resolution=512,
+                batch_size=8,
+                lora_rank=0,
+                train_text_encoder=True,
+                lr=1e-6,
+                gradient_checkpointing=False,
+                **_BIG,
+            ),
+            _preset(
+                "sdxl-lora-24gb",
+                "sdxl",
+                24,
+                "SDXL LoRA (rank 32) on a 24 GB GPU: 1024 px, batch 4, bf16, gradient checkpointing, cached "
+                "text-encoder outputs",
+                resolution=1024,
+                batch_size=4,
+                lora_rank=32,
+                lora_alpha=16.0,
+                lora_lr=1e-4,
+                gradient_checkpointing=True,
+                **_BIG,
+                **_FROZEN_TEXT,
+            ),
+            _preset(
+                "sdxl-full-24gb",
+                "sdxl",
+                24,
+                "SDXL full UNet fine-tune on a 24 GB GPU: 1024 px, batch 1, bf16, gradient checkpointing, 8-bit "
+                "AdamW, frozen text encoders with cached outputs",
+                resolution=1024,
+                batch_size=1,
+                lora_rank=0,
+                lr=1e-6,
+                gradient_checkpointing=True,
+                **_BIG,
+                **_FROZEN_TEXT,
+            ),
+        )
+    }
+)
+PRESET_NAMES = tuple(PRESETS)
+
+
+def choose_preset(
+    architecture: str, gpu_gib: float | None, *, lora: bool | None = None
+) -> tuple[Preset | None, str]:
+    """The preset for this model on this GPU, and why, in words. lora None: LoRA where a full fine-tune would
+    not fit (SDXL on a small GPU), else a full fine-tune. No GPU: no preset (the CPU only suits tiny models)."""
+    if gpu_gib is None:
+        return None, "no GPU: no preset (training on the CPU only suits the tiny test models)"
+    small = gpu_gib <= SMALL_GPU_GIB
+    family = "sdxl" if architecture == "sdxl" else "sd15"
+    if lora is None:
+        lora = architecture == "sdxl" and small
+    if architecture == "sdxl" and small and not lora:
+        return None, f"an SDXL full fine-tune does not fit in {gpu_gib:.0f} GB: choose LoRA (sdxl-lora-t4)"
+    name = f"{family}-{'lora' if lora else 'full'}-{'t4' if small else '24gb'}"
+    if name not in PRESETS:  # sd15-lora on a big GPU: the T4 settings, which fit with room to spare
+        name = f"{family}-lora-t4"
+    preset = PRESETS[name]
+    size = "at most 16 GB" if small else "more than 16 GB"
+    return preset, f"{preset.name}: the GPU has {gpu_gib:.0f} GB ({size}). {preset.summary}"
+
+
+def auto_settings(
+    config: TrainConfig,
+    *,
+    architecture: str,
+    native_resolution: int,
+    device_type: str,
+    bf16_supported: bool,
+    gpu_gib: float | None,
+) -> TrainConfig:
+    """The config with its automatic values decided for this model and device:
+    resolution none -> the model's own; mixed_precision auto -> bf16 where the GPU has it, fp16 on other GPUs,
+    no (fp32) on the CPU; gradient_checkpointing none -> on for SDXL, and for full fine-tunes on GPUs of at
+    most 16 GB; train_text_encoder_2 none -> as train_text_encoder."""
+    changes: dict[str, Any] = {}
+    if config.resolution is None:
+        changes["resolution"] = native_resolution
+    if config.mixed_precision == "auto":
+        if device_type == "cpu":
+            changes["mixed_precision"] = "no"
+        else:
+            changes["mixed_precision"] = "bf16" if bf16_supported else "fp16"
+    if config.gradient_checkpointing is None:
+        small = device_type == "cuda" and gpu_gib is not None and gpu_gib <= SMALL_GPU_GIB
+        changes["gradient_checkpointing"] = architecture == "sdxl" or (config.lora_rank == 0 and small)
+    if config.train_text_encoder_2 is None:
+        changes["train_text_encoder_2"] = config.train_text_encoder if architecture == "sdxl" else False
+    return dataclasses.replace(config, **changes) if changes else config

@@ -1,0 +1,102 @@
+"""Presets fill the settings a user leaves out; device defaults (precision, checkpointing, resolution) follow the
+model and the GPU; the notebook's choice of preset follows the GPU's memory."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from edtools.config import ConfigError, TrainConfig, add_arguments, from_args
+from edtools.presets import PRESETS, auto_settings, choose_preset
+
+REQUIRED = {"data_root": "data", "model": "model", "out": "out"}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_a_valid_config_for_its_architecture(name):
+    preset = PRESETS[name]
+    config = TrainConfig.from_dict({**REQUIRED, "preset": name})
+    for key, value in preset.settings.items():
+        assert getattr(config, key) == value, key
+    assert config.preset == name
+    assert (config.resolution == 1024) == (preset.architecture == "sdxl")
+    if preset.gpu_gib <= 16:  # T4: no bfloat16
+        assert config.mixed_precision == "fp16" and config.gradient_checkpointing
+    assert config.cache_latents
+    assert (config.lora_rank > 0) == ("lora" in name)
+
+
+def test_own_settings_win_over_the_preset_from_a_file_and_from_flags(tmp_path):
+    config = TrainConfig.from_dict({**REQUIRED, "preset": "sdxl-lora-t4", "batch_size": 2})
+    assert config.batch_size == 2 and config.lora_rank == 16 and config.resolution == 1024
+    parser = add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--lora-rank", "8", "--preset", "sd15-lora-t4"])
+    config = from_args(args, base={**REQUIRED, "resolution": 768})
+    assert (config.lora_rank, config.resolution, config.batch_size) == (8, 768, 4)
+    # the config written to a checkpoint reads back equal: every value is explicit there
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_unknown_preset_is_an_error_naming_the_known_ones():
+    with pytest.raises(ConfigError, match=r"preset is 'sdxl-t4'; known presets: sd15-full-t4, sd15-lora-t4"):
+        TrainConfig.from_dict({**REQUIRED, "preset": "sdxl-t4"})
+
+
+@pytest.mark.parametrize(
+    ("architecture", "gib", "lora", "expected"),
+    [
+        ("sd", 15.0, None, "sd15-full-t4"),
+        ("sd", 15.0, True, "sd15-lora-t4"),
+        ("sdxl", 15.0, None, "sdxl-lora-t4"),
+        ("sd", 24.0, None, "sd15-full-24gb"),
+        ("sd", 40.0, True, "sd15-lora-t4"),
+        ("sdxl", 24.0, None, "sdxl-full-24gb"),
+        ("sdxl", 24.0, True, "sdxl-lora-24gb"),
+        ("sdxl", 80.0, None, "sdxl-full-24gb"),
+    ],
+)
+def test_choose_preset_by_gpu_memory(architecture, gib, lora, expected):
+    preset, why = choose_preset(architecture, gib, lora=lora)
+    assert preset.name == expected
+    assert why.startswith(f"{expected}: the GPU has {gib:.0f} GB")
+
+
+def test_choose_preset_without_a_gpu_or_sdxl_full_on_a_t4():
+    assert choose_preset("sd", None) == (None, choose_preset("sdxl", None)[1])
+    preset, why = choose_preset("sdxl", 15.0, lora=False)
+    assert preset is None and "does not fit" in why and "sdxl-lora-t4" in why
+
+
+def auto(config, **overrides):
+    values = dict(
+        architecture="sd", native_resolution=512, device_type="cuda", bf16_supported=True, gpu_gib=80.0
+    )
+    return auto_settings(config, **{**values, **overrides})
+
+
+def test_auto_settings_by_device_and_model():
+    config = TrainConfig(**REQUIRED)
+    on_t4 = auto(config, bf16_supported=False, gpu_gib=15.0)
+    assert (on_t4.mixed_precision, on_t4.gradient_checkpointing, on_t4.resolution) == ("fp16", True, 512)
+    big = auto(config)
+    assert (big.mixed_precision, big.gradient_checkpointing) == ("bf16", False)
+    cpu = auto(config, device_type="cpu", gpu_gib=None)
+    assert (cpu.mixed_precision, cpu.gradient_checkpointing) == ("no", False)
+    sdxl = auto(config, architecture="sdxl", native_resolution=1024)
+    assert (sdxl.gradient_checkpointing, sdxl.resolution, sdxl.train_text_encoder_2) == (True, 1024, True)
+    lora_on_t4 = auto(dataclasses.replace(config, lora_rank=8), bf16_supported=False, gpu_gib=15.0)
+    assert lora_on_t4.gradient_checkpointing is False
+    assert auto(config).train_text_encoder_2 is False  # SD 1.x/2.x have no second encoder
+
+
+def test_auto_settings_keep_what_the_user_chose():
+    config = TrainConfig(
+        **REQUIRED,
+        resolution=768,
+        mixed_precision="no",
+        gradient_checkpointing=False,
+        train_text_encoder_2=False,
+    )
+    assert auto(config, architecture="sdxl", native_resolution=1024, gpu_gib=15.0) == config
