@@ -6,6 +6,7 @@ Item b of ScheduleBatches is the schedule's whole batch b; random crops/flips ar
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,17 @@ from .schedule import EpochSchedule
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LatentCache", "ScheduleBatches", "load_image", "make_loader"]
+__all__ = [
+    "Crop",
+    "LatentCache",
+    "ScheduleBatches",
+    "decode_image",
+    "image_size",
+    "load_image",
+    "make_loader",
+    "plan_crop",
+    "token_ids",
+]
 
 _TAG_AUGMENT = 0xA0  # keeps these random streams apart from the schedule's own
 
@@ -66,6 +77,94 @@ def _cover_size(width: int, height: int, image_w: int, image_h: int) -> tuple[in
     return max(width, round(image_w * scale)), max(height, round(image_h * scale))
 
 
+@dataclass(frozen=True)
+class Crop:
+    """Where an image lands in its bucket: resized to `cover` (its own aspect, just covering the bucket), cut
+    at (left, top) to the bucket's size, maybe mirrored. Sizes are (width, height)."""
+
+    original: tuple[int, int]  # the stored image, EXIF orientation applied
+    cover: tuple[int, int]
+    left: int
+    top: int
+    size: tuple[int, int]
+    flip: bool = False
+
+    def time_ids(self) -> tuple[int, int, int, int, int, int]:
+        """SDXL's size and crop conditioning: (original height, original width, crop top, crop left, target
+        height, target width). Mirrored, the crop's left edge is measured in the mirrored image."""
+        (original_w, original_h), (cover_w, _), (width, height) = self.original, self.cover, self.size
+        left = cover_w - self.left - width if self.flip else self.left
+        return (original_h, original_w, self.top, left, height, width)
+
+
+def plan_crop(
+    image_w: int,
+    image_h: int,
+    width: int,
+    height: int,
+    *,
+    center_crop: bool = True,
+    flip: bool = False,
+    rng: np.random.Generator | None = None,
+) -> Crop:
+    """The crop of an image_w x image_h image into a width x height bucket: centred, or at a place drawn
+    from rng (a seeded numpy Generator)."""
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if image_w < 1 or image_h < 1:
+        raise ValueError(f"the image has no pixels ({image_w}x{image_h})")
+    if not center_crop and rng is None:
+        raise ValueError("a random crop (center_crop=False) needs crop_rng, a seeded numpy Generator")
+    cover_w, cover_h = _cover_size(width, height, image_w, image_h)
+    if center_crop:
+        left, top = (cover_w - width) // 2, (cover_h - height) // 2
+    else:
+        left = int(rng.integers(0, cover_w - width + 1))
+        top = int(rng.integers(0, cover_h - height + 1))
+    return Crop((image_w, image_h), (cover_w, cover_h), left, top, (width, height), flip)
+
+
+def decode_image(path: str | os.PathLike, crop: Crop) -> torch.Tensor:
+    """Decode an image as float32 [3, height, width] in [-1, 1] as `crop` says: EXIF orientation applied,
+    converted to RGB, resized to crop.cover, cut, optionally mirrored."""
+    import torch
+    from PIL import Image, ImageOps
+
+    width, height = crop.size
+    try:
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                # Let the JPEG decoder scale down by 1/2, 1/4 or 1/8 while decoding: a 6000 px photo
+                # for a 512 px bucket decodes 64x fewer pixels. draft never goes below the asked size.
+                rotated = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+                cover_w, cover_h = crop.cover
+                image.draft("RGB", (cover_h, cover_w) if rotated else (cover_w, cover_h))
+            image = ImageOps.exif_transpose(image)
+            image = _to_rgb(image)
+    except Exception as exc:  # PIL raises many types for broken files; all mean the same to a person
+        raise ValueError(f"cannot load image {path}: {exc}; fix or remove the file and re-scan") from exc
+
+    if crop.cover != image.size:
+        image = image.resize(crop.cover, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    image = image.crop((crop.left, crop.top, crop.left + width, crop.top + height))
+    if crop.flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image as displayed (EXIF orientation applied), read from its header."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            w, h = image.size
+            return (h, w) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+    except Exception as exc:
+        raise ValueError(f"cannot load image {path}: {exc}; fix or remove the file and re-scan") from exc
+
+
 def load_image(
     path: str | os.PathLike,
     width: int,
@@ -77,39 +176,8 @@ def load_image(
 ) -> torch.Tensor:
     """Decode an image as float32 [3, height, width] in [-1, 1]: EXIF orientation applied, converted to RGB,
     resized to cover the size, cropped (centre, or at a crop_rng-chosen place), optionally mirrored."""
-    import torch
-    from PIL import Image, ImageOps
-
-    if width < 1 or height < 1:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    if not center_crop and crop_rng is None:
-        raise ValueError("a random crop (center_crop=False) needs crop_rng, a seeded numpy Generator")
-    try:
-        with Image.open(path) as image:
-            if image.format == "JPEG":
-                # Let the JPEG decoder scale down by 1/2, 1/4 or 1/8 while decoding: a 6000 px photo
-                # for a 512 px bucket decodes 64x fewer pixels. draft never goes below the asked size.
-                rotated = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-                w, h = (height, width) if rotated else (width, height)
-                image.draft("RGB", _cover_size(w, h, *image.size))
-            image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
-    except Exception as exc:  # PIL raises many types for broken files; all mean the same to a person
-        raise ValueError(f"cannot load image {path}: {exc}; fix or remove the file and re-scan") from exc
-
-    cover_w, cover_h = _cover_size(width, height, *image.size)
-    if (cover_w, cover_h) != image.size:
-        image = image.resize((cover_w, cover_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    if center_crop:
-        left, top = (cover_w - width) // 2, (cover_h - height) // 2
-    else:
-        left = int(crop_rng.integers(0, cover_w - width + 1))
-        top = int(crop_rng.integers(0, cover_h - height + 1))
-    image = image.crop((left, top, left + width, top + height))
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-    return pixels.float().div_(127.5).sub_(1.0)
+    plan = plan_crop(*image_size(path), width, height, center_crop=center_crop, flip=flip, rng=crop_rng)
+    return decode_image(path, plan)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -126,7 +194,7 @@ class ScheduleBatches(_TorchDataset):
         self,
         dataset: Dataset,
         schedule: EpochSchedule,
-        tokenizer,
+        tokenizer: Any,
         *,
         center_crop: bool = True,
         flip_p: float = 0.0,
@@ -143,7 +211,8 @@ class ScheduleBatches(_TorchDataset):
             )
         self.dataset = dataset
         self.schedule = schedule
-        self.tokenizer = tokenizer
+        # one tokenizer, or a tuple of them (SDXL: input_ids and input_ids_2)
+        self.tokenizers = tuple(tokenizer) if isinstance(tokenizer, tuple | list) else (tokenizer,)
         self.center_crop = center_crop
         self.flip_p = float(flip_p)
         self.seed = int(seed)
@@ -157,48 +226,58 @@ class ScheduleBatches(_TorchDataset):
         """The random stream of one image slot: same (seed, epoch, b, position) -> same crop and flip."""
         return np.random.default_rng([self.seed, _TAG_AUGMENT, self.schedule.epoch, b, position])
 
+    def crops(self, b: int) -> list[Crop]:
+        """How each image of batch b is cut into the batch's bucket (from the scanned sizes; no decoding)."""
+        width, height = self.schedule.batch_size_of(b)
+        crops = []
+        for position, i in enumerate(self.schedule.batch(b).tolist()):
+            rng, flip = None, False
+            if not self.center_crop or self.flip_p > 0:
+                rng = self.augment_rng(b, position)
+                flip = bool(rng.random() < self.flip_p)
+            image_w, image_h = int(self.dataset.widths[i]), int(self.dataset.heights[i])
+            crops.append(
+                plan_crop(image_w, image_h, width, height, center_crop=self.center_crop, flip=flip, rng=rng)
+            )
+        return crops
+
     def __getitem__(self, b: int) -> dict[str, Any]:
         import torch
 
         if not 0 <= b < len(self):
             raise IndexError(f"batch {b} out of range: this epoch has {len(self)} batches")
         images = self.schedule.batch(b)
-        width, height = self.schedule.batch_size_of(b)
-        pixels = []
-        for position, i in enumerate(images.tolist()):
-            rng = None
-            flip = False
-            if not self.center_crop or self.flip_p > 0:
-                rng = self.augment_rng(b, position)
-                flip = bool(rng.random() < self.flip_p)
-            pixels.append(
-                load_image(
-                    self.root / self.dataset.paths[i],
-                    width,
-                    height,
-                    center_crop=self.center_crop,
-                    flip=flip,
-                    crop_rng=rng,
-                )
-            )
+        crops = self.crops(b)
+        pixels = [
+            decode_image(self.root / self.dataset.paths[i], crop)
+            for i, crop in zip(images.tolist(), crops, strict=True)
+        ]
         captions = [self.dataset.captions[i] for i in images.tolist()]
-        input_ids = self.tokenizer(
-            captions,
-            padding="max_length",
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids
-        return {
+        batch = {
             "pixel_values": torch.stack(pixels),
-            "input_ids": input_ids.long(),
+            "time_ids": torch.tensor([crop.time_ids() for crop in crops], dtype=torch.int64),
             "loss_scale": torch.from_numpy(self.loss_scales[images].astype(np.float32)),
             "concept": torch.from_numpy(self.dataset.concept_index[images].astype(np.int64)),
             "image_index": torch.from_numpy(images.astype(np.int64)),
             "batch_weight": float(self.schedule.batch_weight[b]),
             "epoch": int(self.schedule.epoch),
             "batch": int(b),
+            "captions": captions,
         }
+        for n, tokenizer in enumerate(self.tokenizers):
+            batch["input_ids" if n == 0 else f"input_ids_{n + 1}"] = token_ids(tokenizer, captions)
+        return batch
+
+
+def token_ids(tokenizer: Any, captions: list[str]) -> torch.Tensor:
+    """Captions as token ids [n, model_max_length]: padded, truncated to the tokenizer's length (77)."""
+    return tokenizer(
+        captions,
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids.long()
 
 
 def make_loader(

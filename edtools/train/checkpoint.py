@@ -28,16 +28,22 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECKPOINTS_DIR",
+    "LORA_FILE",
     "TrainState",
     "check_resume",
     "checkpoint_info",
     "find_checkpoints",
     "load_checkpoint",
+    "remove_checkpoint",
     "save_checkpoint",
     "schedule_fingerprint",
+    "single_file_of",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
+LORA_FILE = (
+    "lora.safetensors"  # a LoRA run's checkpoint: the adapters in kohya format, which A1111/ComfyUI load
+)
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{8,})$")
 # Settings a resumed run must share with its checkpoint: they fix the schedule positions, the optimizer
 # state's layout or the learning-rate curve. (epochs may grow: the LR schedule then stretches to the new end.)
@@ -48,9 +54,14 @@ _RESUME_MUST_MATCH = (
     "grad_accum",
     "optimizer",
     "train_text_encoder",
+    "train_text_encoder_2",
     "lr",
     "lr_scheduler",
     "lr_warmup_steps",
+    "lora_rank",
+    "lora_alpha",
+    "lora_text_encoder",
+    "lora_lr",
 )
 
 
@@ -66,7 +77,8 @@ class TrainState:
 
 def find_checkpoints(out: str | os.PathLike) -> list[Path]:
     """Complete checkpoints under out/checkpoints, oldest first. A save in progress or torn (a hidden temp
-    folder) never counts: a checkpoint folder only gets its name once everything in it is written."""
+    folder) never counts: a checkpoint folder only gets its name once everything in it is written. A full
+    fine-tune's checkpoint is a diffusers folder; a LoRA run's holds lora.safetensors."""
     folder = Path(out) / CHECKPOINTS_DIR
     if not folder.is_dir():
         return []
@@ -75,7 +87,7 @@ def find_checkpoints(out: str | os.PathLike) -> list[Path]:
         match = _CHECKPOINT_NAME.match(path.name)
         if (
             match
-            and (path / "model_index.json").is_file()
+            and ((path / "model_index.json").is_file() or (path / LORA_FILE).is_file())
             and (path / "resume" / "state.json").is_file()
             and (path / "resume" / "state.pt").is_file()
         ):
@@ -118,30 +130,43 @@ def save_checkpoint(
     config: TrainConfig,
     world_size: int = 1,
     schedule_fingerprint: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write folder/step-<global_step>: a diffusers pipeline folder (safetensors) plus resume/ (optimizer,
-    LR scheduler, grad scaler, RNG states, counters, config). It is written inside a hidden temp folder and
-    renamed at the end, so a crash mid-save leaves nothing that resume would pick up."""
+    """Write folder/step-<global_step>: a diffusers pipeline folder (safetensors), or for a LoRA run (lora_rank
+    > 0) lora.safetensors, plus resume/ (optimizer, LR scheduler, grad scaler, RNG states, counters, config,
+    LoRA adapters). It is written inside a hidden temp folder and renamed at the end, so a crash mid-save leaves
+    nothing that resume would pick up. With config.save_single_file, folder/step-<global_step>.safetensors
+    follows (fp16): the whole model in the layout AUTOMATIC1111 and ComfyUI load, or the LoRA file.
+    metadata: text for the safetensors headers (training facts: base model, steps, concept table).
+    Tensors are copied to the CPU one at a time, so saving does not add to the GPU memory of a step."""
     torch = require("torch")
-    from ..models import save_components
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{state.global_step:08d}"
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{final.name}.", suffix=".tmp"))
+    lora = config.lora_rank > 0
     try:
-        checkpoint = save_components(components, staging / final.name)
+        checkpoint = staging / final.name
+        payload = {
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "rng": _rng_states(),
+        }
+        if lora:
+            from ..models.lora import lora_state_dict, save_lora_file
+
+            checkpoint.mkdir()
+            save_lora_file(components, checkpoint / LORA_FILE, metadata=metadata)
+            payload["lora"] = lora_state_dict(components)
+        else:
+            from ..models import save_components
+
+            save_components(components, checkpoint)
         resume = checkpoint / "resume"
         resume.mkdir()
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {},
-                "rng": _rng_states(),
-            },
-            resume / "state.pt",
-        )
+        torch.save(payload, resume / "state.pt")
         (resume / "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
         info = {
             **dataclasses.asdict(state),
@@ -155,18 +180,52 @@ def save_checkpoint(
         os.replace(checkpoint, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if config.save_single_file:
+        single = single_file_of(final)
+        if lora:  # the same kohya file, where A1111 / ComfyUI users look for the run's results
+            tmp = single.with_name(f".{single.name}.tmp")
+            shutil.copyfile(final / LORA_FILE, tmp)
+            os.replace(tmp, single)
+        else:
+            from ..models.single_file import save_single_file
+
+            save_single_file(components, single, dtype="fp16", metadata=metadata)
     return final
 
 
+def single_file_of(checkpoint: Path) -> Path:
+    """checkpoints/step-N.safetensors: the single file saved beside checkpoint folder step-N."""
+    return checkpoint.with_name(checkpoint.name + ".safetensors")
+
+
+def remove_checkpoint(checkpoint: Path) -> None:
+    """Delete a checkpoint folder and the single file beside it (keep_checkpoints)."""
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    single_file_of(checkpoint).unlink(missing_ok=True)
+
+
 def load_checkpoint(
-    path: str | os.PathLike, *, optimizer: Any, lr_scheduler: Any, scaler: Any, restore_rng: bool = True
+    path: str | os.PathLike,
+    *,
+    optimizer: Any,
+    lr_scheduler: Any,
+    scaler: Any,
+    components: SDComponents | None = None,
+    restore_rng: bool = True,
 ) -> tuple[TrainState, dict]:
-    """Restore optimizer, LR scheduler, grad scaler (and RNG states) from a checkpoint's resume/ folder.
-    The weights are the checkpoint folder itself (load it with model.load_components). Returns (state, info)
-    where info holds the saved config ("config"), world_size and schedule_fingerprint."""
+    """Restore optimizer, LR scheduler, grad scaler, LoRA adapters (into components, which must carry them
+    already) and RNG states from a checkpoint's resume/ folder. A full fine-tune's weights are the checkpoint
+    folder itself (load it with models.load_components). Returns (state, info) where info holds the saved
+    config ("config"), world_size and schedule_fingerprint."""
     torch = require("torch")
     info = checkpoint_info(path)
     payload = torch.load(Path(path) / "resume" / "state.pt", map_location="cpu", weights_only=True)
+    if "lora" in payload:
+        if components is None:
+            raise ValueError(f"{path} holds LoRA adapters: pass the components they belong to")
+        from ..models.lora import load_lora_state_dict
+
+        load_lora_state_dict(components, payload["lora"])
     optimizer.load_state_dict(payload["optimizer"])
     lr_scheduler.load_state_dict(payload["lr_scheduler"])
     if scaler is not None and payload["scaler"]:
@@ -199,6 +258,8 @@ def check_resume(info: dict, config: TrainConfig, world_size: int, checkpoint: P
         for name in _RESUME_MUST_MATCH
         if saved.get(name) != getattr(config, name)
     ]
+    if config.lora_rank and saved.get("model") != config.model:  # the adapters belong to their base model
+        differ.append(f"model: checkpoint {saved.get('model')!r}, now {config.model!r}")
     if info.get("world_size", 1) != world_size:
         differ.append(f"processes: checkpoint {info.get('world_size', 1)}, now {world_size}")
     if differ:

@@ -7,6 +7,7 @@ function over one _Run that holds the run's state. Random draws depend only on (
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -35,12 +36,14 @@ from .checkpoint import (
     checkpoint_info,
     find_checkpoints,
     load_checkpoint,
+    remove_checkpoint,
     save_checkpoint,
     schedule_fingerprint,
 )
 from .runtime import Runtime, make_runtime
 from .sample import SAMPLES_DIR, save_samples
 from .step import (
+    autocast,
     make_grad_scaler,
     make_lr_scheduler,
     make_optimizer,
@@ -148,6 +151,7 @@ class _Run:
     lr_scheduler: Any
     scaler: Any
     latent_cache: Any
+    text_cache: Any  # a filled TextEmbeddingCache (frozen text encoders), or None
     progress: Any
     state: TrainState
     resume_from: Path | None
@@ -190,6 +194,12 @@ def _start(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | 
     runtime = make_runtime(config)
     out = Path(config.out).expanduser()
     resume_from = _prepare_out(config, out, runtime)
+    # A full fine-tune resumes from the checkpoint's weights; LoRA from the base model plus its adapters.
+    if resume_from is not None and config.lora_rank == 0:
+        components = load_components(str(resume_from))
+    else:
+        components = load_components(config.model, model_config=config.model_config)
+    config = _resolve(config, components, runtime)
     if resume_from is not None:
         check_resume(checkpoint_info(resume_from), config, runtime.world_size, resume_from)
     dataset = _load_data(config, runtime.main)
@@ -200,7 +210,6 @@ def _start(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | 
     ]
     total_steps = sum(_steps_in_epoch(s.n_batches, runtime.world_size, config.grad_accum) for s in schedules)
 
-    components = load_components(str(resume_from) if resume_from else config.model)
     params = prepare_modules(components, config, runtime.device)
     optimizer = make_optimizer(config, params)
     lr_scheduler = make_lr_scheduler(config, optimizer, total_steps)
@@ -208,16 +217,13 @@ def _start(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | 
     state, resume_fingerprint = TrainState(), None
     if resume_from is not None:
         state, info = load_checkpoint(
-            resume_from, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler
+            resume_from, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, components=components
         )
         resume_fingerprint = info.get("schedule_fingerprint")
-    step_components = dataclasses.replace(
-        components,
-        unet=runtime.wrap(components.unet),
-        text_encoder=runtime.wrap(components.text_encoder)
-        if config.train_text_encoder
-        else components.text_encoder,
+    text_cache = (
+        _fill_text_cache(components, dataset, config, runtime) if config.cache_text_embeddings else None
     )
+    step_components = _wrap_trained(components, runtime)
     progress = tqdm(
         total=total_steps,
         initial=state.global_step,
@@ -238,6 +244,7 @@ def _start(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | 
         lr_scheduler=lr_scheduler,
         scaler=scaler,
         latent_cache=LatentCache(config.cache_latents),
+        text_cache=text_cache,
         progress=progress,
         state=state,
         resume_from=resume_from,
@@ -264,6 +271,57 @@ def _start(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | 
     return run
 
 
+def _resolve(config: TrainConfig, components: Any, runtime: Runtime) -> TrainConfig:
+    """The config with its automatic values (resolution, precision, checkpointing) decided for this model and
+    device; checkpoints store the decided values, so a resumed run compares like with like."""
+    torch = require("torch")
+    from ..presets import auto_settings
+
+    device = torch.device(runtime.device)
+    cuda = device.type == "cuda"
+    vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    resolved = auto_settings(
+        config,
+        architecture=components.architecture,
+        native_resolution=int(components.unet.config.sample_size) * vae_scale,
+        device_type=device.type,
+        bf16_supported=cuda and torch.cuda.is_bf16_supported(),
+        gpu_gib=torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None,
+    )
+    if resolved.resolution % 64:
+        raise ConfigError(
+            f"the model's own resolution is {resolved.resolution}, not a multiple of 64: set resolution, e.g. 512"
+        )
+    return resolved
+
+
+def _fill_text_cache(components: Any, dataset: Dataset, config: TrainConfig, runtime: Runtime) -> Any:
+    """Encode every caption of the data root once with the frozen text encoders, then move the encoders to
+    the CPU: the steps read the cache (samples bring the encoders back for a moment)."""
+    from ..models.conditioning import TextEmbeddingCache
+
+    cache = TextEmbeddingCache()
+    with autocast(config, runtime.device):
+        cache.fill(components, dataset.captions)
+    for encoder in components.text_encoders:
+        encoder.to("cpu")
+    return cache
+
+
+def _wrap_trained(components: Any, runtime: Runtime) -> Any:
+    """The components with every module that has trainable weights wrapped for several processes (DDP)."""
+
+    def trains(module: Any) -> bool:
+        return module is not None and any(p.requires_grad for p in module.parameters())
+
+    changes = {
+        name: runtime.wrap(getattr(components, name))
+        for name in ("unet", "text_encoder", "text_encoder_2")
+        if trains(getattr(components, name))
+    }
+    return dataclasses.replace(components, **changes)
+
+
 def _train_epoch(run: _Run, epoch: int) -> str:
     """Train this rank's batches of one epoch from where the state stands. Returns "finished" at the
     epoch's end, else why it stopped early (callback or max_steps; a checkpoint is then saved)."""
@@ -286,7 +344,7 @@ def _train_epoch(run: _Run, epoch: int) -> str:
     batches = ScheduleBatches(
         run.dataset,
         local,
-        run.components.tokenizer,
+        run.components.tokenizers,
         center_crop=config.center_crop,
         flip_p=config.flip_p,
         seed=config.seed,
@@ -313,6 +371,7 @@ def _train_epoch(run: _Run, epoch: int) -> str:
             generator=step_generator(config.seed, epoch, runtime.rank, b),
             sync=sync,
             nonfinite_before=nonfinite,
+            text_cache=run.text_cache,
         )
         nonfinite = nonfinite or result.nonfinite
         if batch["batch_weight"] > 0:  # a filler batch (shard padding) trains nothing: not counted
@@ -455,11 +514,12 @@ def _checkpoint(run: _Run, fingerprint: str | None) -> None:
             config=run.config,
             world_size=runtime.world_size,
             schedule_fingerprint=fingerprint,
+            metadata=_file_metadata(run),
         )
         log.info("checkpoint saved: %s", path)
         if run.config.keep_checkpoints:
             for old in find_checkpoints(run.out)[: -run.config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_checkpoint(old)
     runtime.barrier()
     run.last_checkpoint, run.last_checkpoint_step, run.last_checkpoint_time = (
         path,
@@ -468,6 +528,27 @@ def _checkpoint(run: _Run, fingerprint: str | None) -> None:
     )
     if runtime.main:
         _emit(run, TrainEvent("checkpoint", state.global_step, state.epoch, path=str(path)))
+
+
+def _file_metadata(run: _Run) -> dict[str, str]:
+    """What a saved model file says about its training (safetensors header text): base model, progress,
+    settings and the concept table with its multipliers and loss scales."""
+    from .. import __version__
+
+    config, state = run.config, run.state
+    concepts = [
+        {"concept": c.path, "images": c.n_images, "multiply": c.multiplier, "loss_scale": c.loss_scale}
+        for c in run.dataset.concepts
+    ]
+    return {
+        "edtools.version": __version__,
+        "edtools.base_model": config.model,
+        "edtools.global_step": str(state.global_step),
+        "edtools.epoch": str(state.epoch),
+        "edtools.resolution": str(config.resolution),
+        "edtools.lora_rank": str(config.lora_rank),
+        "edtools.concepts": json.dumps(concepts),
+    }
 
 
 def _sample(run: _Run) -> None:

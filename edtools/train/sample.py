@@ -71,18 +71,22 @@ def save_samples(
     components: SDComponents, config: TrainConfig, folder: str | os.PathLike, global_step: int, device: Any
 ) -> tuple[Path, ...]:
     """Generate one image per sample prompt (seed + prompt number, so every sampling is comparable) and save
-    them as one PNG grid folder/step-<global_step>.png. Train/eval modes and all RNG states are restored, so
-    sampling never changes the training result."""
+    them as one PNG grid folder/step-<global_step>.png, through the model's own pipeline (LoRA adapters at
+    work). Train/eval modes, the text encoders' devices (they may wait on the CPU beside cached embeddings)
+    and all RNG states are restored, so sampling never changes the training result."""
     torch = require("torch")
     from ..models import make_pipeline
 
-    modules = [components.unet, components.text_encoder, components.vae]
+    modules = [components.unet, *components.text_encoders, components.vae]
     modes = [m.training for m in modules]
+    encoder_devices = [next(e.parameters()).device for e in components.text_encoders]
     pipeline = make_pipeline(components)
     images = []
     try:
         for m in modules:
             m.eval()
+        for encoder in components.text_encoders:
+            encoder.to(device)
         with _rng_kept(device), torch.no_grad(), autocast(config, device):
             prompts = list(config.sample_prompts)
             for start in range(0, len(prompts), 4):
@@ -101,6 +105,8 @@ def save_samples(
     finally:
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)
+        for encoder, encoder_device in zip(components.text_encoders, encoder_devices, strict=True):
+            encoder.to(encoder_device)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{global_step:08d}.png"

@@ -154,29 +154,64 @@ def _grad_norm(params: list, max_norm: float | None) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
+def weight_dtype(config: TrainConfig) -> torch.dtype:
+    """The dtype of frozen weights: the mixed-precision dtype (half the memory), float32 without it."""
+    torch = require("torch")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+
+
+def _checkpoint_text_encoder(text_encoder: Any) -> None:
+    if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5
+        text_encoder.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def prepare_modules(components: SDComponents, config: TrainConfig, device: Any) -> list:
-    """Move to the device, set train/eval modes, freeze the VAE (and the text encoder unless trained), turn on
-    gradient checkpointing if asked. Attention stays on diffusers' default processor, which runs torch's
-    scaled_dot_product_attention (flash / memory-efficient kernels on GPUs). Returns the trainable parameters
-    (UNet first, then text encoder)."""
-    components.vae.requires_grad_(False).eval().to(device)
-    components.unet.requires_grad_(True).train().to(device)
+    """Move to the device, freeze what does not train, add LoRA adapters when lora_rank > 0, turn on gradient
+    checkpointing if asked. Trained weights are float32 (autocast computes in half precision); frozen ones are
+    stored in the mixed-precision dtype, except a VAE whose config asks for float32 (SDXL's force_upcast).
+    Attention stays on diffusers' default processor, which runs torch's scaled_dot_product_attention.
+    Returns the trainable parameters: UNet first, then the text encoder(s); for LoRA only the adapters."""
+    torch = require("torch")
+    frozen = weight_dtype(config)
+    vae_dtype = torch.float32 if getattr(components.vae.config, "force_upcast", False) else frozen
+    components.vae.requires_grad_(False).eval().to(device, vae_dtype)
+    encoders = components.text_encoders
+    if config.lora_rank > 0:
+        from ..models.lora import add_lora
+
+        components.unet.requires_grad_(False).to(device, frozen)
+        for encoder in encoders:
+            encoder.requires_grad_(False).eval().to(device, frozen)
+        params = add_lora(
+            components,
+            rank=config.lora_rank,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+            text_encoders=config.lora_text_encoder,
+            seed=config.seed,
+        )
+        for param in params:  # adapters train in float32 beside their half-precision base layers
+            param.data = param.data.float()
+        components.unet.train()
+        trained_encoders = encoders if config.lora_text_encoder else ()
+    else:
+        components.unet.requires_grad_(True).train().to(device, torch.float32)
+        params = list(components.unet.parameters())
+        wanted = (config.train_text_encoder, bool(config.train_text_encoder_2))
+        trained_encoders = tuple(e for e, train in zip(encoders, wanted, strict=False) if train)
+        for encoder in encoders:
+            if encoder in trained_encoders:
+                encoder.requires_grad_(True).train().to(device, torch.float32)
+                params += list(encoder.parameters())
+            else:
+                encoder.requires_grad_(False).eval().to(device, frozen)
     if config.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
-    params = list(components.unet.parameters())
-    if config.train_text_encoder:
-        components.text_encoder.requires_grad_(True).train().to(device)
-        if config.gradient_checkpointing:
-            text_encoder = components.text_encoder
-            if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5
-                text_encoder.activation_checkpointing_enable({"use_reentrant": False})
-            else:
-                text_encoder.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
-        params += list(components.text_encoder.parameters())
-    else:
-        components.text_encoder.requires_grad_(False).eval().to(device)
+        for encoder in trained_encoders:
+            encoder.train()
+            _checkpoint_text_encoder(encoder)
     return params
 
 
@@ -192,6 +227,7 @@ def train_step(
     generator: torch.Generator,
     sync: bool = True,
     nonfinite_before: bool = False,
+    text_cache: Any = None,
 ) -> StepResult:
     """Train one batch: VAE latents (no grad) -> noise and timesteps from `generator` -> add_noise -> text
     encoder -> UNet -> target by prediction type -> per-image MSE -> optional Min-SNR weights -> loss with
@@ -200,24 +236,23 @@ def train_step(
     sync: this batch closes an accumulation group (always when grad_accum is 1); then gradients are unscaled
     (fp16), checked, clipped, and the optimizer and LR scheduler step. A non-finite loss in the group (this
     batch, or an earlier one: nonfinite_before) or a non-finite gradient skips the optimizer step: weights and
-    optimizer state stay untouched and the gradients are dropped. components.unet / text_encoder may be
-    DistributedDataParallel wrappers: gradients then sync on the closing batch only.
+    optimizer state stay untouched and the gradients are dropped. components.unet / text encoders may be
+    DistributedDataParallel wrappers: gradients then sync on the closing batch only. text_cache: a filled
+    models.conditioning.TextEmbeddingCache (frozen text encoders), else the encoders run on the batch.
     """
     torch = require("torch")
     from ..loss import batch_loss, compute_snr, min_snr_weights, per_sample_mse, prediction_target
+    from ..models.conditioning import encode_text, unet_conditioning
 
-    unet, text_encoder, vae, noise_scheduler = (
-        components.unet,
-        components.text_encoder,
-        components.vae,
-        components.noise_scheduler,
-    )
+    unet, vae, noise_scheduler = components.unet, components.vae, components.noise_scheduler
+    encoders = components.text_encoders
+    text_grad = any(p.requires_grad for encoder in encoders for p in encoder.parameters())
     fp16 = scaler is not None and scaler.is_enabled()
     device = vae.device
     distributed = _distributed()
     with ExitStack() as stack:
         if not sync:  # no gradient all-reduce until the group's last batch
-            for module in (unet, text_encoder):
+            for module in (unet, *encoders):
                 if isinstance(module, torch.nn.parallel.DistributedDataParallel):
                     stack.enter_context(module.no_sync())
         latents = latent_cache.latents(batch, vae, vae.config.scaling_factor, generator=generator).float()
@@ -228,11 +263,15 @@ def train_step(
         ).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         target = prediction_target(noise_scheduler, latents, noise, timesteps)
-        input_ids = batch["input_ids"].to(device)
         with autocast(config, device):
-            with torch.set_grad_enabled(config.train_text_encoder):
-                hidden = text_encoder(input_ids)[0]
-            model_pred = unet(noisy, timesteps, hidden).sample
+            if text_cache is not None:
+                embeddings = text_cache.get(batch["captions"])
+            else:
+                ids = [batch[key] for key in ("input_ids", "input_ids_2") if key in batch]
+                with torch.set_grad_enabled(text_grad):
+                    embeddings = encode_text(components, ids)
+            conditioning = unet_conditioning(components, embeddings, batch.get("time_ids"), device=device)
+            model_pred = unet(noisy, timesteps, **conditioning).sample
         per_sample = per_sample_mse(model_pred, target)
         snr_weights = None
         if config.min_snr_gamma is not None:

@@ -1,0 +1,99 @@
+"""What the UNet is conditioned on: SD 1.x/2.x use the text encoder's last hidden states; SDXL concatenates
+both encoders' penultimate hidden states and adds the second's pooled embedding and each image's size/crop.
+
+The one place where SD and SDXL differ in training; the cache keeps frozen encoders' outputs per caption.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import require
+
+if TYPE_CHECKING:
+    import torch
+
+    from .sd import SDComponents
+
+__all__ = ["TextEmbeddings", "TextEmbeddingCache", "encode_text", "unet_conditioning"]
+
+
+@dataclass
+class TextEmbeddings:
+    """hidden: [n, tokens, cross_attention_dim]; pooled: SDXL's second encoder's projected embedding [n, d]."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
+def encode_text(components: SDComponents, input_ids: Sequence[torch.Tensor]) -> TextEmbeddings:
+    """Run the text encoder(s) on token ids (one tensor per tokenizer) on the encoders' device."""
+    torch = require("torch")
+    if components.architecture != "sdxl":
+        encoder = components.text_encoder
+        return TextEmbeddings(encoder(input_ids[0].to(_device(encoder)))[0])
+    first, second = components.text_encoder, components.text_encoder_2
+    # As StableDiffusionXLPipeline.encode_prompt: penultimate layers of both, pooled output of the second.
+    out_1 = first(input_ids[0].to(_device(first)), output_hidden_states=True)
+    out_2 = second(input_ids[1].to(_device(second)), output_hidden_states=True)
+    hidden_2 = out_2.hidden_states[-2]
+    hidden = torch.cat([out_1.hidden_states[-2].to(hidden_2.dtype), hidden_2], dim=-1)
+    return TextEmbeddings(hidden, out_2.text_embeds)
+
+
+def unet_conditioning(
+    components: SDComponents, embeddings: TextEmbeddings, time_ids: torch.Tensor | None, *, device: Any
+) -> dict[str, Any]:
+    """Keyword arguments of unet(noisy, timesteps, **kwargs): the text, and for SDXL the pooled text and
+    the time ids (original size, crop top-left, target size of each image, as data.Crop.time_ids)."""
+    kwargs: dict[str, Any] = {"encoder_hidden_states": embeddings.hidden.to(device)}
+    if components.architecture == "sdxl":
+        if time_ids is None or embeddings.pooled is None:
+            raise ValueError("an SDXL UNet needs the pooled text embedding and each image's time ids")
+        pooled = embeddings.pooled.to(device)
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(device, pooled.dtype)}
+    return kwargs
+
+
+def _device(module: Any) -> Any:
+    return next(module.parameters()).device
+
+
+class TextEmbeddingCache:
+    """Frozen text encoders' outputs per caption, kept on the CPU: each caption is encoded once, after which
+    the encoders can leave the GPU. Only valid while no text encoder trains."""
+
+    def __init__(self) -> None:
+        self._store: dict[str, TextEmbeddings] = {}
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def fill(self, components: SDComponents, captions: Sequence[str], *, batch_size: int = 16) -> None:
+        """Encode every caption not cached yet, batch_size at a time (no gradient)."""
+        torch = require("torch")
+        from ..data import token_ids
+
+        todo = sorted(set(captions) - set(self._store))
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            with torch.no_grad():
+                ids = [token_ids(tokenizer, chunk) for tokenizer in components.tokenizers]
+                encoded = encode_text(components, ids)
+            for row, caption in enumerate(chunk):
+                pooled = None if encoded.pooled is None else encoded.pooled[row].cpu()
+                self._store[caption] = TextEmbeddings(encoded.hidden[row].cpu(), pooled)
+
+    def get(self, captions: Sequence[str]) -> TextEmbeddings:
+        """The embeddings of a batch's captions, stacked (on the CPU); every caption must be cached."""
+        torch = require("torch")
+        missing = [c for c in captions if c not in self._store]
+        if missing:
+            raise KeyError(
+                f"{len(missing)} caption(s) were never encoded, e.g. {missing[0]!r}; call fill first"
+            )
+        rows = [self._store[c] for c in captions]
+        pooled = None if rows[0].pooled is None else torch.stack([r.pooled for r in rows])
+        return TextEmbeddings(torch.stack([r.hidden for r in rows]), pooled)
