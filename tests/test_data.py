@@ -446,3 +446,61 @@ def test_latent_cache_disabled_samples_every_time(vae, monkeypatch):
     with torch.no_grad():
         mean = vae.encode(batch["pixel_values"]).latent_dist.mode() * 0.5
     assert not torch.equal(a, mean)  # a sample, not the mean
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Crop plans and SDXL's size/crop conditioning (golden values worked out by hand)
+
+
+@pytest.mark.parametrize(
+    ("image", "bucket", "cover", "left_top", "time_ids"),
+    [
+        # 3:2 photo into a 3:2 bucket: scaled down, nothing cut
+        ((3000, 2000), (768, 512), (768, 512), (0, 0), (2000, 3000, 0, 0, 512, 768)),
+        # portrait into a square: covers at 512x1024, the centre 512 rows kept from row 256
+        ((1000, 2000), (512, 512), (512, 1024), (0, 256), (2000, 1000, 256, 0, 512, 512)),
+        # landscape 4:3 into a square: 683x512 (682.67 rounded), columns from (683-512)//2 = 85
+        ((800, 600), (512, 512), (683, 512), (85, 0), (600, 800, 0, 85, 512, 512)),
+        # smaller than the bucket: scaled up to cover
+        ((100, 50), (256, 128), (256, 128), (0, 0), (50, 100, 0, 0, 128, 256)),
+    ],
+)
+def test_centre_crop_plans_and_time_ids(image, bucket, cover, left_top, time_ids):
+    from edtools.data import plan_crop
+
+    crop = plan_crop(*image, *bucket)
+    assert (crop.cover, (crop.left, crop.top), crop.size) == (cover, left_top, bucket)
+    assert crop.time_ids() == time_ids
+
+
+def test_random_crop_and_flip_time_ids():
+    from edtools.data import plan_crop
+
+    crop = plan_crop(800, 600, 512, 512, center_crop=False, flip=False, rng=np.random.default_rng(3))
+    left = int(np.random.default_rng(3).integers(0, 683 - 512 + 1))  # the same draw, by hand
+    assert (crop.left, crop.top) == (left, 0) and crop.time_ids() == (600, 800, 0, left, 512, 512)
+    flipped = plan_crop(800, 600, 512, 512, center_crop=False, flip=True, rng=np.random.default_rng(3))
+    # mirrored, the kept columns start 683 - left - 512 from the left edge of the mirrored image
+    assert flipped.time_ids() == (600, 800, 0, 683 - left - 512, 512, 512)
+    assert plan_crop(800, 600, 512, 512, flip=True).time_ids() == (600, 800, 0, 683 - 85 - 512, 512, 512)
+
+
+def test_batches_carry_each_images_time_ids_from_its_real_size(tree, tokenizer):
+    from edtools.data import decode_image
+
+    root = tree({"a": 2}, sizes=((120, 60), (60, 90)))
+    dataset = load_dataset(root)
+    schedule = build_epoch(dataset, epoch=0, seed=1, batch_size=1, resolution=64)
+    batches = ScheduleBatches(dataset, schedule, (tokenizer, tokenizer), seed=1)
+    seen = {}
+    for b in range(len(batches)):
+        batch = batches[b]
+        (i,) = batch["image_index"].tolist()
+        (crop,) = batches.crops(b)
+        seen[dataset.paths[i]] = batch["time_ids"][0].tolist()
+        assert batch["time_ids"][0].tolist() == list(crop.time_ids())
+        assert torch.equal(batch["pixel_values"][0], decode_image(root / dataset.paths[i], crop))
+        assert torch.equal(batch["input_ids"], batch["input_ids_2"]) and batch["captions"] == [dataset.captions[i]]
+    # At resolution 64 the only bucket is 64x64: 120x60 covers it at 128x64 and loses 32 columns each side,
+    # 60x90 covers it at 64x96 and loses 16 rows at the top and the bottom.
+    assert seen == {"a/a_000.png": [60, 120, 0, 32, 64, 64], "a/a_001.png": [90, 60, 16, 0, 64, 64]}
