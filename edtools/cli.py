@@ -1,4 +1,4 @@
-"""The `edtools` command line: scan, schedule, make-demo, make-tiny-model, train.
+"""The `edtools` command line: scan, schedule, make-demo, make-tiny-model, convert, train.
 
 Each subcommand is a thin shell over the package's functions; exit code 2 means the data or config is wrong.
 """
@@ -99,6 +99,37 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .errors import ModelError
+    from .models import load_components, save_components
+    from .models.single_file import save_single_file
+
+    destination = Path(args.dst).expanduser()
+    single = destination.suffix.lower() == ".safetensors"
+    if destination.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        raise ModelError(
+            f"{destination}: edtools writes single files as .safetensors only (AUTOMATIC1111, ComfyUI and "
+            "Forge load them, and unlike .ckpt they cannot carry code); name it "
+            f"{destination.with_suffix('.safetensors').name}"
+        )
+    if destination.resolve() == Path(args.src).expanduser().resolve():
+        raise ModelError(f"{destination} is the source itself: choose another destination")
+    dtype = args.dtype or ("fp16" if single else "fp32")
+    components = load_components(args.src, model_config=args.config)
+    if single:
+        path = save_single_file(components, destination, dtype=dtype)
+        print(f"{components.architecture.upper()} single file ({dtype}) written to {path}")
+    else:
+        import torch
+
+        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        for module in (components.unet, components.vae, *components.text_encoders):
+            module.to(torch_dtype)
+        path = save_components(components, destination)
+        print(f"{components.architecture.upper()} diffusers folder ({dtype}) written to {path}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import ConfigError, TrainConfig, read_config_file
     from .train import train
@@ -145,6 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sdxl", action="store_true", help="same as --architecture sdxl")
     p.add_argument("--real-blocks", action="store_true", help="the real models' block structure (slower)")
     p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert between a diffusers folder and a single .safetensors file (AUTOMATIC1111 / ComfyUI layout)",
+    )
+    p.add_argument("src", help="a diffusers folder, a single .safetensors/.ckpt file or a hub id")
+    p.add_argument("dst", help="ending in .safetensors: a single file; anything else: a diffusers folder")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "bf16"),
+        help="weights' type (default fp16 for a file, fp32 for a folder)",
+    )
+    p.add_argument(
+        "--config", help="for a single-file source: a diffusers folder or hub id with its component configs"
+    )
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", help="train a Stable Diffusion model on a data root")
     p.add_argument("--config", help="YAML or JSON file with TrainConfig fields; flags given here override it")

@@ -470,3 +470,52 @@ def test_tiny_model_trains_stops_and_resumes_from_the_panel(tmp_path, monkeypatc
     assert epoch.images_per_concept["people/alice"] == 12  # 24 x 0.5: the unsaved slider value trained
     assert any(e.kind == "sample" for e in training.events)
     assert len(training.samples.children) == 1
+
+
+def test_preset_fills_the_form_and_the_rest_of_the_config(training_parts):
+    _, training = training_parts
+    training.preset.value = "sdxl-lora-t4"
+    assert (training.resolution.value, training.batch_size.value, training.lora_rank.value) == (1024, 1, 16)
+    assert training.mixed_precision.value == "fp16" and training.lr.value == 1e-4
+    assert "SDXL LoRA" in training.preset_note.value
+    training.save_single_file.value = True
+    training.model_config.value = " configs/sdxl "
+    config = training.config()
+    assert (config.preset, config.lora_rank, config.lora_lr, config.resolution) == (
+        "sdxl-lora-t4",
+        16,
+        1e-4,
+        1024,
+    )
+    assert config.cache_text_embeddings and config.gradient_checkpointing  # from the preset, not the form
+    assert config.save_single_file and config.model_config == "configs/sdxl"
+    training.batch_size.value = 2  # the form's own values win over the preset's
+    assert training.config().batch_size == 2
+
+
+def test_learning_rate_box_follows_full_or_lora(training_parts):
+    _, training = training_parts
+    training.lora_rank.value = 0
+    training.lr.value = 3e-6
+    training.lora_rank.value = 8
+    assert training.lr.value == 1e-4  # the LoRA learning rate
+    training.lr.value = 5e-5
+    assert training.config().lora_lr == 5e-5 and training.config().lr == 1e-6
+    training.lora_rank.value = 0
+    assert training.lr.value == 3e-6 and training.config().lr == 3e-6
+
+
+def test_preset_is_suggested_from_the_model_and_the_gpu_memory(training_parts, tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    from edtools.models import make_tiny_model
+
+    _, training = training_parts
+    monkeypatch.setattr("edtools.widgets.training.gpu_memory_gib", lambda: 15.0)
+    training.model.value = str(make_tiny_model(tmp_path / "sdxl", "sdxl"))
+    assert training.preset.value == "sdxl-lora-t4" and training.lora_rank.value == 16
+    assert "the GPU has 15 GB" in training.preset_note.value
+    training.model.value = str(make_tiny_model(tmp_path / "sd", "sd1"))
+    assert training.preset.value == "sd15-full-t4" and training.lora_rank.value == 0
+    monkeypatch.setattr("edtools.widgets.training.gpu_memory_gib", lambda: None)
+    training.suggest_preset()
+    assert training.preset.value == "" and "no GPU" in training.preset_note.value

@@ -22,6 +22,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "SINGLE_FILE_SUFFIXES",
     "SDComponents",
+    "guess_architecture",
     "load_components",
     "make_pipeline",
     "save_components",
@@ -196,6 +197,28 @@ def load_components(
     components = SDComponents(unet, text_encoder, tokenizer, vae, noise_scheduler, **second)
     check_prediction_type(components, model)
     return components
+
+
+def guess_architecture(model: str) -> str | None:
+    """ "sd" or "sdxl" from a model's files without loading weights (a folder's model_index.json, a
+    .safetensors file's tensor names), or None when that cannot tell (hub ids, .ckpt files, broken files)."""
+    path = Path(model).expanduser()
+    try:
+        if path.is_dir():
+            index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+            return "sdxl" if "text_encoder_2" in index else "sd"
+        if path.is_file() and path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as file:
+                keys = list(file.keys())
+            if any(k.startswith("conditioner.embedders.1.") for k in keys):
+                return "sdxl"
+            if any(k.startswith("cond_stage_model.") for k in keys):
+                return "sd"
+    except (OSError, ValueError, ImportError):
+        return None
+    return None
 
 
 def check_prediction_type(components: SDComponents, model: str) -> None:

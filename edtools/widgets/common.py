@@ -18,7 +18,7 @@ except ImportError as exc:  # the panels are what this package is for
         "edtools.widgets needs ipywidgets: pip install 'ipywidgets>=7.7' (or the [notebook] extra)"
     ) from exc
 
-__all__ = ["default_data_root", "gpu_status", "smoke_mode", "widgets"]
+__all__ = ["default_data_root", "gpu_memory_gib", "gpu_status", "smoke_mode", "widgets"]
 
 DEMO_DIR = Path("edtools_demo")  # relative to the notebook's folder (/content on Colab)
 SMOKE_ENV = "EDTOOLS_SMOKE"
@@ -36,6 +36,17 @@ def smoke_mode() -> bool:
 def default_data_root() -> Path:
     """$EDTOOLS_DATA_ROOT, else the demo data root next to the notebook (made on the fly when missing)."""
     return Path(os.environ.get(DATA_ROOT_ENV) or DEMO_DIR / "data")
+
+
+def gpu_memory_gib() -> float | None:
+    """The first CUDA GPU's total memory in GiB, or None without one."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
 def gpu_status() -> str:

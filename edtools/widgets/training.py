@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..dataset import Dataset
+from ..presets import PRESETS, choose_preset
 from ..schedule import build_epoch, make_buckets
 from .balance import BalancePanel
-from .common import DEMO_DIR, RESOLUTIONS, _Panel, _png, _short, smoke_mode, widgets
+from .common import DEMO_DIR, RESOLUTIONS, _Panel, _png, _short, gpu_memory_gib, smoke_mode, widgets
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -148,9 +149,32 @@ class TrainingPanel(_Panel):
         self.model = widgets.Text(
             value=str(defaults.get("model") or "stable-diffusion-v1-5/stable-diffusion-v1-5"),
             description="model",
-            placeholder="diffusers folder or Hugging Face hub id",
+            placeholder="a .safetensors file (e.g. on Google Drive), a diffusers folder or a Hugging Face hub id",
             layout=full,
             **text,
+        )
+        self.model_config = widgets.Text(
+            value=str(defaults.get("model_config") or ""),
+            description="model config",
+            placeholder="single files only, when asked: a diffusers folder or hub id with the model's configs",
+            layout=full,
+            **text,
+        )
+        self.preset = widgets.Dropdown(
+            options=[("none", "")] + [(name, name) for name in PRESETS],
+            value=defaults.get("preset") or "",
+            description="preset",
+            **text,
+        )
+        self.preset_note = widgets.HTML()
+        self.preset_note.add_class("edtools-preset")
+        self.lora_rank = widgets.IntText(
+            value=int(defaults.get("lora_rank") or 0), description="LoRA rank (0 = full)", **text
+        )
+        self.save_single_file = widgets.Checkbox(
+            value=bool(defaults.get("save_single_file")),
+            description="also save a single file for A1111/ComfyUI",
+            indent=False,
         )
         self.out = widgets.Text(
             value=str(defaults.get("out") or "edtools_output"),
@@ -158,7 +182,7 @@ class TrainingPanel(_Panel):
             layout=full,
             **text,
         )
-        resolution = int(defaults.get("resolution", 512))
+        resolution = int(defaults.get("resolution") or 512)
         self.resolution = widgets.Dropdown(
             options=sorted(set(RESOLUTIONS) | {resolution}),
             value=resolution,
@@ -179,8 +203,8 @@ class TrainingPanel(_Panel):
             **text,
         )
         self.mixed_precision = widgets.Dropdown(
-            options=["no", "fp16", "bf16"],
-            value=defaults.get("mixed_precision", "no"),
+            options=["auto", "no", "fp16", "bf16"],
+            value=defaults.get("mixed_precision", "auto"),
             description="mixed precision",
             **text,
         )
@@ -233,16 +257,29 @@ class TrainingPanel(_Panel):
         for widget in (self.batch_size, self.resolution, self.seed):
             widget.observe(lambda _: self._schedule_changed(), "value")
         self._schedule_changed()
+        # The learning rate box shows lr for a full fine-tune and lora_lr for LoRA; each is kept for its kind.
+        self._lrs = {False: float(defaults.get("lr", 1e-6)), True: float(defaults.get("lora_lr", 1e-4))}
+        self.lr.value = self._lrs[self.lora_rank.value > 0]
+        self.lr.observe(
+            lambda _: self._lrs.__setitem__(self.lora_rank.value > 0, float(self.lr.value)), "value"
+        )
+        self.lora_rank.observe(self._lora_changed, "value")
+        self.preset.observe(lambda change: self.apply_preset(change["new"]), "value")
+        self.model.observe(lambda _: self.suggest_preset(), "value")
+        if not self.smoke and not defaults.get("preset"):
+            self.suggest_preset()
 
         form = widgets.VBox(
             [
                 self.model,
+                self.model_config,
                 self.out,
+                widgets.HBox([self.preset, self.preset_note]),
                 widgets.HBox([self.resolution, self.batch_size, self.epochs]),
                 widgets.HBox([self.lr, self.optimizer, self.mixed_precision]),
-                widgets.HBox([self.seed, self.sample_every]),
+                widgets.HBox([self.lora_rank, self.seed, self.sample_every]),
                 self.sample_prompts,
-                self.earlier_run,
+                widgets.HBox([self.earlier_run, self.save_single_file]),
             ]
         )
         self.widget = widgets.VBox(
@@ -260,6 +297,38 @@ class TrainingPanel(_Panel):
         )
         self.widget.add_class("edtools-training")
 
+    def suggest_preset(self) -> None:
+        """Pick the preset for this model on this GPU (by its total memory) and say which and why."""
+        from ..models import guess_architecture
+
+        architecture = guess_architecture(self.model.value.strip()) or "sd"
+        preset, why = choose_preset(architecture, gpu_memory_gib())
+        self.preset.value = preset.name if preset is not None else ""
+        self.preset_note.value = f"<small>{html.escape(why)}</small>"
+
+    def apply_preset(self, name: str) -> None:
+        """Show a preset's settings in the form (the rest of them apply when training starts)."""
+        if not name:
+            self.preset_note.value = "<small>no preset: the settings below and TrainConfig's defaults</small>"
+            return
+        settings = PRESETS[name].settings
+        self.lora_rank.value = int(settings.get("lora_rank", 0))
+        lora = self.lora_rank.value > 0
+        if "lora_lr" in settings or "lr" in settings:
+            self.lr.value = float(settings["lora_lr"] if lora else settings["lr"])
+        for key in ("batch_size", "optimizer", "mixed_precision"):
+            if key in settings:
+                getattr(self, key).value = settings[key]
+        if "resolution" in settings:
+            resolution = int(settings["resolution"])
+            self.resolution.options = sorted(set(self.resolution.options) | {resolution})
+            self.resolution.value = resolution
+        self.preset_note.value = f"<small>{html.escape(PRESETS[name].summary)}</small>"
+
+    def _lora_changed(self, change) -> None:
+        if (change["old"] > 0) != (change["new"] > 0):
+            self.lr.value = self._lrs[change["new"] > 0]
+
     def _schedule_changed(self) -> None:
         self.balance.set_schedule(
             batch_size=self.batch_size.value, resolution=self.resolution.value, seed=self.seed.value
@@ -273,11 +342,15 @@ class TrainingPanel(_Panel):
         values = {
             "data_root": str(self.balance.disk.root if self.balance.disk else ""),
             "model": self.model.value.strip(),
+            "model_config": self.model_config.value.strip() or None,
+            "preset": self.preset.value or None,
+            "lora_rank": int(self.lora_rank.value),
+            "save_single_file": bool(self.save_single_file.value),
             "out": self.out.value.strip(),
             "resolution": int(self.resolution.value),
             "batch_size": int(self.batch_size.value),
             "epochs": int(self.epochs.value),
-            "lr": float(self.lr.value),
+            ("lora_lr" if self.lora_rank.value > 0 else "lr"): float(self.lr.value),
             "optimizer": self.optimizer.value,
             "mixed_precision": self.mixed_precision.value,
             "seed": int(self.seed.value),
