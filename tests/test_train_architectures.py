@@ -86,3 +86,99 @@ def test_sdxl_stop_and_resume_equals_the_uninterrupted_run(tree, sdxl_model, tmp
             state(getattr(load_components(last.checkpoint), name)),
         )
         assert not moved(a, b), name
+
+
+@pytest.fixture(scope="module")
+def sd_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("sd") / "model")
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def sample(pipeline) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    images = pipeline("a photo of a cat", num_inference_steps=2, height=64, width=64, generator=generator)
+    return torch.from_numpy(
+        images.images[0] if not hasattr(images.images[0], "size") else _np(images.images[0])
+    )
+
+
+def _np(image):
+    import numpy as np
+
+    return np.asarray(image, dtype=np.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["sd1", "sdxl"])
+def test_lora_run_writes_kohya_files_that_diffusers_loads_and_leaves_the_base_model_alone(
+    tree, sd_model, sdxl_model, tmp_path, architecture
+):
+    model = sdxl_model if architecture == "sdxl" else sd_model
+    before = files_of(model)
+    root = tree({"a": 3, "b": 2})
+    config = make_config(
+        root,
+        model,
+        tmp_path / "out",
+        lora_rank=4,
+        lora_lr=1e-2,
+        lora_text_encoder=True,
+        train_text_encoder=False,
+        save_single_file=True,
+        sample_prompts=("a photo of a cat",),
+        sample_steps=2,
+    )
+    events = []
+    result = train(config, events.append)
+    assert files_of(model) == before  # the base model's files are never written
+    checkpoint = Path(result.checkpoint)
+    lora_file = checkpoint / "lora.safetensors"
+    beside = checkpoint.with_name(checkpoint.name + ".safetensors")
+    assert lora_file.is_file() and beside.read_bytes() == lora_file.read_bytes()
+    assert not (checkpoint / "unet").exists()  # a LoRA checkpoint holds the adapters, not the model
+
+    from edtools.models.lora import read_lora_file
+
+    tensors, metadata = read_lora_file(lora_file)
+    prefixes = {key.split("_")[1] for key in tensors}
+    assert prefixes == ({"unet", "te1", "te2"} if architecture == "sdxl" else {"unet", "te"})
+    assert metadata["ss_network_dim"] == "4" and metadata["edtools.global_step"] == str(result.global_step)
+    assert '"concept": "a"' in metadata["edtools.concepts"]
+
+    pipeline_class = (
+        diffusers.StableDiffusionXLPipeline if architecture == "sdxl" else diffusers.StableDiffusionPipeline
+    )
+    pipeline = pipeline_class.from_pretrained(str(model))
+    pipeline.set_progress_bar_config(disable=True)
+    base = sample(pipeline)
+    pipeline.load_lora_weights(str(lora_file))
+    assert not torch.allclose(sample(pipeline), base)  # the LoRA changes diffusers' output
+    assert [e for e in events if e.kind == "sample"]
+
+
+@pytest.mark.slow
+def test_lora_stop_and_resume_equals_the_uninterrupted_run(tree, sd_model, tmp_path):
+    root = tree({"a": 3, "b": 3}, sizes=((64, 64), (128, 64)))
+    config = make_config(
+        root, sd_model, tmp_path / "whole", lora_rank=4, lora_dropout=0.1, lora_text_encoder=True, flip_p=0.5
+    )
+    whole = train(config)
+    parts = dataclasses.replace(config, out=str(tmp_path / "parts"))
+    first = train(dataclasses.replace(parts, max_steps=2))
+    assert first.stop_reason == "max_steps"
+    with pytest.raises(Exception, match="lora_rank: checkpoint 4, now 8"):
+        train(dataclasses.replace(parts, resume=True, lora_rank=8))
+    last = train(dataclasses.replace(parts, resume=True))
+    assert last.global_step == whole.global_step
+
+    from edtools.models.lora import read_lora_file
+
+    a, _ = read_lora_file(Path(whole.checkpoint) / "lora.safetensors")
+    b, _ = read_lora_file(Path(last.checkpoint) / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state_a = torch.load(Path(whole.checkpoint) / "resume" / "state.pt", weights_only=True)["lora"]
+    state_b = torch.load(Path(last.checkpoint) / "resume" / "state.pt", weights_only=True)["lora"]
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)

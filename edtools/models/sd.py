@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +72,20 @@ class SDComponents:
 
 # ---------------------------------------------------------------------------------------------------------
 # Loading
+
+
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers' per-model "Loading weights" / "Writing model shards" bars off for a block (downloads keep
+    theirs: those are huggingface_hub's)."""
+    logging = require("transformers.utils.logging")
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 def _model_index(source: str, *, local: bool, hub: dict) -> dict:
@@ -136,8 +152,6 @@ def load_components(
     dtype: torch dtype for the weights (None = float32).
     """
     torch = require("torch")
-    diffusers = require("diffusers")
-    transformers = require("transformers")
 
     path = Path(model).expanduser()
     if path.is_file() or (not path.is_dir() and path.suffix.lower() in SINGLE_FILE_SUFFIXES):
@@ -167,23 +181,8 @@ def load_components(
             )
     dtype = torch.float32 if dtype is None else dtype
     try:
-        unet = diffusers.UNet2DConditionModel.from_pretrained(
-            source, subfolder="unet", torch_dtype=dtype, **hub
-        )
-        vae = diffusers.AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **hub)
-        text_encoder = transformers.CLIPTextModel.from_pretrained(
-            source, subfolder="text_encoder", dtype=dtype, **hub
-        )
-        tokenizer = transformers.CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub)
-        noise_scheduler = diffusers.DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub)
-        second = {}
-        if architecture == "sdxl":
-            second["text_encoder_2"] = transformers.CLIPTextModelWithProjection.from_pretrained(
-                source, subfolder="text_encoder_2", dtype=dtype, **hub
-            )
-            second["tokenizer_2"] = transformers.CLIPTokenizer.from_pretrained(
-                source, subfolder="tokenizer_2", **hub
-            )
+        with quiet_progress():
+            components = _load_parts(source, architecture, dtype, hub)
     except (OSError, ValueError) as exc:
         if path.is_dir():
             hint = "the folder is incomplete or damaged; re-save or re-download it"
@@ -194,9 +193,30 @@ def load_components(
         raise ModelError(
             f"could not load Stable Diffusion model '{model}': {str(exc).rstrip('.')}. {hint}"
         ) from exc
-    components = SDComponents(unet, text_encoder, tokenizer, vae, noise_scheduler, **second)
     check_prediction_type(components, model)
     return components
+
+
+def _load_parts(source: str, architecture: str, dtype: torch.dtype, hub: dict) -> SDComponents:
+    """Each part from its subfolder of a diffusers folder or hub id."""
+    diffusers = require("diffusers")
+    transformers = require("transformers")
+    unet = diffusers.UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **hub)
+    vae = diffusers.AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **hub)
+    text_encoder = transformers.CLIPTextModel.from_pretrained(
+        source, subfolder="text_encoder", dtype=dtype, **hub
+    )
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub)
+    noise_scheduler = diffusers.DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub)
+    second = {}
+    if architecture == "sdxl":
+        second["text_encoder_2"] = transformers.CLIPTextModelWithProjection.from_pretrained(
+            source, subfolder="text_encoder_2", dtype=dtype, **hub
+        )
+        second["tokenizer_2"] = transformers.CLIPTokenizer.from_pretrained(
+            source, subfolder="tokenizer_2", **hub
+        )
+    return SDComponents(unet, text_encoder, tokenizer, vae, noise_scheduler, **second)
 
 
 def guess_architecture(model: str) -> str | None:
@@ -277,7 +297,8 @@ def save_components(components: SDComponents, out_dir: str | os.PathLike) -> Pat
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     old = None
     try:
-        pipeline.save_pretrained(tmp, safe_serialization=True)
+        with quiet_progress():
+            pipeline.save_pretrained(tmp, safe_serialization=True)
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
             os.replace(out, old / out.name)

@@ -125,6 +125,12 @@ def autocast(config: TrainConfig, device: Any):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+def _cuda_devices(device: Any) -> list[int]:
+    torch = require("torch")
+    device = torch.device(device)
+    return [device.index or 0] if device.type == "cuda" else []
+
+
 def _distributed() -> bool:
     import torch.distributed as dist
 
@@ -160,6 +166,13 @@ def weight_dtype(config: TrainConfig) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
 
 
+def _place(module: Any, device: Any, dtype: torch.dtype) -> None:
+    """Move and cast a module. torch's own Module.to: diffusers' override warns on every cast, even of models
+    that keep nothing in float32."""
+    torch = require("torch")
+    torch.nn.Module.to(module, device=device, dtype=dtype)
+
+
 def _checkpoint_text_encoder(text_encoder: Any) -> None:
     if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5
         text_encoder.activation_checkpointing_enable({"use_reentrant": False})
@@ -176,14 +189,14 @@ def prepare_modules(components: SDComponents, config: TrainConfig, device: Any) 
     torch = require("torch")
     frozen = weight_dtype(config)
     vae_dtype = torch.float32 if getattr(components.vae.config, "force_upcast", False) else frozen
-    components.vae.requires_grad_(False).eval().to(device, vae_dtype)
+    _place(components.vae.requires_grad_(False).eval(), device, vae_dtype)
     encoders = components.text_encoders
     if config.lora_rank > 0:
         from ..models.lora import add_lora
 
-        components.unet.requires_grad_(False).to(device, frozen)
+        _place(components.unet.requires_grad_(False), device, frozen)
         for encoder in encoders:
-            encoder.requires_grad_(False).eval().to(device, frozen)
+            _place(encoder.requires_grad_(False).eval(), device, frozen)
         params = add_lora(
             components,
             rank=config.lora_rank,
@@ -197,16 +210,16 @@ def prepare_modules(components: SDComponents, config: TrainConfig, device: Any) 
         components.unet.train()
         trained_encoders = encoders if config.lora_text_encoder else ()
     else:
-        components.unet.requires_grad_(True).train().to(device, torch.float32)
+        _place(components.unet.requires_grad_(True).train(), device, torch.float32)
         params = list(components.unet.parameters())
         wanted = (config.train_text_encoder, bool(config.train_text_encoder_2))
         trained_encoders = tuple(e for e, train in zip(encoders, wanted, strict=False) if train)
         for encoder in encoders:
             if encoder in trained_encoders:
-                encoder.requires_grad_(True).train().to(device, torch.float32)
+                _place(encoder.requires_grad_(True).train(), device, torch.float32)
                 params += list(encoder.parameters())
             else:
-                encoder.requires_grad_(False).eval().to(device, frozen)
+                _place(encoder.requires_grad_(False).eval(), device, frozen)
     if config.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         for encoder in trained_encoders:
@@ -251,6 +264,10 @@ def train_step(
     device = vae.device
     distributed = _distributed()
     with ExitStack() as stack:
+        # Dropout (LoRA's, a model's own) draws from torch's global generator: seed it from this batch's
+        # generator for the step, and give the caller's state back afterwards. Resume stays exact.
+        stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(device)))
+        torch.manual_seed(generator.initial_seed())
         if not sync:  # no gradient all-reduce until the group's last batch
             for module in (unet, *encoders):
                 if isinstance(module, torch.nn.parallel.DistributedDataParallel):
