@@ -101,8 +101,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .errors import ModelError
-    from .models import load_components, save_components
-    from .models.single_file import save_single_file
+    from .models import load_components, save_components, save_single_file
 
     destination = Path(args.dst).expanduser()
     single = destination.suffix.lower() == ".safetensors"

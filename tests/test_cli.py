@@ -8,6 +8,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from edtools.cli import main
 from edtools.dataset import load_dataset
 from edtools.demo import DEMO_CONCEPTS
@@ -84,3 +86,77 @@ def test_train_refuses_resume_without_checkpoint(tree, tmp_path, capsys):
     assert capsys.readouterr().err.strip()
     assert main([*args, "--epochs", "0"]) == 2  # a bad value is a message and exit code 2, not a traceback
     assert "epochs" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Single files: convert, train from one, save them; model errors are messages
+
+
+def test_convert_between_folder_and_single_file_both_ways(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from edtools.models import load_components, make_tiny_model, read_state_dict
+
+    folder = make_tiny_model(tmp_path / "tiny", "sdxl")
+    single = tmp_path / "exported" / "tiny.safetensors"
+    assert main(["convert", str(folder), str(single)]) == 0
+    assert "SDXL single file (fp16)" in capsys.readouterr().out
+    tensors, metadata = read_state_dict(single)
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+    assert main(["convert", str(single), str(tmp_path / "back"), "--config", str(folder)]) == 0
+    original, back = load_components(str(folder)), load_components(str(tmp_path / "back"))
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for key, value in getattr(original, name).state_dict().items():
+            expected = value.half().float() if value.is_floating_point() else value
+            assert torch.equal(getattr(back, name).state_dict()[key], expected), f"{name}.{key}"
+    assert main(["convert", str(folder), str(tmp_path / "full.safetensors"), "--dtype", "fp32"]) == 0
+    full, _ = read_state_dict(tmp_path / "full.safetensors")
+    assert {t.dtype for t in full.values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_model_problems_are_one_message_and_exit_code_2(tmp_path, tree, capsys):
+    pytest.importorskip("torch")
+    from edtools.models import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "tiny")
+    assert main(["convert", str(folder), str(tmp_path / "model.ckpt")]) == 2
+    assert "writes single files as .safetensors only" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "missing.safetensors"), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.safetensors" in err and "Traceback" not in err
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    args = ["train", "--data-root", str(tree({"a": 2})), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    assert main([*args, "--model", str(tmp_path / "broken.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "broken.safetensors" in err and "Traceback" not in err
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "model_index.json").write_text("{")
+    assert main([*args, "--model", str(tmp_path / "damaged")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_train_from_a_single_file_and_save_single_files(tmp_path, tree, capsys):
+    torch = pytest.importorskip("torch")
+    from edtools.models import load_components, load_single_file, make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "tiny")
+    single = tmp_path / "model.safetensors"
+    assert main(["convert", str(folder), str(single), "--dtype", "fp32"]) == 0
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--data-root",
+        str(tree({"a": 2})),
+        "--model",
+        str(single),
+        "--model-config",
+        str(folder),
+    ]
+    args += ["--out", str(out), "--epochs", "1", "--batch-size", "2", "--resolution", "64", "--lr", "1e-3"]
+    assert main([*args, "--device", "cpu", "--save-single-file", "--no-progress-bar"]) == 0
+    (checkpoint,) = sorted((out / "checkpoints").glob("step-*[0-9]"))
+    beside = checkpoint.with_name(checkpoint.name + ".safetensors")
+    trained, exported = load_components(str(checkpoint)), load_single_file(beside, model_config=str(folder))
+    weight = trained.unet.conv_in.weight
+    assert torch.equal(exported.unet.conv_in.weight, weight.half().float())
+    assert not torch.equal(weight, load_components(str(folder)).unet.conv_in.weight)

@@ -500,7 +500,9 @@ def test_batches_carry_each_images_time_ids_from_its_real_size(tree, tokenizer):
         seen[dataset.paths[i]] = batch["time_ids"][0].tolist()
         assert batch["time_ids"][0].tolist() == list(crop.time_ids())
         assert torch.equal(batch["pixel_values"][0], decode_image(root / dataset.paths[i], crop))
-        assert torch.equal(batch["input_ids"], batch["input_ids_2"]) and batch["captions"] == [dataset.captions[i]]
+        assert torch.equal(batch["input_ids"], batch["input_ids_2"]) and batch["captions"] == [
+            dataset.captions[i]
+        ]
     # At resolution 64 the only bucket is 64x64: 120x60 covers it at 128x64 and loses 32 columns each side,
     # 60x90 covers it at 64x96 and loses 16 rows at the top and the bottom.
     assert seen == {"a/a_000.png": [60, 120, 0, 32, 64, 64], "a/a_001.png": [90, 60, 16, 0, 64, 64]}

@@ -187,7 +187,7 @@ def save_checkpoint(
             shutil.copyfile(final / LORA_FILE, tmp)
             os.replace(tmp, single)
         else:
-            from ..models.single_file import save_single_file
+            from ..models import save_single_file
 
             save_single_file(components, single, dtype="fp16", metadata=metadata)
     return final

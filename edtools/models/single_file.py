@@ -1,0 +1,542 @@
+"""Single-file Stable Diffusion checkpoints: the .safetensors / .ckpt files AUTOMATIC1111, ComfyUI, Forge use.
+
+Read without running pickled code, told apart (SD 1.x/2.x/SDXL), loaded by diffusers' converters.
+(Writing them is single_file_layout's job.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ModelError, require
+from .sd import SDComponents, check_prediction_type
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SAVE_DTYPES", "detect_architecture", "load_single_file", "read_state_dict"]
+
+logger = logging.getLogger("edtools.models")
+
+SAVE_DTYPES = ("fp16", "bf16", "fp32")
+_NAME = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL"}
+_A = {"sd1": "a Stable Diffusion 1.x", "sd2": "a Stable Diffusion 2.x", "sdxl": "an SDXL"}
+# diffusers' model type (keys of single_file_utils.DIFFUSERS_DEFAULT_PIPELINE_PATHS) of each architecture
+_MODEL_TYPE = {"sd1": "v1", "sd2": "v2", "sdxl": "xl_base"}
+_UNET, _VAE = "model.diffusion_model.", "first_stage_model."
+_TEXT = {
+    "sd1": ("cond_stage_model.transformer.",),
+    "sd2": ("cond_stage_model.model.",),
+    "sdxl": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
+}
+_PREFIXES = (_UNET, _VAE, "cond_stage_model.", "conditioner.embedders.")
+_ACCEPTS = (
+    "edtools loads single-file Stable Diffusion 1.x, 2.x and SDXL base checkpoints (model.diffusion_model.*, "
+    "first_stage_model.* and cond_stage_model.* or conditioner.embedders.* weights, as AUTOMATIC1111, ComfyUI "
+    "and Forge save them), or a diffusers folder"
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a .safetensors or .ckpt/.pt/.pth/.bin file and its safetensors header metadata ({} for
+    pickles). Pickled files are read with torch.load(weights_only=True) only: one that needs any other Python
+    object is refused, never executed. Nested "state_dict" wrappers are removed, non-tensors dropped."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelError(f"model file {path} does not exist; check the path")
+    if not path.is_file():
+        raise ModelError(f"{path} is not a file; give a .safetensors/.ckpt file or a diffusers folder")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelError(
+            f"model file {path} is empty (0 bytes): the download or copy did not finish; fetch the file again"
+        )
+    with open(path, "rb") as file:
+        head = file.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if path.suffix.lower() == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"):
+        tensors, metadata = _read_safetensors(path)
+    else:
+        tensors, metadata = _read_pickle(path), {}
+    if not tensors:
+        raise ModelError(f"{path} holds no tensors, so it is not a model checkpoint. {_ACCEPTS}")
+    return tensors, metadata
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    safetensors = require("safetensors")
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as file:
+            metadata = dict(file.metadata() or {})
+            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (not a dict)
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(
+            f"cannot read {path} as safetensors ({exc}): the file is truncated or damaged, or not a "
+            "safetensors file; download it again"
+        ) from exc
+    return tensors, metadata
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    torch = require("torch")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes fail in many ways; all mean "cannot use"
+        if "weights only load failed" in str(exc).lower():
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            what = f" (it refers to {found.group(1)})" if found else ""
+            raise ModelError(
+                f"{path} contains Python code or objects beyond tensors{what}. Loading it would run that "
+                "code, and edtools will not do that. Get a .safetensors version of this model (most model "
+                "sites offer one), or convert the file yourself only if you trust where it came from"
+            ) from None
+        raise ModelError(
+            f"cannot read {path} as a PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:200]}): the file is "
+            "truncated or damaged, or not a model checkpoint; download it again"
+        ) from exc
+    while isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping):
+        raise ModelError(
+            f"{path} holds a {type(loaded).__name__}, not named tensors, so it is not a model checkpoint. "
+            f"{_ACCEPTS}"
+        )
+    return {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Detection
+
+
+def _has(keys: Iterable[str], *prefixes: str) -> bool:
+    return any(key.startswith(prefixes) for key in keys)
+
+
+def detect_architecture(state_dict: Mapping[str, Any], *, source: str | os.PathLike | None = None) -> str:
+    """ "sd1", "sd2" or "sdxl" from the key layout of an original-layout checkpoint (not from tensor widths,
+    so tiny test models are recognised too). Anything else is a ModelError that says what the file looks like
+    (LoRA, VAE, refiner, inpainting, SD3/FLUX, a diffusers component, ...) and what edtools accepts."""
+    name = str(source) if source is not None else "this checkpoint"
+    keys = list(state_dict)
+
+    def refuse(what: str, hint: str = "") -> ModelError:
+        return ModelError(f"{name} is {what}, not a model edtools can train. {hint}{_ACCEPTS}")
+
+    if not keys:
+        raise ModelError(f"{name} holds no tensors, so it is not a model checkpoint. {_ACCEPTS}")
+    lora_marks = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".hada_w1_a", ".lokr_w1")
+    if _has(keys, "lora_unet_", "lora_te", "lora_") or any(m in k for k in keys for m in lora_marks):
+        raise refuse(
+            "a LoRA (or LyCORIS) adapter file",
+            "Load it on top of its base model in your UI; to fine-tune, give edtools the base model. ",
+        )
+    if len(keys) <= 4 and not any("." in k for k in keys):
+        raise refuse("a textual-inversion embedding (a few token vectors, no model)")
+    if "edm_mean" in state_dict:
+        raise refuse("a Playground v2.5 model (EDM formulation; edtools trains DDPM epsilon/v models)")
+    other = _other_model_type(state_dict)
+    if other:
+        raise refuse(other)
+    if not _has(keys, _UNET):
+        if _has(keys, "down_blocks.", "conv_in.", "time_embedding.", "mid_block."):
+            raise refuse(
+                "a diffusers-format UNet state dict (one component of a diffusers folder)",
+                "Give edtools the whole diffusers folder (model_index.json, unet/, vae/, ...) instead. ",
+            )
+        if _has(keys, "encoder.down_blocks.", "decoder.up_blocks."):
+            raise refuse("a diffusers-format VAE state dict", "Give edtools the whole diffusers folder. ")
+        if _has(keys, "text_model.", "encoder.layers.", "embeddings.token_embedding."):
+            raise refuse(
+                "a transformers text encoder state dict", "Give edtools the whole diffusers folder. "
+            )
+        if _has(keys, _VAE, "encoder.down.", "decoder.up.", "encoder.conv_in.", "decoder.conv_in."):
+            raise refuse(
+                "a VAE file (the autoencoder alone)",
+                "Load it as a VAE in your UI; edtools needs a full model. ",
+            )
+        prefixes = sorted({k.split(".")[0] for k in keys})[:5]
+        raise ModelError(
+            f"{name} does not look like a Stable Diffusion checkpoint: it has no model.diffusion_model.* (UNet) "
+            f"weights; its keys start with {', '.join(prefixes)}. {_ACCEPTS}"
+        )
+    conv_in = state_dict.get(_UNET + "input_blocks.0.0.weight")
+    if conv_in is not None and getattr(conv_in, "ndim", 0) == 4 and conv_in.shape[1] != 4:
+        channels = int(conv_in.shape[1])
+        kind = {
+            9: "an inpainting model",
+            8: "an instruct-pix2pix (image-conditioned) model",
+            7: "an upscaler",
+        }
+        raise refuse(
+            f"{kind.get(channels, 'a model')} ({channels} UNet input channels)",
+            "edtools trains text-to-image models (4 latent input channels). ",
+        )
+    if _has(keys, "conditioner.embedders.1.") and _has(keys, "conditioner.embedders.0."):
+        return "sdxl"
+    if _has(keys, "conditioner.embedders.0.model.") and _has(keys, _UNET + "label_emb."):
+        raise refuse(
+            "an SDXL refiner (one OpenCLIP text encoder; it refines SDXL base images)",
+            "edtools trains SDXL base models. ",
+        )
+    if _has(keys, _UNET + "label_emb.") or _has(keys, "embedder.", "noise_augmentor."):
+        raise refuse("an image- or class-conditioned model (unCLIP, upscaler)")
+    if _has(keys, "cond_stage_model.transformer."):
+        return "sd1"
+    if _has(keys, "cond_stage_model.model."):
+        return "sd2"
+    raise ModelError(
+        f"{name} has a UNet (model.diffusion_model.*) but no text encoder weights that edtools knows "
+        "(cond_stage_model.transformer.* for SD 1.x, cond_stage_model.model.* for SD 2.x, conditioner.embedders.* "
+        f"for SDXL): it is a UNet-only or unusual file; give a full checkpoint. {_ACCEPTS}"
+    )
+
+
+def _other_model_type(state_dict: Mapping[str, Any]) -> str | None:
+    """What diffusers recognises a file as, when that is not a Stable Diffusion UNet model."""
+    keys = state_dict.keys()
+    if _has(keys, "control_model.", "controlnet_cond_embedding."):
+        return "a ControlNet"
+    if any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in keys):
+        return "a Stable Diffusion 3 model (a transformer, not a UNet)"
+    if any("double_blocks." in k for k in keys):
+        return "a FLUX model (a transformer, not a UNet)"
+    try:
+        utils = require("diffusers.loaders.single_file_utils")
+        model_type = utils.infer_diffusers_model_type(state_dict)
+    except Exception:  # noqa: BLE001 - diffusers' guess is only used to name the model
+        return None
+    if model_type.startswith(("v1", "v2", "xl_", "inpainting", "upscale", "instruct", "playground")):
+        return None  # Stable Diffusion family: told apart below, by key layout
+    family = {"sd3": "Stable Diffusion 3", "sd35": "Stable Diffusion 3.5", "flux": "FLUX", "wan": "Wan video"}
+    for start, label in family.items():
+        if model_type.startswith(start):
+            return f"a {label} model ({model_type})"
+    return f"a {model_type} model"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_single_file(
+    path: str | os.PathLike,
+    *,
+    model_config: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    local_files_only: bool | None = None,
+) -> SDComponents:
+    """Load a single-file SD 1.x/2.x or SDXL checkpoint with diffusers' converters.
+
+    model_config: a diffusers folder or hub id whose component configs and tokenizers fit the file (no weights
+    are read from it). None: diffusers' default repo for the detected type, from the Hugging Face cache or the
+    hub (local_files_only None = HF_HUB_OFFLINE decides). dtype: weights dtype (None = float32).
+    Prediction type: model_config's scheduler when given, else the file's metadata (modelspec, kohya) or
+    v_pred key, else a <stem>.yaml beside the file (A1111), else the inferred config's scheduler.
+    """
+    diffusers = require("diffusers")
+    transformers = require("transformers")
+    utils = require("diffusers.loaders.single_file_utils")
+    hub_constants = require("huggingface_hub.constants")
+
+    path = Path(path).expanduser()
+    state_dict, metadata = read_state_dict(path)
+    architecture = detect_architecture(state_dict, source=path)
+    _check_parts(state_dict, architecture, path)
+    ema = [key for key in state_dict if key.startswith("model_ema.")]
+    if ema:
+        logger.info("%s: has EMA weights too (model_ema.*); loading the training weights", path)
+        for key in ema:
+            del state_dict[key]
+    if architecture == "sd1":  # very old files lack transformers' text_model. level (ComfyUI adds it too)
+        old = "cond_stage_model.transformer."
+        for key in [k for k in state_dict if k.startswith(old) and not k.startswith(old + "text_model.")]:
+            state_dict[old + "text_model." + key[len(old) :]] = state_dict.pop(key)
+
+    offline = bool(hub_constants.HF_HUB_OFFLINE) if local_files_only is None else bool(local_files_only)
+    explicit = model_config is not None
+    if explicit:
+        source, offline = _config_source(model_config, offline)
+    else:
+        source = _default_config(state_dict, architecture)
+        logger.info("%s: no model_config given; using the configs of %s", path, source)
+    hub = {"local_files_only": offline}
+    _check_config(path, architecture, source, explicit, hub)
+
+    try:  # dtype None: float32, the dtype the models are built in (an fp16 file is upcast)
+        unet = diffusers.UNet2DConditionModel.from_single_file(
+            state_dict, config=source, subfolder="unet", torch_dtype=dtype, **hub
+        )
+        vae = diffusers.AutoencoderKL.from_single_file(
+            state_dict, config=source, subfolder="vae", torch_dtype=dtype, **hub
+        )
+        text_encoder = utils.create_diffusers_clip_model_from_ldm(
+            transformers.CLIPTextModel,
+            state_dict,
+            subfolder="text_encoder",
+            config=source,
+            torch_dtype=dtype,
+            local_files_only=offline,
+        )
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub)
+        scheduler = diffusers.DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub)
+        second: dict[str, Any] = {}
+        if architecture == "sdxl":
+            second["text_encoder_2"] = utils.create_diffusers_clip_model_from_ldm(
+                transformers.CLIPTextModelWithProjection,
+                state_dict,
+                subfolder="text_encoder_2",
+                config=source,
+                torch_dtype=dtype,
+                local_files_only=offline,
+            )
+            second["tokenizer_2"] = transformers.CLIPTokenizer.from_pretrained(
+                source, subfolder="tokenizer_2", **hub
+            )
+    except (OSError, ValueError, RuntimeError, KeyError, IndexError, utils.SingleFileComponentError) as exc:
+        if "meta tensor" in str(exc):  # a weight the configs describe stayed unloaded
+            raise ModelError(
+                f"{path} lacks weights that the component configs of {source} describe: the file is incomplete, "
+                f"or the configs are of a bigger model; give a model_config that fits the file "
+                f"(for a full {_NAME[architecture]} checkpoint e.g. {_default_repo(architecture)})"
+            ) from exc
+        raise ModelError(
+            f"could not load {path} with the component configs of {source} ({_brief(exc)}). The configs do "
+            "not fit the file (other layer sizes or counts) or are incomplete; give a model_config of the same "
+            "model as the file "
+            f"({_A[architecture]} diffusers folder or hub id, e.g. {_default_repo(architecture)})"
+        ) from exc
+
+    for module in (unet, vae):  # from_single_file's one-device placement record; from_pretrained leaves none
+        if len(getattr(module, "hf_device_map", None) or {}) == 1:
+            del module.hf_device_map
+    scheduler = _with_sampling(scheduler, path, state_dict, metadata, explicit, source)
+    components = SDComponents(unet, text_encoder, tokenizer, vae, scheduler, **second)
+    check_prediction_type(components, str(path))
+    _check_loaded(components, state_dict, path, source)
+    return components
+
+
+def _brief(exc: BaseException) -> str:
+    """A library error in a sentence, without advice that does not apply here (diffusers' mismatch flags)."""
+    text = re.sub(r"\s+", " ", str(exc)).split(". If you want")[0].replace("Cannot load because ", "")
+    return f"{type(exc).__name__}: {text.strip()[:240]}"
+
+
+def _check_parts(state_dict: Mapping[str, Any], architecture: str, path: Path) -> None:
+    needed = {"UNet": (_UNET,), "VAE": (_VAE,)}
+    for i, prefix in enumerate(_TEXT[architecture]):
+        needed[f"text encoder{' ' + str(i + 1) if architecture == 'sdxl' else ''}"] = (prefix,)
+    missing = [
+        f"{part} ({prefixes[0]}*)" for part, prefixes in needed.items() if not _has(state_dict, *prefixes)
+    ]
+    if missing:
+        raise ModelError(
+            f"{path} is {_A[architecture]} checkpoint without {', '.join(missing)} weights: it holds only "
+            "part of a model. edtools needs a full checkpoint with UNet, VAE and text encoder weights"
+        )
+
+
+def _default_repo(architecture: str) -> str:
+    utils = require("diffusers.loaders.single_file_utils")
+    return utils.DIFFUSERS_DEFAULT_PIPELINE_PATHS[_MODEL_TYPE[architecture]]["pretrained_model_name_or_path"]
+
+
+def _default_config(state_dict: Mapping[str, Any], architecture: str) -> str:
+    """diffusers' default hub repo for the file (fetch_diffusers_config), when that is of the architecture the
+    keys show; else diffusers' default for that architecture (tiny models have widths diffusers does not
+    know)."""
+    utils = require("diffusers.loaders.single_file_utils")
+    arch_of_type = {model_type: arch for arch, model_type in _MODEL_TYPE.items()}
+    try:
+        inferred = utils.fetch_diffusers_config(state_dict)["pretrained_model_name_or_path"]
+        model_type = utils.infer_diffusers_model_type(state_dict)
+    except Exception:  # noqa: BLE001 - fall back to the architecture's default below
+        inferred, model_type = None, None
+    if inferred and arch_of_type.get(model_type) == architecture:
+        return inferred
+    return _default_repo(architecture)
+
+
+def _config_source(model_config: str | os.PathLike, offline: bool) -> tuple[str, bool]:
+    """(source, local_files_only): a local folder is read offline; anything else must look like a hub id."""
+    text = str(model_config)
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        return str(folder), True
+    if folder.exists():
+        raise ModelError(
+            f"model_config {text} is a file; give a diffusers folder or a hub id like owner/name"
+        )
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text) or text.startswith((".", "~")):
+        raise ModelError(
+            f"model_config '{text}' is neither an existing folder nor a hub id like 'owner/name'; check the path"
+        )
+    return text, offline
+
+
+def _check_config(path: Path, architecture: str, source: str, explicit: bool, hub: dict) -> None:
+    """The config folder's UNet and text encoder configs exist and are of the file's architecture."""
+    diffusers = require("diffusers")
+    transformers = require("transformers")
+    try:
+        unet_config = diffusers.UNet2DConditionModel.load_config(source, subfolder="unet", **hub)
+        text_config = transformers.CLIPTextConfig.from_pretrained(source, subfolder="text_encoder", **hub)
+    except (OSError, ValueError) as exc:
+        where = "is offline, and they are not in the Hugging Face cache" if hub["local_files_only"] else ""
+        reason = f"the hub {where}" if where else f"they could not be read ({str(exc)[:200]})"
+        if Path(source).is_dir():
+            raise ModelError(
+                f"model_config folder {source} lacks unet/config.json or text_encoder/config.json, so it is not "
+                f"a diffusers model folder; give {_A[architecture]} diffusers folder or hub id"
+            ) from exc
+        if explicit:
+            raise ModelError(
+                f"cannot read the component configs of model_config {source} for {path}: {reason}. Run once "
+                "with the network on (only the small config and tokenizer files are downloaded), or give a "
+                f"local {_NAME[architecture]} diffusers folder as model_config"
+            ) from exc
+        raise ModelError(
+            f"{path} is {_A[architecture]} single file; loading it needs the component configs (config and "
+            f"tokenizer files, no weights) of a diffusers model of the same architecture. No model_config was "
+            f"given, so edtools uses {source} (diffusers' default for such files), but {reason}. Pass "
+            f"--model-config {source} (setting model_config: {source}; edtools convert: --config {source}) with "
+            "the network on once (only the config files are downloaded), or --model-config <a local "
+            f"{_NAME[architecture]} diffusers folder>"
+        ) from exc
+    if unet_config.get("addition_embed_type") == "text_time":
+        config_architecture = "sdxl"
+    else:
+        config_architecture = "sd2" if text_config.hidden_act == "gelu" else "sd1"
+    if config_architecture != architecture:
+        raise ModelError(
+            f"model_config {source} is {_A[config_architecture]} model, but {path} is "
+            f"{_A[architecture]} checkpoint; give a model_config of the same architecture as the file "
+            f"(e.g. {_default_repo(architecture)} or a local {_NAME[architecture]} diffusers folder)"
+        )
+
+
+def _file_prediction_type(
+    path: Path, state_dict: Mapping[str, Any], metadata: Mapping[str, str]
+) -> tuple[str, str] | None:
+    """(prediction type, where it was read) from the file's metadata or keys, or the A1111 yaml beside it."""
+    names = {"v": "v_prediction", "v_prediction": "v_prediction", "epsilon": "epsilon", "eps": "epsilon"}
+    for key in ("modelspec.prediction_type", "modelspec.predict_key"):
+        value = str(metadata.get(key, "")).strip().lower()
+        if value in names:
+            return names[value], f"the file's metadata {key}={value}"
+    kohya = str(metadata.get("ss_v_parameterization", "")).strip().lower()
+    if kohya in ("true", "false"):
+        found = "v_prediction" if kohya == "true" else "epsilon"
+        return found, f"kohya metadata ss_v_parameterization={kohya}"
+    if "v_pred" in state_dict:
+        return "v_prediction", "the file's v_pred key (ComfyUI convention)"
+    return _yaml_prediction_type(path)
+
+
+def _yaml_prediction_type(path: Path) -> tuple[str, str] | None:
+    """AUTOMATIC1111's convention: <stem>.yaml beside the checkpoint, with model.params.parameterization "v"
+    for v-prediction (an LDM config without it is epsilon). An unreadable yaml is ignored."""
+    config = path.with_suffix(".yaml")
+    if not config.is_file():
+        return None
+    yaml = require("yaml", feature="reading a checkpoint's .yaml")
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+        params = data["model"]["params"]
+        if not isinstance(params, dict):
+            raise TypeError("model.params is not a mapping")
+    except Exception as exc:  # noqa: BLE001 - a broken yaml beside the file must not stop loading
+        logger.warning("%s: ignoring %s (%s: %s)", path, config.name, type(exc).__name__, exc)
+        return None
+    if "parameterization" in params:
+        v = str(params["parameterization"]).strip().lower() == "v"
+    else:  # sgm (SDXL) configs name the scaling class; LDM configs without the key are epsilon
+        v = "VScaling" in str(params.get("denoiser_config", ""))
+    return ("v_prediction" if v else "epsilon"), f"{config.name} beside the file"
+
+
+def _with_sampling(
+    scheduler: Any,
+    path: Path,
+    state_dict: Mapping[str, Any],
+    metadata: Mapping[str, str],
+    explicit: bool,
+    source: str,
+) -> Any:
+    """The DDPM scheduler with the prediction type (and zero-terminal-SNR flag) the file calls for; an
+    explicit model_config's scheduler wins."""
+    diffusers = require("diffusers")
+    config = dict(scheduler.config)
+    found = _file_prediction_type(path, state_dict, metadata)
+    if explicit:
+        if found and found[0] != config["prediction_type"]:
+            logger.warning(
+                "%s: %s says %s, but model_config %s's scheduler says %s; using model_config's",
+                path,
+                found[1],
+                found[0],
+                source,
+                config["prediction_type"],
+            )
+        logger.info("%s: prediction type %s from model_config %s", path, config["prediction_type"], source)
+        return scheduler
+    if found:
+        config["prediction_type"] = found[0]
+        logger.info("%s: prediction type %s from %s", path, found[0], found[1])
+    else:
+        logger.info("%s: prediction type %s from %s's scheduler", path, config["prediction_type"], source)
+        if "cond_stage_model.model.token_embedding.weight" in state_dict:
+            logger.warning(
+                "%s: SD 2.x files do not say whether they are v-prediction (768-v) or epsilon (512 base), and "
+                "this one has no metadata or .yaml that does; using %s (%s). If that is wrong, pass a "
+                "model_config (e.g. stabilityai/stable-diffusion-2-base for 512 base models)",
+                path,
+                config["prediction_type"],
+                source,
+            )
+    if "ztsnr" in state_dict and not config.get("rescale_betas_zero_snr"):
+        config["rescale_betas_zero_snr"] = True
+        logger.info("%s: zero terminal SNR betas (the file's ztsnr key)", path)
+    if config == dict(scheduler.config):
+        return scheduler
+    return diffusers.DDPMScheduler.from_config(config)
+
+
+def _check_loaded(components: SDComponents, state_dict: Mapping[str, Any], path: Path, source: str) -> None:
+    """Every weight the configs describe came from the file (none left uninitialised), and report file weights
+    that went unused (a config smaller than the file)."""
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(components, name)
+        if module is not None and any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+            raise ModelError(
+                f"{path} lacks weights that the {name} config of {source} describes; give a model_config "
+                "that fits the file"
+            )
+    from .single_file_layout import original_keys
+
+    required, synthetic = original_keys(components)
+    in_file = {key for key in state_dict if key.startswith(_PREFIXES)}
+    missing = sorted(required - in_file)
+    if missing:
+        raise ModelError(
+            f"{path} lacks {len(missing)} weights that the configs of {source} describe (e.g. "
+            f"{', '.join(missing[:3])}); give a model_config that fits the file"
+        )
+    unused = sorted(in_file - required - synthetic)
+    if unused:
+        logger.warning(
+            "%s: %d weights in the file are not used by the model the configs of %s describe (e.g. %s)",
+            path,
+            len(unused),
+            source,
+            ", ".join(unused[:3]),
+        )
