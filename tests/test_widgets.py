@@ -519,3 +519,28 @@ def test_preset_is_suggested_from_the_model_and_the_gpu_memory(training_parts, t
     monkeypatch.setattr("edtools.widgets.training.gpu_memory_gib", lambda: None)
     training.suggest_preset()
     assert training.preset.value == "" and "no GPU" in training.preset_note.value
+
+
+@pytest.mark.slow
+def test_tiny_sdxl_lora_trains_from_the_panel_and_saves_a_single_file(tmp_path, tree, monkeypatch):
+    pytest.importorskip("edtools.train")
+    pytest.importorskip("torch")
+    from edtools.models import make_tiny_model
+
+    monkeypatch.chdir(tmp_path)
+    data = ew.DataPanel(tree({"people/alice": 4, "style": 2}))
+    balance = ew.BalancePanel(data, debounce_s=0)
+    training = ew.TrainingPanel(balance, smoke=True)
+    training.model.value = str(make_tiny_model(tmp_path / "sdxl", "sdxl"))
+    training.epochs.value = 1
+    training.lora_rank.value = 4
+    training.save_single_file.value = True
+    training.sample_every.value = 0
+    training.sample_prompts.value = "a photo of alice"
+    training.start()
+    result = training.wait(timeout=300)
+    assert result.stop_reason == "finished" and result.global_step == training.progress.max
+    checkpoint = Path(result.checkpoint)
+    assert (checkpoint / "lora.safetensors").is_file()
+    assert checkpoint.with_name(checkpoint.name + ".safetensors").is_file()
+    assert len(training.samples.children) == 1
