@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/edtools train --config examples/demo.yaml --data-root $(DEMO)/data --model $(DEMO)/tiny-model --out $(DEMO)/run
 	@echo
 	@echo "demo done: balance table above; $(DEMO)/schedule/balance.png (expected vs actual, 10 epochs);"
-	@echo "           $(DEMO)/run/checkpoints (diffusers folders), $(DEMO)/run/samples (PNG grids),"
+	@echo "           $(DEMO)/run/checkpoints (diffusers folders and single .safetensors files), $(DEMO)/run/samples (PNG grids),"
 	@echo "           $(DEMO)/run/balance_actual.png (images per concept in each trained epoch)"
 
 # Debian's chromium for the real-browser test (never a browser download); playwright comes from pip.
