@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Literal
 
 import numpy as np
 
+from .atomic import write_text
 from .errors import EdtoolsError
 
 __all__ = [
@@ -294,20 +294,9 @@ class _Manifest:
             return
         try:
             payload = {"version": 2, "entries": self.entries, "captions": self.captions}
-            _atomic_write(self.file, json.dumps(payload, ensure_ascii=False))
+            write_text(self.file, json.dumps(payload, ensure_ascii=False))
         except OSError:
             pass  # a read-only data root still scans; it just is not cached
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _walk(root: Path) -> Iterable[tuple[Path, list[os.DirEntry]]]:
@@ -553,7 +542,7 @@ def write_concept_values(
     written = []
     if multiplier is not None:
         _check_multiplier(float(multiplier), concept)
-        _atomic_write(
+        write_text(
             folder / MULTIPLY_FILE,
             f"{float(multiplier):g}\n" if _exact_g(multiplier) else f"{multiplier!r}\n",
         )
@@ -561,7 +550,7 @@ def write_concept_values(
     if loss_scale is not None:
         if not math.isfinite(float(loss_scale)):
             raise DatasetError(f"loss_scale for '{concept}' is {loss_scale}; it must be a finite number")
-        _atomic_write(
+        write_text(
             folder / LOSS_SCALE_FILE,
             f"{float(loss_scale):g}\n" if _exact_g(loss_scale) else f"{loss_scale!r}\n",
         )

@@ -9,11 +9,11 @@ import contextlib
 import json
 import math
 import os
-import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..atomic import atomic_file
 from ..errors import ModelError, require
 from .sd import SDComponents
 
@@ -485,20 +485,9 @@ def save_lora_file(
         raise ValueError(f"LoRA file path {out} is a folder; give a file name ending in .safetensors")
     info = _metadata(components, out.stem, metadata)
     tensors = kohya_state_dict(components, dtype=dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
     data = safetensors_torch.save(tensors, metadata=info)  # a LoRA is small: serialise in memory
-    # A fresh name beside the target, created by open() so the file gets the usual umask mode (mkstemp's and
-    # safetensors.save_file's 0600 would stay on the renamed file).
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        with open(tmp, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as tmp:
+        tmp.write_bytes(data)
     return out
 
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..atomic import atomic_folder
 from ..errors import ModelError, require
 
 if TYPE_CHECKING:
@@ -28,6 +27,7 @@ __all__ = [
     "load_components",
     "make_pipeline",
     "save_components",
+    "write_components",
 ]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -287,29 +287,16 @@ def make_pipeline(components: SDComponents, *, device: str | torch.device | None
     return pipeline
 
 
+def write_components(components: SDComponents, folder: str | os.PathLike) -> None:
+    """Write the diffusers pipeline files (safetensors) into folder (not atomically: see save_components)."""
+    with quiet_progress():
+        make_pipeline(components).save_pretrained(folder, safe_serialization=True)
+
+
 def save_components(components: SDComponents, out_dir: str | os.PathLike) -> Path:
     """Write a complete diffusers pipeline folder (safetensors) that StableDiffusionPipeline.from_pretrained
-    and load_components read. Written into a temp folder beside out_dir and renamed at the end, so out_dir
-    is either the old complete folder or the new complete one, never half written."""
+    and load_components read, atomically: out_dir is either the old complete folder or the new one."""
     out = Path(out_dir).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pipeline = make_pipeline(components)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    old = None
-    try:
-        with quiet_progress():
-            pipeline.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists() and (old / out.name).exists():
-            os.replace(old / out.name, out)  # put the previous checkpoint back
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(out) as tmp:
+        write_components(components, tmp)
     return out

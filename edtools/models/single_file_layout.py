@@ -10,12 +10,12 @@ import datetime
 import math
 import os
 import re
-import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..atomic import atomic_file
 from ..errors import ModelError, require
 from .sd import SDComponents
 from .single_file import _TEXT, _UNET, _VAE, SAVE_DTYPES
@@ -437,14 +437,6 @@ def save_single_file(
         if key not in derived:
             header[key] = value
     tensors = original_state_dict(components, dtype=dtypes[dtype])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    try:
+    with atomic_file(path) as tmp:
         safetensors_torch.save_file(tensors, str(tmp), metadata=header)
-        with open(tmp, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

@@ -11,7 +11,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..atomic import atomic_file, atomic_folder
 from ..config import ConfigError, TrainConfig
 from ..errors import require
 from ..schedule import EpochSchedule
@@ -134,36 +134,31 @@ def save_checkpoint(
 ) -> Path:
     """Write folder/step-<global_step>: a diffusers pipeline folder (safetensors), or for a LoRA run (lora_rank
     > 0) lora.safetensors, plus resume/ (optimizer, LR scheduler, grad scaler, RNG states, counters, config,
-    LoRA adapters). It is written inside a hidden temp folder and renamed at the end, so a crash mid-save leaves
-    nothing that resume would pick up. With config.save_single_file, folder/step-<global_step>.safetensors
+    LoRA adapters), atomically. With config.save_single_file, folder/step-<global_step>.safetensors
     follows (fp16): the whole model in the layout AUTOMATIC1111 and ComfyUI load, or the LoRA file.
     metadata: text for the safetensors headers (training facts: base model, steps, concept table).
     Tensors are copied to the CPU one at a time, so saving does not add to the GPU memory of a step."""
     torch = require("torch")
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{state.global_step:08d}"
-    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{final.name}.", suffix=".tmp"))
     lora = config.lora_rank > 0
-    try:
-        checkpoint = staging / final.name
-        payload = {
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "rng": _rng_states(),
-        }
+    payload = {
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "rng": _rng_states(),
+    }
+    with atomic_folder(final) as checkpoint:  # a crash mid-save leaves nothing that resume would pick up
         if lora:
             from ..models.lora import lora_state_dict, save_lora_file
 
-            checkpoint.mkdir()
             save_lora_file(components, checkpoint / LORA_FILE, metadata=metadata)
             payload["lora"] = lora_state_dict(components)
         else:
-            from ..models import save_components
+            from ..models.sd import write_components
 
-            save_components(components, checkpoint)
+            write_components(components, checkpoint)
         resume = checkpoint / "resume"
         resume.mkdir()
         torch.save(payload, resume / "state.pt")
@@ -175,17 +170,11 @@ def save_checkpoint(
             "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         (resume / "state.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-        if final.exists():  # the same step saved again (e.g. by a resumed run): swap the old one out
-            os.replace(final, staging / "replaced")
-        os.replace(checkpoint, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     if config.save_single_file:
         single = single_file_of(final)
         if lora:  # the same kohya file, where A1111 / ComfyUI users look for the run's results
-            tmp = single.with_name(f".{single.name}.tmp")
-            shutil.copyfile(final / LORA_FILE, tmp)
-            os.replace(tmp, single)
+            with atomic_file(single) as tmp:
+                shutil.copyfile(final / LORA_FILE, tmp)
         else:
             from ..models import save_single_file
 

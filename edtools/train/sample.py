@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..atomic import atomic_file
 from ..config import TrainConfig
 from ..errors import require
 from .step import autocast
@@ -107,10 +108,7 @@ def save_samples(
             m.train(mode)
         for encoder, encoder_device in zip(components.text_encoders, encoder_devices, strict=True):
             encoder.to(encoder_device)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{global_step:08d}.png"
-    tmp = folder / f".{path.name}.tmp.png"
-    _grid(images, config.sample_prompts).save(tmp)
-    os.replace(tmp, path)
+    path = Path(folder) / f"step-{global_step:08d}.png"
+    with atomic_file(path) as tmp:
+        _grid(images, config.sample_prompts).save(tmp, format="PNG")
     return (path,)
