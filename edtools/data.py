@@ -335,11 +335,9 @@ class LatentCache:
         height, width = pixels.shape[-2:]
         keys = [(int(i), int(width), int(height)) for i in batch["image_index"].tolist()]
         missing = [row for row, key in enumerate(keys) if key not in self._store]
-        if missing:
-            with torch.no_grad():
-                rows = pixels[missing].to(device=vae.device, dtype=vae.dtype)
-                means = vae.encode(rows).latent_dist.mode().cpu()
-            for row, mean in zip(missing, means, strict=True):
-                self._store[keys[row]] = mean
+        with torch.no_grad():  # one image at a time: the VAE's peak memory at 1024 px is per image
+            for row in missing:
+                image = pixels[row : row + 1].to(device=vae.device, dtype=vae.dtype)
+                self._store[keys[row]] = vae.encode(image).latent_dist.mode()[0].cpu()
         stacked = torch.stack([self._store[key] for key in keys])
         return stacked.to(device=vae.device, dtype=vae.dtype) * scaling_factor

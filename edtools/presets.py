@@ -90,13 +90,14 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "sd15-full-24gb",
                 "sd",
                 24,
-                "SD 1.x/2.x full fine-tune on a 24 GB GPU: UNet and text encoder, 512 px, batch 8, bf16",
+                "SD 1.x/2.x full fine-tune on a 24 GB GPU: UNet and text encoder, 512 px, batch 8, bf16 with "
+                "gradient checkpointing (without it batch 8 needs about 20 of the 22 usable GB)",
                 resolution=512,
                 batch_size=8,
                 lora_rank=0,
                 train_text_encoder=True,
                 lr=1e-6,
-                gradient_checkpointing=False,
+                gradient_checkpointing=True,
                 **_BIG,
             ),
             _preset(
@@ -115,13 +116,14 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 **_FROZEN_TEXT,
             ),
             _preset(
-                "sdxl-full-24gb",
+                "sdxl-full-40gb",
                 "sdxl",
-                24,
-                "SDXL full UNet fine-tune on a 24 GB GPU: 1024 px, batch 1, bf16, gradient checkpointing, 8-bit "
-                "AdamW, frozen text encoders with cached outputs",
+                40,
+                "SDXL full UNet fine-tune on a 40 GB or larger GPU: 1024 px, batch 2, bf16, gradient checkpointing, "
+                "8-bit AdamW, frozen text encoders with cached outputs (float32 weights and gradients alone take "
+                "19 GB: on 24 GB train SDXL as LoRA)",
                 resolution=1024,
-                batch_size=1,
+                batch_size=2,
                 lora_rank=0,
                 lr=1e-6,
                 gradient_checkpointing=True,
@@ -137,22 +139,33 @@ PRESET_NAMES = tuple(PRESETS)
 def choose_preset(
     architecture: str, gpu_gib: float | None, *, lora: bool | None = None
 ) -> tuple[Preset | None, str]:
-    """The preset for this model on this GPU, and why, in words. lora None: LoRA where a full fine-tune would
-    not fit (SDXL on a small GPU), else a full fine-tune. No GPU: no preset (the CPU only suits tiny models)."""
+    """The preset for this model on this GPU, and why, in words: the one sized for the largest GPU that this
+    one matches. lora None: a full fine-tune where one fits, else LoRA. No GPU: no preset (the CPU only
+    suits tiny models)."""
     if gpu_gib is None:
         return None, "no GPU: no preset (training on the CPU only suits the tiny test models)"
-    small = gpu_gib <= SMALL_GPU_GIB
-    family = "sdxl" if architecture == "sdxl" else "sd15"
-    if lora is None:
-        lora = architecture == "sdxl" and small
-    if architecture == "sdxl" and small and not lora:
-        return None, f"an SDXL full fine-tune does not fit in {gpu_gib:.0f} GB: choose LoRA (sdxl-lora-t4)"
-    name = f"{family}-{'lora' if lora else 'full'}-{'t4' if small else '24gb'}"
-    if name not in PRESETS:  # sd15-lora on a big GPU: the T4 settings, which fit with room to spare
-        name = f"{family}-lora-t4"
-    preset = PRESETS[name]
-    size = "at most 16 GB" if small else "more than 16 GB"
-    return preset, f"{preset.name}: the GPU has {gpu_gib:.0f} GB ({size}). {preset.summary}"
+    family = "sdxl" if architecture == "sdxl" else "sd"
+
+    def best(want_lora: bool) -> Preset | None:
+        fitting = [
+            p
+            for p in PRESETS.values()
+            if p.architecture == family and (p.settings["lora_rank"] > 0) == want_lora and _fits(p, gpu_gib)
+        ]
+        return max(fitting, key=lambda p: p.gpu_gib, default=None)
+
+    preset = best(bool(lora)) if lora is not None else best(False) or best(True)
+    if preset is None:
+        kind = "LoRA" if lora else "full fine-tune"
+        other = best(not lora) if lora is not None else None
+        hint = f": choose {other.name}" if other is not None else ""
+        return None, f"no {family.upper()} {kind} preset fits a GPU of {gpu_gib:.0f} GB{hint}"
+    return preset, f"{preset.name}: the GPU has {gpu_gib:.0f} GB. {preset.summary}"
+
+
+def _fits(preset: Preset, gpu_gib: float) -> bool:
+    # GPUs report a little less than their marketed size (a 16 GB T4 shows 15 GiB, a 40 GB A100 39.4 GiB)
+    return gpu_gib >= preset.gpu_gib * 0.9
 
 
 def auto_settings(
