@@ -121,6 +121,20 @@ class TrainConfig:
     center_crop: bool = _opt(True, "crop images at the centre (else at a seeded random place)")
     flip_p: float = _opt(0.0, "probability of a horizontal flip per image")
     write_schedule: bool = _opt(False, "write ep{N}_batch_schedule.txt per epoch into out/schedules/")
+    validation_split: float = _opt(
+        0.0, "share of each concept folder held out for validation loss per concept (0 = none; e.g. 0.1)"
+    )
+    validation_root: str | None = _opt(
+        None,
+        "instead of a split: a data root of validation images in folders named like the training concepts",
+    )
+    validate_every_epochs: int = _opt(
+        1, "validation loss every N epochs, and before training (0 = not per epoch)"
+    )
+    validate_every_steps: int = _opt(0, "also every N optimizer steps (0 = off)")
+    live_balance: bool = _opt(
+        False, "re-read multiply.txt / loss_scale.txt at every epoch's start: edits apply from the next epoch"
+    )
     multipliers: tuple[tuple[str, float], ...] = _opt((), "override multiply.txt: concept=value ...")
     loss_scales: tuple[tuple[str, float], ...] = _opt((), "override loss_scale.txt: concept=value ...")
     device: str | None = _opt(None, "cpu, cuda, cuda:1, mps ('none' = cuda when available, else cpu)")
@@ -397,6 +411,18 @@ def _check_ranges(c: TrainConfig) -> None:
         "cache_latents",
         "cached latents need fixed pixels: set center_crop true and flip_p 0, or cache_latents false",
     )
+    need(
+        0.0 <= c.validation_split < 1.0,
+        "validation_split",
+        "it must be from 0 to below 1 (0.1 holds out 10%)",
+    )
+    need(
+        not (c.validation_split and c.validation_root),
+        "validation_root",
+        "give validation_split or validation_root, not both",
+    )
+    need(c.validate_every_epochs >= 0, "validate_every_epochs", "it must be >= 0 (0 = not per epoch)")
+    need(c.validate_every_steps >= 0, "validate_every_steps", "it must be >= 0 (0 = off)")
     for concept, value in c.multipliers:
         if value <= 0:
             raise ConfigError(

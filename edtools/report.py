@@ -1,6 +1,5 @@
-"""Balance reports: the per-folder table and the images-per-concept histograms, expected beside actual.
-
-Expected counts come from the multipliers; actual counts are read off the real epoch schedules.
+"""Balance reports: the per-folder table, the images-per-concept histograms (expected beside actual) and the
+validation loss per concept. Expected counts come from the multipliers; actual ones from the real schedules.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ __all__ = [
     "balance_rows",
     "format_table",
     "plot_balance",
+    "plot_validation",
 ]
 
 
@@ -147,6 +147,42 @@ def plot_balance(
     ax.set_title(title)
     ax.set_xlim(0, float(bars.max(initial=1)) * 1.25)
     ax.legend(loc="lower right", fontsize=8)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=100)
+    return fig
+
+
+def plot_validation(
+    rows: list[dict[str, str]],
+    *,
+    training: list[dict[str, str]] | None = None,
+    out: str | Path | None = None,
+    title: str = "Validation loss per concept",
+):
+    """Validation loss per concept over the optimizer steps (rows of validation.csv: step, concept, loss), one
+    line per concept; with `training` (rows of training_loss.csv and the step each epoch ended at, as
+    step, concept, loss), the training loss as dashed lines of the same colour. Returns the Figure; writes a
+    PNG when `out` is given."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    concepts = list(dict.fromkeys(row["concept"] for row in rows))
+    colours = {}
+    for concept in concepts:
+        points = sorted((int(r["step"]), float(r["loss"])) for r in rows if r["concept"] == concept)
+        (line,) = ax.plot(*zip(*points, strict=True), marker="o", markersize=3, linewidth=1.4, label=concept)
+        colours[concept] = line.get_color()
+    for concept in colours if training else ():
+        points = sorted((int(r["step"]), float(r["loss"])) for r in training if r["concept"] == concept)
+        if points:
+            ax.plot(*zip(*points, strict=True), linestyle="--", linewidth=1, color=colours[concept])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (MSE)")
+    ax.set_title(title + ("  (dashed: training)" if training else ""), fontsize=10)
+    if len(concepts) <= 12:
+        ax.legend(fontsize=7, loc="upper right")
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=100)

@@ -180,7 +180,8 @@ def test_gradient_accumulation_matches_one_big_batch(tree, tiny_model, tmp_path,
     moved = 0
     for key in start:
         delta_big, delta_small = after_big[key] - start[key], after_small[key] - start[key]
-        torch.testing.assert_close(delta_small, delta_big, rtol=1e-4, atol=1e-7)
+        # a delta read off weights near 1 carries their float32 rounding: one ulp there is 1.2e-7
+        torch.testing.assert_close(delta_small, delta_big, rtol=1e-4, atol=3e-7)
         moved += int(delta_big.abs().max() > 0)
     assert moved > len(start) // 2
 

@@ -131,12 +131,14 @@ def save_checkpoint(
     world_size: int = 1,
     schedule_fingerprint: str | None = None,
     metadata: dict[str, str] | None = None,
+    extra: dict | None = None,
 ) -> Path:
     """Write folder/step-<global_step>: a diffusers pipeline folder (safetensors), or for a LoRA run (lora_rank
     > 0) lora.safetensors, plus resume/ (optimizer, LR scheduler, grad scaler, RNG states, counters, config,
     LoRA adapters), atomically. With config.save_single_file, folder/step-<global_step>.safetensors
     follows (fp16): the whole model in the layout AUTOMATIC1111 and ComfyUI load, or the LoRA file.
-    metadata: text for the safetensors headers (training facts: base model, steps, concept table).
+    metadata: text for the safetensors headers (training facts: base model, steps, concept table). extra:
+    more JSON-ready facts for resume/state.json (the epoch in progress's multipliers, its loss sums).
     Tensors are copied to the CPU one at a time, so saving does not add to the GPU memory of a step."""
     torch = require("torch")
 
@@ -168,6 +170,7 @@ def save_checkpoint(
             "world_size": world_size,
             "schedule_fingerprint": schedule_fingerprint,
             "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **(extra or {}),
         }
         (resume / "state.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     if config.save_single_file:

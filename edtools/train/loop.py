@@ -9,12 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +39,17 @@ from .checkpoint import (
     save_checkpoint,
     schedule_fingerprint,
 )
+from .events import TrainEvent, TrainResult
+from .rebalance import BalanceSource, epoch_values, saved_values, with_saved_values
+from .records import (
+    append_balance_history,
+    append_training_loss,
+    append_validation,
+    plot_records,
+    prepare_out,
+    trim_records,
+    write_validation_images,
+)
 from .runtime import Runtime, make_runtime
 from .sample import SAMPLES_DIR, save_samples
 from .step import (
@@ -61,74 +71,30 @@ SCHEDULES_DIR = "schedules"
 
 
 # ---------------------------------------------------------------------------------------------------------
-# What the loop reports
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """How a train() call ended. stop_reason: finished, max_steps or callback."""
-
-    out: str
-    global_step: int
-    epoch: int  # epochs fully trained
-    batch: int  # batches of the next epoch already trained (on each rank)
-    stop_reason: Literal["finished", "max_steps", "callback"]
-    checkpoint: str | None
-    skipped_steps: int
-    last_loss: float | None
-    seconds: float
-
-    def __str__(self) -> str:
-        where = f"epoch {self.epoch}" + (f" + {self.batch} batches" if self.batch else "")
-        how = {"finished": "finished", "max_steps": "stopped at max_steps", "callback": "stopped on request"}
-        loss = "" if self.last_loss is None else f", last loss {self.last_loss:.4f}"
-        skipped = f", {self.skipped_steps} step(s) skipped (non-finite)" if self.skipped_steps else ""
-        return (
-            f"{how[self.stop_reason]} after {self.global_step} optimizer steps ({where}) in "
-            f"{self.seconds:.1f} s{loss}{skipped}; checkpoint: {self.checkpoint}"
-        )
-
-
-@dataclass(frozen=True)
-class TrainEvent:
-    """What the callback receives. kind decides which fields are set:
-    step: global_step, epoch, batch, loss (mean MSE of the step's images), loss_per_concept, lr, skipped,
-          images (image numbers this rank trained in the step);
-    epoch: epoch, images_per_concept (trained this epoch), expected (n_images x multiplier);
-    sample: global_step, paths (PNG grids); checkpoint: global_step, path; end: result.
-    Under accelerate launch every process calls its callback; sample and checkpoint come from the main one."""
-
-    kind: Literal["step", "epoch", "sample", "checkpoint", "end"]
-    global_step: int
-    epoch: int
-    batch: int | None = None
-    loss: float | None = None
-    loss_per_concept: dict[str, float] = field(default_factory=dict)
-    lr: float | None = None
-    skipped: bool = False
-    images: tuple[int, ...] = ()
-    images_per_concept: dict[str, int] = field(default_factory=dict)
-    expected: dict[str, float] = field(default_factory=dict)
-    paths: tuple[str, ...] = ()
-    path: str | None = None
-    result: TrainResult | None = None
-    rank: int = 0
-    world_size: int = 1
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The loop
 
 
-def train(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | None = None) -> TrainResult:
-    """Train config.model on config.data_root; write checkpoints, samples and schedules under config.out.
+def train(
+    config: TrainConfig,
+    callback: Callable[[TrainEvent], bool | None] | None = None,
+    *,
+    balance: BalanceSource | None = None,
+) -> TrainResult:
+    """Train config.model on config.data_root; write checkpoints, samples, schedules and records under
+    config.out.
 
     callback gets every TrainEvent; returning True stops cleanly after the current step with a resumable
-    checkpoint. Under `accelerate launch` each process trains its shard of every epoch's batches.
+    checkpoint. With config.live_balance each epoch's multipliers and loss scales are read at its start: from
+    `balance` (epoch -> (multipliers, loss_scales), the notebook's sliders) or else from the data root's files.
+    Under `accelerate launch` each process trains its shard of every epoch's batches.
     """
-    run = _start(config, callback)
+    run = _start(config, callback, balance)
+    if run.state.global_step == 0 and run.state.batch == 0:
+        _validate(run)  # before training: where each concept starts
     stop_reason = "max_steps" if _at_max_steps(run) else "finished"
     while stop_reason == "finished" and run.state.epoch < config.epochs:
+        if run.state.batch == 0 and config.live_balance:
+            _rebalance(run)
         stop_reason = _train_epoch(run, run.state.epoch)
         if stop_reason == "finished":
             stop_reason = _end_epoch(run)
@@ -141,10 +107,12 @@ class _Run:
 
     config: TrainConfig
     callback: Callable[[TrainEvent], bool | None] | None
+    balance: BalanceSource | None
     runtime: Runtime
     out: Path
-    dataset: Dataset
+    dataset: Dataset  # the training images, with the multipliers and loss scales of the epoch in progress
     buckets: Any
+    validator: Any  # a Validator of the held-out images, or None
     components: Any  # SDComponents: the modules checkpoints and samples use
     step_components: Any  # the same, with DDP-wrapped trainable modules under several processes
     optimizer: Any
@@ -164,6 +132,11 @@ class _Run:
     last_checkpoint_step: int = -1
     last_checkpoint_time: float = field(default_factory=time.monotonic)
     last_sample_step: int = -1
+    last_validation_step: int = -1
+    planned_steps: int = 0  # optimizer steps the LR schedule spans
+    epoch_loss: dict[str, list[float]] = field(
+        default_factory=dict
+    )  # concept -> [MSE sum, images] this epoch
 
     def schedule(self, epoch: int) -> EpochSchedule:
         c = self.config
@@ -181,19 +154,23 @@ def _steps_in_epoch(n_batches: int, world_size: int, grad_accum: int) -> int:
     return -(-per_rank // grad_accum)
 
 
-def _start(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | None) -> _Run:
-    """Check the out folder and resume settings, scan the data, load the model, build the optimizer and the
-    LR / fp16 loss-scale schedules, and restore a checkpoint's state when resuming."""
+def _start(
+    config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | None, balance: BalanceSource | None
+) -> _Run:
+    """Check the out folder and resume settings, load the model, scan the data and hold out the validation
+    images, build the optimizer and the LR / fp16 loss-scale schedules, and restore a checkpoint's state."""
     from tqdm.auto import tqdm
 
     from ..data import LatentCache
     from ..models import load_components
+    from .validate import Validator
 
     started = time.monotonic()
     quiet_bitsandbytes()
     runtime = make_runtime(config)
     out = Path(config.out).expanduser()
-    resume_from = _prepare_out(config, out, runtime)
+    resume_from = prepare_out(config, out, runtime)
+    info = checkpoint_info(resume_from) if resume_from is not None else {}
     # A full fine-tune resumes from the checkpoint's weights; LoRA from the base model plus its adapters.
     if resume_from is not None and config.lora_rank == 0:
         components = load_components(str(resume_from))
@@ -201,31 +178,39 @@ def _start(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | 
         components = load_components(config.model, model_config=config.model_config)
     config = _resolve(config, components, runtime)
     if resume_from is not None:
-        check_resume(checkpoint_info(resume_from), config, runtime.world_size, resume_from)
-    dataset = _load_data(config, runtime.main)
+        check_resume(info, config, runtime.world_size, resume_from)
+    dataset, validation = _load_data(config, runtime.main)
+    if info.get("epoch_values") and info.get("batch"):  # resumed mid-epoch: that epoch's own values
+        dataset = with_saved_values(dataset, info["epoch_values"])
     buckets = make_buckets(config.resolution)
-    schedules = [
-        build_epoch(dataset, epoch=e, seed=config.seed, batch_size=config.batch_size, buckets=buckets)
-        for e in range(config.epochs)
-    ]
-    total_steps = sum(_steps_in_epoch(s.n_batches, runtime.world_size, config.grad_accum) for s in schedules)
 
     params = prepare_modules(components, config, runtime.device)
     optimizer = make_optimizer(config, params)
-    lr_scheduler = make_lr_scheduler(config, optimizer, total_steps)
+    state = TrainState(
+        **{k: info[k] for k in ("global_step", "epoch", "batch", "skipped_steps") if k in info}
+    )
+    planned = _planned_steps(config, dataset, buckets, state, runtime.world_size)
+    lr_scheduler = make_lr_scheduler(config, optimizer, planned)
     scaler = make_grad_scaler(config, runtime.device)
-    state, resume_fingerprint = TrainState(), None
     if resume_from is not None:
-        state, info = load_checkpoint(
+        state, _ = load_checkpoint(
             resume_from, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, components=components
         )
-        resume_fingerprint = info.get("schedule_fingerprint")
+        if runtime.main:
+            trim_records(out, global_step=state.global_step, epoch=state.epoch)
+    captions = dataset.captions + (validation.captions if validation is not None else ())
     text_cache = (
-        _fill_text_cache(components, dataset, config, runtime) if config.cache_text_embeddings else None
+        _fill_text_cache(components, captions, config, runtime) if config.cache_text_embeddings else None
     )
-    step_components = _wrap_trained(components, runtime)
+    validator = None
+    if validation is not None and len(validation):
+        validator = Validator(
+            validation, config, buckets, components.noise_scheduler.config.num_train_timesteps
+        )
+        if runtime.main:
+            write_validation_images(out, validation)
     progress = tqdm(
-        total=total_steps,
+        total=planned,
         initial=state.global_step,
         unit="step",
         disable=not (config.progress_bar and runtime.main),
@@ -234,12 +219,14 @@ def _start(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | 
     run = _Run(
         config=config,
         callback=callback,
+        balance=balance,
         runtime=runtime,
         out=out,
         dataset=dataset,
         buckets=buckets,
+        validator=validator,
         components=components,
-        step_components=step_components,
+        step_components=_wrap_trained(components, runtime),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         scaler=scaler,
@@ -248,19 +235,22 @@ def _start(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | 
         progress=progress,
         state=state,
         resume_from=resume_from,
-        resume_fingerprint=resume_fingerprint,
+        resume_fingerprint=info.get("schedule_fingerprint"),
         started=started,
         start_step=state.global_step,
         last_checkpoint=resume_from,
         last_checkpoint_step=state.global_step if resume_from is not None else -1,
+        planned_steps=planned,
+        epoch_loss={c: list(v) for c, v in (info.get("epoch_loss") or {}).items()} if state.batch else {},
     )
     if resume_from is not None:
         run.say("resuming from %s: step %d, epoch %d, batch %d", resume_from, *dataclasses.astuple(state)[:3])
     run.say(
-        "training %d images in %d concepts: %d optimizer steps over %d epochs on %s (%s, %s, %d process%s)",
+        "training %d images in %d concepts%s: %d optimizer steps over %d epochs on %s (%s, %s, %d process%s)",
         len(dataset),
         len(dataset.concepts),
-        total_steps,
+        f", {len(validator)} held out for validation" if validator is not None else "",
+        planned,
         config.epochs,
         runtime.device,
         config.optimizer,
@@ -269,6 +259,35 @@ def _start(config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | 
         "es" if runtime.world_size > 1 else "",
     )
     return run
+
+
+def _planned_steps(
+    config: TrainConfig, dataset: Dataset, buckets: Any, state: TrainState, world_size: int
+) -> int:
+    """Optimizer steps of the whole run as it now looks: the steps taken before the current epoch, then every
+    epoch from it on with the dataset's current values. (With live_balance the plan is redone each epoch.)"""
+    done_in_epoch = -(-state.batch // config.grad_accum)
+    steps = state.global_step - done_in_epoch
+    for epoch in range(state.epoch, config.epochs):
+        schedule = build_epoch(
+            dataset, epoch=epoch, seed=config.seed, batch_size=config.batch_size, buckets=buckets
+        )
+        steps += _steps_in_epoch(schedule.n_batches, world_size, config.grad_accum)
+    return max(steps, 1)
+
+
+def _rebalance(run: _Run) -> None:
+    """At an epoch's start with live_balance: this epoch's multipliers and loss scales (the files, or the
+    notebook's sliders), and the LR schedule and progress bar stretched or shrunk to the steps that now remain."""
+    run.dataset = epoch_values(run.dataset, run.config, run.state.epoch, run.balance)
+    planned = _planned_steps(run.config, run.dataset, run.buckets, run.state, run.runtime.world_size)
+    if planned != run.planned_steps:
+        state = run.lr_scheduler.state_dict()
+        run.lr_scheduler = make_lr_scheduler(run.config, run.optimizer, planned)
+        run.lr_scheduler.load_state_dict(state)  # same position, new length
+        run.planned_steps = planned
+        run.progress.total = planned
+        run.progress.refresh()
 
 
 def _resolve(config: TrainConfig, components: Any, runtime: Runtime) -> TrainConfig:
@@ -295,14 +314,16 @@ def _resolve(config: TrainConfig, components: Any, runtime: Runtime) -> TrainCon
     return resolved
 
 
-def _fill_text_cache(components: Any, dataset: Dataset, config: TrainConfig, runtime: Runtime) -> Any:
-    """Encode every caption of the data root once with the frozen text encoders, then move the encoders to
-    the CPU: the steps read the cache (samples bring the encoders back for a moment)."""
+def _fill_text_cache(
+    components: Any, captions: tuple[str, ...], config: TrainConfig, runtime: Runtime
+) -> Any:
+    """Encode every caption (training and validation) once with the frozen text encoders, then move the
+    encoders to the CPU: the steps read the cache (samples bring the encoders back for a moment)."""
     from ..models.conditioning import TextEmbeddingCache
 
     cache = TextEmbeddingCache()
     with autocast(config, runtime.device):
-        cache.fill(components, dataset.captions)
+        cache.fill(components, captions)
     for encoder in components.text_encoders:
         encoder.to("cpu")
     return cache
@@ -387,6 +408,9 @@ def _train_epoch(run: _Run, epoch: int) -> str:
         sums_all, counts_all = np.array(totals[: len(concepts)]), np.array(totals[len(concepts) :])
         loss = float(sums_all.sum() / counts_all.sum()) if counts_all.sum() else float("nan")
         run.last_loss = loss
+        for i in np.flatnonzero(counts_all):
+            total = run.epoch_loss.setdefault(concepts[i], [0.0, 0])
+            total[0], total[1] = total[0] + float(sums_all[i]), total[1] + int(counts_all[i])
         run.progress.update(1)
         run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{result.lr:.2e}", refresh=False)
         _emit(
@@ -414,12 +438,17 @@ def _train_epoch(run: _Run, epoch: int) -> str:
 
 
 def _end_epoch(run: _Run) -> str:
-    """Count the epoch as done, report its images per concept, save the epoch's checkpoint when due."""
+    """Count the epoch as done, record and report its images and loss per concept, validate and save the
+    epoch's checkpoint when due."""
     epoch = run.state.epoch
     run.state = TrainState(run.state.global_step, epoch + 1, 0, run.state.skipped_steps)
-    concepts = run.dataset.concept_paths
-    trained = run.schedule(epoch).images_per_concept(run.dataset)
-    expected = expected_images_per_epoch(run.dataset)
+    dataset, concepts = run.dataset, run.dataset.concept_paths
+    trained = run.schedule(epoch).images_per_concept(dataset)
+    expected = expected_images_per_epoch(dataset)
+    if run.runtime.main:
+        append_balance_history(run.out, epoch, dataset, trained)
+        append_training_loss(run.out, epoch, {c: (s, int(n)) for c, (s, n) in run.epoch_loss.items()})
+    run.epoch_loss = {}
     _emit(
         run,
         TrainEvent(
@@ -428,8 +457,13 @@ def _end_epoch(run: _Run) -> str:
             epoch,
             images_per_concept={c: int(n) for c, n in zip(concepts, trained, strict=True)},
             expected={c: float(e) for c, e in zip(concepts, expected, strict=True)},
+            multipliers={c.path: c.multiplier for c in dataset.concepts},
+            loss_scales={c.path: c.loss_scale for c in dataset.concepts},
         ),
     )
+    every = run.config.validate_every_epochs
+    if every and run.state.epoch % every == 0:
+        _validate(run)
     every = run.config.checkpoint_every_epochs
     if every and run.state.epoch % every == 0:
         _checkpoint(run, None)
@@ -443,6 +477,9 @@ def _after_step(run: _Run, fingerprint: str | None) -> str | None:
     every = config.sample_every_steps
     if every and state.global_step % every == 0 and state.global_step != run.start_step:
         _sample(run)
+    every = config.validate_every_steps
+    if every and state.global_step % every == 0:
+        _validate(run)
     minutes = config.checkpoint_every_minutes
     timed = bool(minutes) and run.runtime.main and time.monotonic() - run.last_checkpoint_time >= minutes * 60
     timed, requested, at_max = (
@@ -465,8 +502,8 @@ def _finish(run: _Run, stop_reason: str) -> TrainResult:
     _checkpoint(run, mid_epoch)
     if stop_reason != "callback" and state.global_step > run.start_step:
         _sample(run)
-    if run.runtime.main and state.epoch > 0:
-        _plot_actual_balance(run.dataset, [run.schedule(e) for e in range(state.epoch)], run.out)
+    if run.runtime.main:
+        plot_records(run.out, run.dataset)
     result = TrainResult(
         out=str(run.out),
         global_step=state.global_step,
@@ -515,6 +552,9 @@ def _checkpoint(run: _Run, fingerprint: str | None) -> None:
             world_size=runtime.world_size,
             schedule_fingerprint=fingerprint,
             metadata=_file_metadata(run),
+            extra={"epoch_values": saved_values(run.dataset), "epoch_loss": run.epoch_loss}
+            if state.batch
+            else None,
         )
         log.info("checkpoint saved: %s", path)
         if run.config.keep_checkpoints:
@@ -551,6 +591,39 @@ def _file_metadata(run: _Run) -> dict[str, str]:
     }
 
 
+def _validate(run: _Run) -> None:
+    """Validation loss per concept on the held-out images (once per step), recorded and reported."""
+    state, runtime = run.state, run.runtime
+    if run.validator is None or state.global_step == run.last_validation_step:
+        return
+    runtime.barrier()
+    if runtime.main:
+        trained_text = any(p.requires_grad for e in run.components.text_encoders for p in e.parameters())
+        results = run.validator.evaluate(
+            run.components, runtime.device, text_frozen=not trained_text, text_cache=run.text_cache
+        )
+        append_validation(run.out, state.global_step, state.epoch, results)
+        run.say(
+            "validation at step %d: %s",
+            state.global_step,
+            ", ".join(f"{c} {loss:.4f}" for c, (loss, _) in results.items()),
+        )
+        losses = {c: loss for c, (loss, _) in results.items()}
+        images = {c: n for c, (_, n) in results.items()}
+        _emit(
+            run,
+            TrainEvent(
+                "validation",
+                state.global_step,
+                state.epoch,
+                loss_per_concept=losses,
+                images_per_concept=images,
+            ),
+        )
+    runtime.barrier()
+    run.last_validation_step = state.global_step
+
+
 def _sample(run: _Run) -> None:
     """Save a sample grid of the current step (once per step) on the main process."""
     state, runtime = run.state, run.runtime
@@ -571,10 +644,12 @@ def _sample(run: _Run) -> None:
 # Data and output folder
 
 
-def _load_data(config: TrainConfig, main: bool) -> Dataset:
+def _load_data(config: TrainConfig, main: bool) -> tuple[Dataset, Dataset | None]:
     """Scan the data root (logging each applied multiply.txt / loss_scale.txt and each warning on the main
-    process), refuse errors, apply the config's overrides."""
+    process), refuse errors, apply the config's overrides, hold out the validation images. Returns
+    (training images, validation images or None)."""
     from ..dataset import DatasetError
+    from ..holdout import match_validation_root, split_validation
 
     result = scan(config.data_root)
     for line in result.log:
@@ -583,44 +658,11 @@ def _load_data(config: TrainConfig, main: bool) -> Dataset:
         log.log(logging.WARNING if main else logging.DEBUG, "%s", problem)
     dataset = result.raise_for_errors()
     try:
-        return dataset.with_values(config.multiplier_overrides, config.loss_scale_overrides)
+        dataset = dataset.with_values(config.multiplier_overrides, config.loss_scale_overrides)
     except DatasetError as exc:
         raise ConfigError(f"multipliers / loss_scales: {exc}") from None
-
-
-def _prepare_out(config: TrainConfig, out: Path, runtime: Runtime) -> Path | None:
-    """The checkpoint to resume from (resume), else a fresh out folder; never mixes two runs' checkpoints."""
-    checkpoints = find_checkpoints(out)
-    if config.resume:
-        if not checkpoints:
-            raise ConfigError(
-                f"resume is set but {out / CHECKPOINTS_DIR} holds no complete checkpoint; "
-                "start without resume (or point out at the earlier run's folder)"
-            )
-        return checkpoints[-1]
-    if checkpoints:
-        if not config.overwrite:
-            raise ConfigError(
-                f"{out / CHECKPOINTS_DIR} already holds checkpoints of an earlier run (newest "
-                f"{checkpoints[-1].name}); set resume to continue it, overwrite to delete them and start "
-                "afresh, or choose another out folder"
-            )
-        runtime.barrier()
-        if runtime.main:
-            shutil.rmtree(out / CHECKPOINTS_DIR)
-            shutil.rmtree(out / SAMPLES_DIR, ignore_errors=True)
-        runtime.barrier()
-    return None
-
-
-def _plot_actual_balance(dataset: Dataset, schedules: list[EpochSchedule], out: Path) -> None:
-    """out/balance_actual.png: expected images per concept beside those each trained epoch really held."""
-    from ..report import plot_balance
-
-    actual = np.stack([s.images_per_concept(dataset) for s in schedules])
-    plot_balance(
-        dataset,
-        actual,
-        out=out / "balance_actual.png",
-        title=f"Images per concept: expected vs trained, {len(schedules)} epoch(s)",
-    )
+    if config.validation_root:
+        return dataset, match_validation_root(dataset, scan(config.validation_root).raise_for_errors())
+    if config.validation_split:
+        return split_validation(dataset, config.validation_split, config.seed)
+    return dataset, None

@@ -1,0 +1,75 @@
+"""Live rebalancing: each epoch's multipliers and loss scales, read at its start from multiply.txt / loss_scale.txt
+(or from the notebook's sliders), so edits made while a run trains apply from the next epoch, each logged once.
+
+An epoch in progress never changes: its values travel in its checkpoints, so a resume finishes it with them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+from ..config import TrainConfig
+from ..dataset import Dataset, DatasetError, scan
+
+__all__ = ["BalanceSource", "changes", "epoch_values", "file_values", "saved_values", "with_saved_values"]
+
+log = logging.getLogger("edtools.train")
+
+# (epoch) -> ({concept: multiplier}, {concept: loss_scale}) for the concepts it sets (the notebook's sliders)
+BalanceSource = Callable[[int], tuple[Mapping[str, float], Mapping[str, float]]]
+
+
+def file_values(config: TrainConfig) -> tuple[dict[str, float], dict[str, float]]:
+    """The values in the data root's files now, with the config's overrides on top. A scan that finds errors
+    (a multiply.txt being edited, say) raises DatasetError."""
+    result = scan(config.data_root)
+    dataset = result.raise_for_errors()
+    multipliers = {c.path: c.multiplier for c in dataset.concepts}
+    loss_scales = {c.path: c.loss_scale for c in dataset.concepts}
+    multipliers.update(config.multiplier_overrides)
+    loss_scales.update(config.loss_scale_overrides)
+    return multipliers, loss_scales
+
+
+def epoch_values(current: Dataset, config: TrainConfig, epoch: int, source: BalanceSource | None) -> Dataset:
+    """The dataset with the values epoch `epoch` trains with: from `source` (the notebook), else from the files.
+    Folders that appeared since the run started are not trained; values that cannot be used (an error in a
+    file, a multiplier <= 0) keep the previous epoch's, with a warning."""
+    try:
+        multipliers, loss_scales = source(epoch) if source is not None else file_values(config)
+        known = set(current.concept_paths)
+        updated = current.with_values(
+            {c: v for c, v in multipliers.items() if c in known},
+            {c: v for c, v in loss_scales.items() if c in known},
+        )
+    except DatasetError as exc:
+        log.warning("epoch %d keeps the previous epoch's multipliers and loss scales: %s", epoch, exc)
+        return current
+    for line in changes(current, updated, epoch):
+        log.info("%s", line)
+    return updated
+
+
+def changes(old: Dataset, new: Dataset, epoch: int) -> list[str]:
+    """One line per changed value, e.g. "epoch 3: people/bob multiply 1 -> 3"."""
+    lines = []
+    for a, b in zip(old.concepts, new.concepts, strict=True):
+        if a.multiplier != b.multiplier:
+            lines.append(f"epoch {epoch}: {a.path} multiply {a.multiplier:g} -> {b.multiplier:g}")
+        if a.loss_scale != b.loss_scale:
+            lines.append(f"epoch {epoch}: {a.path} loss_scale {a.loss_scale:g} -> {b.loss_scale:g}")
+    return lines
+
+
+def saved_values(dataset: Dataset) -> dict[str, list[float]]:
+    """{concept: [multiplier, loss_scale]}: what a checkpoint keeps of the epoch in progress."""
+    return {c.path: [c.multiplier, c.loss_scale] for c in dataset.concepts}
+
+
+def with_saved_values(dataset: Dataset, values: Mapping[str, list[float]]) -> Dataset:
+    """The dataset with a checkpoint's values of its epoch in progress."""
+    return dataset.with_values(
+        {c: v[0] for c, v in values.items() if c in dataset.concept_paths},
+        {c: v[1] for c, v in values.items() if c in dataset.concept_paths},
+    )

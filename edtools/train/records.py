@@ -1,0 +1,170 @@
+"""The run's records in its out folder: validation.csv, balance_history.csv, training_loss.csv, the list of
+validation images and the plots drawn from them. Appended as the run goes, trimmed back to a checkpoint on resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ConfigError, TrainConfig
+from ..dataset import Dataset
+from .checkpoint import CHECKPOINTS_DIR, find_checkpoints
+from .runtime import Runtime
+from .sample import SAMPLES_DIR
+
+__all__ = [
+    "BALANCE_HISTORY_CSV",
+    "TRAINING_LOSS_CSV",
+    "VALIDATION_CSV",
+    "VALIDATION_IMAGES",
+    "append_balance_history",
+    "append_training_loss",
+    "append_validation",
+    "plot_records",
+    "prepare_out",
+    "read_csv",
+    "trim_records",
+    "write_validation_images",
+]
+
+VALIDATION_CSV = "validation.csv"
+BALANCE_HISTORY_CSV = "balance_history.csv"
+TRAINING_LOSS_CSV = "training_loss.csv"
+VALIDATION_IMAGES = "validation_images.txt"
+_COLUMNS = {
+    VALIDATION_CSV: ["step", "epoch", "concept", "loss", "images"],
+    BALANCE_HISTORY_CSV: ["epoch", "concept", "multiply", "loss_scale", "expected", "actual"],
+    TRAINING_LOSS_CSV: ["epoch", "concept", "loss", "images"],
+}
+_RECORDS = (*_COLUMNS, VALIDATION_IMAGES, "validation.png", "balance_actual.png")
+
+
+def prepare_out(config: TrainConfig, out: Path, runtime: Runtime) -> Path | None:
+    """The checkpoint to resume from (resume), else a fresh out folder: an earlier run's checkpoints are
+    refused (or deleted with overwrite) and its records removed, so two runs never mix."""
+    checkpoints = find_checkpoints(out)
+    if config.resume:
+        if not checkpoints:
+            raise ConfigError(
+                f"resume is set but {out / CHECKPOINTS_DIR} holds no complete checkpoint; "
+                "start without resume (or point out at the earlier run's folder)"
+            )
+        return checkpoints[-1]
+    if checkpoints and not config.overwrite:
+        raise ConfigError(
+            f"{out / CHECKPOINTS_DIR} already holds checkpoints of an earlier run (newest "
+            f"{checkpoints[-1].name}); set resume to continue it, overwrite to delete them and start "
+            "afresh, or choose another out folder"
+        )
+    runtime.barrier()
+    if runtime.main:
+        if checkpoints:
+            shutil.rmtree(out / CHECKPOINTS_DIR)
+            shutil.rmtree(out / SAMPLES_DIR, ignore_errors=True)
+        for name in _RECORDS:
+            (out / name).unlink(missing_ok=True)
+    runtime.barrier()
+    return None
+
+
+def _append(path: Path, rows: Sequence[Sequence]) -> None:
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        if new:
+            writer.writerow(_COLUMNS[path.name])
+        writer.writerows(rows)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a record (empty when the file does not exist)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as file:
+        return list(csv.DictReader(file))
+
+
+def trim_records(out: Path, *, global_step: int, epoch: int) -> None:
+    """Drop rows written after a checkpoint (by a run that died before its next one): a resumed run appends
+    them again, so its records equal an uninterrupted run's."""
+    for name, column, last in (
+        (VALIDATION_CSV, "step", global_step),
+        (BALANCE_HISTORY_CSV, "epoch", epoch - 1),
+        (TRAINING_LOSS_CSV, "epoch", epoch - 1),
+    ):
+        path = out / name
+        rows = read_csv(path)
+        kept = [row for row in rows if int(row[column]) <= last]
+        if len(kept) != len(rows):
+            path.unlink()
+            _append(path, [[row[c] for c in _COLUMNS[name]] for row in kept])
+
+
+def append_validation(out: Path, step: int, epoch: int, results: Mapping[str, tuple[float, int]]) -> None:
+    """One row per concept: step, epoch, concept, loss, images."""
+    _append(out / VALIDATION_CSV, [[step, epoch, c, f"{loss:.6g}", n] for c, (loss, n) in results.items()])
+
+
+def append_balance_history(out: Path, epoch: int, dataset: Dataset, actual: np.ndarray) -> None:
+    """One row per concept for a finished epoch: the multiplier and loss_scale it trained with, the images
+    per epoch they give (expected) and the images the epoch really held (actual)."""
+    rows = [
+        [epoch, c.path, f"{c.multiplier:g}", f"{c.loss_scale:g}", f"{c.images_per_epoch:g}", int(n)]
+        for c, n in zip(dataset.concepts, actual, strict=True)
+    ]
+    _append(out / BALANCE_HISTORY_CSV, rows)
+
+
+def append_training_loss(out: Path, epoch: int, sums: Mapping[str, tuple[float, int]]) -> None:
+    """One row per concept for a finished epoch: the mean training loss (plain MSE) of its images."""
+    rows = [[epoch, c, f"{total / n:.6g}", n] for c, (total, n) in sums.items() if n]
+    _append(out / TRAINING_LOSS_CSV, rows)
+
+
+def write_validation_images(out: Path, validation: Dataset) -> Path:
+    """out/validation_images.txt: the held-out images, one path (relative to its data root) per line."""
+    path = out / VALIDATION_IMAGES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# validation images under {validation.root}, never trained\n"
+    path.write_text(header + "".join(p + "\n" for p in validation.paths), encoding="utf-8")
+    return path
+
+
+def plot_records(out: Path, dataset: Dataset) -> None:
+    """out/balance_actual.png (expected images per concept beside each trained epoch's) and, with a
+    validation, out/validation.png (validation loss per concept over the steps)."""
+    from ..report import plot_balance, plot_validation
+
+    history = read_csv(out / BALANCE_HISTORY_CSV)
+    epochs = sorted({int(row["epoch"]) for row in history})
+    if epochs:
+        index = {c: i for i, c in enumerate(dataset.concept_paths)}
+        actual = np.zeros((len(epochs), len(index)))
+        for row in history:
+            if row["concept"] in index:
+                actual[epochs.index(int(row["epoch"])), index[row["concept"]]] = float(row["actual"])
+        plot_balance(
+            dataset,
+            actual,
+            out=out / "balance_actual.png",
+            title=f"Images per concept: expected vs trained, {len(epochs)} epoch(s)",
+        )
+    validation = read_csv(out / VALIDATION_CSV)
+    if validation:
+        # an epoch's training loss is drawn at the step where it ended: the first validation after it
+        end_step: dict[int, int] = {}
+        for row in validation:
+            done = int(row["epoch"])
+            end_step[done] = min(end_step.get(done, int(row["step"])), int(row["step"]))
+        training = [
+            {"step": str(end_step[int(r["epoch"]) + 1]), "concept": r["concept"], "loss": r["loss"]}
+            for r in read_csv(out / TRAINING_LOSS_CSV)
+            if int(r["epoch"]) + 1 in end_step
+        ]
+        plot_validation(validation, training=training, out=out / "validation.png")
