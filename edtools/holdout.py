@@ -21,11 +21,11 @@ _TAG_HOLDOUT = 0xC0  # keeps this random stream apart from the schedule's and th
 
 
 def held_out_count(n_images: int, share: float) -> int:
-    """Images of a folder of n held out: share x n rounded, at least 1 where the folder has 2 or more, and
-    always at least one left to train; none of a single image, none at share 0."""
+    """Images of a folder of n held out: share x n rounded (halves up), at least 1 where the folder has 2 or
+    more, and always at least one left to train; none of a single image, none at share 0."""
     if share <= 0 or n_images < 2:
         return 0
-    return min(max(1, round(share * n_images)), n_images - 1)
+    return min(max(1, math.floor(share * n_images + 0.5)), n_images - 1)
 
 
 def subset(dataset: Dataset, images: np.ndarray) -> Dataset:
