@@ -1,4 +1,4 @@
-"""The `edtools` command line: scan, schedule, make-demo, make-tiny-model, convert, train.
+"""The `edtools` command line: scan, schedule, make-demo, make-tiny-model, convert, train, suggest.
 
 Each subcommand is a thin shell over the package's functions; exit code 2 means the data or config is wrong.
 """
@@ -129,6 +129,42 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_suggest(args: argparse.Namespace) -> int:
+    from .suggest import format_suggestions, suggest_run
+
+    suggestions = suggest_run(args.run_dir)
+    print(format_suggestions(suggestions))
+    changed = [s for s in suggestions if s.changes]
+    if not changed:
+        return 0
+    if not args.apply:
+        print(
+            "\n* suggested changes; nothing was written. --apply writes them to the data root's multiply.txt files"
+        )
+        return 0
+    from .dataset import write_concept_values
+
+    data_root = args.data_root or _run_data_root(Path(args.run_dir))
+    for s in changed:
+        for path in write_concept_values(data_root, s.concept, multiplier=s.suggested):
+            print(f"wrote {path}: {s.suggested:g}")
+    return 0
+
+
+def _run_data_root(run_dir: Path) -> str:
+    """The data root a run trained on, from its newest checkpoint's config."""
+    import json
+
+    from .errors import EdtoolsError
+    from .train import find_checkpoints
+
+    checkpoints = find_checkpoints(run_dir)
+    if not checkpoints:
+        raise EdtoolsError(f"{run_dir} has no checkpoint that names its data root: give --data-root")
+    config = json.loads((checkpoints[-1] / "resume" / "config.json").read_text(encoding="utf-8"))
+    return config["data_root"]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import ConfigError, TrainConfig, read_config_file
     from .train import train
@@ -191,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="for a single-file source: a diffusers folder or hub id with its component configs"
     )
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "suggest", help="propose multipliers per concept from a run's validation and balance history"
+    )
+    p.add_argument("run_dir", help="a training run's out folder (with validation.csv)")
+    p.add_argument("--apply", action="store_true", help="write the suggested multiply.txt files")
+    p.add_argument("--data-root", help="where to write them (default: the run's data root)")
+    p.set_defaults(func=cmd_suggest)
 
     p = sub.add_parser("train", help="train a Stable Diffusion model on a data root")
     p.add_argument("--config", help="YAML or JSON file with TrainConfig fields; flags given here override it")
