@@ -105,16 +105,20 @@ def plot_balance(
     dataset: Dataset,
     actual: np.ndarray | None = None,
     *,
+    expected: np.ndarray | None = None,
     out: str | Path | None = None,
     title: str = "Images per concept per epoch",
 ):
     """Horizontal bars, largest at the top: expected images per epoch per concept, and beside it the actual
     mean over the given epochs with min-max whiskers. Readable with dozens of concepts. Returns the Figure;
-    writes a PNG when `out` is given."""
+    writes a PNG when `out` is given. expected: per concept, instead of the dataset's (n_images x multiplier).
+    """
     # A bare Figure renders without pyplot, so the user's matplotlib backend is left untouched.
     from matplotlib.figure import Figure
 
-    expected = expected_images_per_epoch(dataset)
+    expected = (
+        expected_images_per_epoch(dataset) if expected is None else np.asarray(expected, dtype=np.float64)
+    )
     order = np.argsort(expected, kind="stable")  # barh draws from the bottom: largest ends on top
     names = [dataset.concepts[i].path for i in order]
     y = np.arange(len(order))

@@ -314,7 +314,7 @@ def fake_train(events_per_epoch: int = 3, fail: bool = False):
     """A stand-in for edtools.train.train: the same events and the same stop rule, no model."""
     from edtools.train import TrainEvent, TrainResult
 
-    def train(config, callback):
+    def train(config, callback, balance=None):
         step, reason = 0, "finished"
         for epoch in range(config.epochs):
             for batch in range(events_per_epoch):
@@ -328,7 +328,19 @@ def fake_train(events_per_epoch: int = 3, fail: bool = False):
             if reason == "callback":
                 break
             counts = {"people/alice": 8, "people/bob": 8, "style": 4, "preservation": 5}
-            callback(TrainEvent("epoch", step, epoch, images_per_concept=counts))
+            values = balance(epoch + 1)[0] if balance is not None else {c: 1.0 for c in counts}
+            callback(
+                TrainEvent(
+                    "epoch",
+                    step,
+                    epoch,
+                    images_per_concept=counts,
+                    expected={c: float(n) for c, n in counts.items()},
+                    multipliers=dict(values),
+                )
+            )
+            losses = {"people/alice": 0.3 / (epoch + 1), "style": 0.2}
+            callback(TrainEvent("validation", step, epoch + 1, loss_per_concept=losses))
         result = TrainResult(str(config.out), step, epoch, 0, reason, "ckpt", 0, 0.7, 0.1)
         callback(TrainEvent("end", step, epoch, result=result))
         return result
@@ -409,7 +421,7 @@ def test_stop_button_makes_the_callback_return_true(training_parts, monkeypatch)
     fake = fake_train(events_per_epoch=1000)
     seen = []
 
-    def slow_train(config, callback):
+    def slow_train(config, callback, balance=None):
         def wrapped(event):
             seen.append(event.kind)
             if event.kind == "step" and event.global_step == 3:
@@ -448,6 +460,7 @@ def test_tiny_model_trains_stops_and_resumes_from_the_panel(tmp_path, monkeypatc
     training.epochs.value = 1
     training.sample_every.value = 0
     training.sample_prompts.value = "a photo of alice"
+    training.validation_split.value = 0.0  # every image trains: the counts below are the folder's
     balance.rows["people/alice"].box.value = 0.5  # unsaved: must still reach the trainer
 
     def stop_after_two_steps(event):
@@ -544,3 +557,79 @@ def test_tiny_sdxl_lora_trains_from_the_panel_and_saves_a_single_file(tmp_path, 
     assert (checkpoint / "lora.safetensors").is_file()
     assert checkpoint.with_name(checkpoint.name + ".safetensors").is_file()
     assert len(training.samples.children) == 1
+
+
+def test_epochs_and_validation_show_history_counts_and_trained_bars(training_parts, monkeypatch):
+    pytest.importorskip("edtools.train")
+    balance, training = training_parts
+    monkeypatch.setattr("edtools.train.train", fake_train(events_per_epoch=2))
+    training.epochs.value = 2
+    training.resolution.value = 64
+    balance.rows["style"].box.value = 3.0  # unsaved; the fake reads the panel's values as live balance does
+    assert training.config().live_balance and training.config().validation_split == 0.1  # notebook defaults
+    training.start()
+    training.wait(timeout=30)
+    assert "epoch 1 trained: people/alice 8" in training.epoch_counts.value
+    history = training.history.value
+    assert "multiplier per epoch" in history and "<b>" not in history and history.count(">3<") == 2
+    assert list(balance.figure.trained) == [8.0, 8.0, 4.0, 5.0] or sorted(balance.figure.trained) == [
+        4,
+        5,
+        8,
+        8,
+    ]
+    assert "trained in epoch 1" in [t.get_text() for t in balance.figure.ax.get_legend().get_texts()]
+    figure = training._loss_figure
+    assert figure.validation["people/alice"] == ([2, 4], [0.3, 0.15])
+    assert set(figure.dots) == {"people/alice", "style"}
+    assert figure.dots["style"].get_color() == figure.lines["style"].get_color()  # one colour per concept
+
+
+def test_suggestions_show_reasons_and_apply_to_the_sliders_unsaved(training_parts, tmp_path):
+    balance, training = training_parts
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "validation.csv").write_text(
+        "step,epoch,concept,loss,images\n0,0,people/alice,0.3,2\n0,0,style,0.3,2\n0,0,people/bob,0.3,2\n"
+        "10,1,people/alice,0.29,2\n10,1,style,0.2,2\n10,1,people/bob,0.21,2\n"
+    )
+    (run / "balance_history.csv").write_text(
+        "epoch,concept,multiply,loss_scale,expected,actual\n0,people/alice,1,1,24,24\n0,style,1,1,12,12\n"
+    )
+    training.out.value = str(run)
+    training.suggest_button.click()
+    assert "lags behind; raise it" in training.suggestions.value and not training.apply_button.disabled
+    training.apply_button.click()
+    assert balance.multipliers["people/alice"] == 2.0
+    assert balance.changes()["people/alice"] == {"multiplier": 2.0}  # on the slider, not in the file
+    assert not (balance.disk.root / "people" / "alice" / "multiply.txt").exists()
+    training.out.value = str(tmp_path / "nothing")
+    training.suggest_button.click()
+    assert "no validation.csv" in training.suggestions.value
+
+
+@pytest.mark.slow
+def test_a_slider_moved_during_a_run_changes_the_next_epoch(tmp_path, tree, monkeypatch):
+    pytest.importorskip("edtools.train")
+    pytest.importorskip("torch")
+    monkeypatch.chdir(tmp_path)
+    data = ew.DataPanel(tree({"a": 4, "b": 2}))
+    balance = ew.BalancePanel(data, debounce_s=0)
+    training = ew.TrainingPanel(balance, smoke=True)
+    training.epochs.value = 3
+    training.sample_prompts.value = ""
+    training.validation_split.value = 0.0
+
+    def move_slider_after_epoch_0(event):
+        if event.kind == "epoch" and event.epoch == 0:
+            balance.rows["b"].box.value = 3.0  # as a person types while the run goes on
+
+    original = training._on_event
+    monkeypatch.setattr(training, "_on_event", lambda e: (move_slider_after_epoch_0(e), original(e))[1])
+    training.start()
+    result = training.wait(timeout=300)
+    assert result.stop_reason == "finished"
+    counts = [e.images_per_concept["b"] for e in training.events if e.kind == "epoch"]
+    assert counts == [2, 6, 6]
+    assert "<b>3</b>" in training.history.value  # the change is marked in the history
+    assert training.progress.value == training.progress.max == result.global_step

@@ -40,7 +40,7 @@ class TrainResult:
 class TrainEvent:
     """What the callback receives. kind decides which fields are set:
     step: global_step, epoch, batch, loss (mean MSE of the step's images), loss_per_concept, lr, skipped,
-          images (image numbers this rank trained in the step);
+          images (image numbers this rank trained in the step), total_steps (the run's planned steps);
     epoch: epoch, images_per_concept (trained this epoch), expected (n_images x multiplier), multipliers and
            loss_scales (what the epoch trained with);
     validation: global_step, epoch (epochs done), loss_per_concept (held-out loss), images_per_concept (held out);
@@ -56,6 +56,7 @@ class TrainEvent:
     lr: float | None = None
     skipped: bool = False
     images: tuple[int, ...] = ()
+    total_steps: int | None = None
     images_per_concept: dict[str, int] = field(default_factory=dict)
     expected: dict[str, float] = field(default_factory=dict)
     multipliers: dict[str, float] = field(default_factory=dict)

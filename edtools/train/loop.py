@@ -427,6 +427,7 @@ def _train_epoch(run: _Run, epoch: int) -> str:
                 lr=result.lr,
                 skipped=result.skipped,
                 images=tuple(images),
+                total_steps=run.planned_steps,
             ),
         )
         sums, counts, images, nonfinite = np.zeros(len(concepts)), np.zeros(len(concepts)), [], False

@@ -108,6 +108,9 @@ class _BalanceFigure:
             y, np.zeros(n), height=0.8, fill=False, edgecolor="#888888", linestyle="--", label="on disk"
         )
         self.bars = self.ax.barh(y, np.zeros(n), height=0.55, color="#4c72b0", label="now")
+        # what the last trained epoch really held, shown once a run reports one
+        self.trained_bars = self.ax.barh(y + 0.3, np.zeros(n), height=0.18, color="#dd8452")
+        self.trained = np.zeros(n)
         self.ax.barh([0], [0], color="#8fa8c8", label="preservation (multiplier < 1 on disk)")
         self.labels = [self.ax.text(0, yi, "", va="center", fontsize=8) for yi in y]
         self.ax.set_yticks(y, [_short(c, 28) for c in concepts], fontsize=8 if n > 20 else 9)
@@ -134,7 +137,10 @@ class _BalanceFigure:
                 bar.set_width(value)
                 label.set_x(value)
                 label.set_text(f" {_fmt(value)} ({value / total:.1%})")
-            right = float(max(expected.max(initial=0), self.disk_expected.max(initial=0))) or 1.0
+            right = max(
+                expected.max(initial=0), self.disk_expected.max(initial=0), self.trained.max(initial=0)
+            )
+            right = float(right) or 1.0
             self.ax.set_xlim(0, right * 1.35)
             self.ax.set_xlabel(f"images per epoch (share of the epoch); {_fmt(float(expected.sum()))} in all")
             png = _png(self.figure)
@@ -142,6 +148,17 @@ class _BalanceFigure:
                 self.figure.set_layout_engine("none")
                 self.laid_out = True
             return png
+
+    def set_trained(self, counts: np.ndarray, epoch: int) -> None:
+        """Thin bars of the images the last trained epoch held, under the current values' bars."""
+        with self.lock:
+            self.trained = np.asarray(counts, dtype=np.float64)
+            for bar, value in zip(self.trained_bars, self.trained, strict=True):
+                bar.set_width(value)
+            self.trained_bars.set_label(f"trained in epoch {epoch}")
+            self.ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=2, fontsize=8, frameon=False)
+            self.figure.set_layout_engine("constrained")  # the legend grew: lay out once more
+            self.laid_out = False
 
     def widths(self) -> np.ndarray:
         return np.array([bar.get_width() for bar in self.bars])
@@ -465,6 +482,16 @@ class BalancePanel(_Panel):
     def say(self, message: str, *, error: bool = False) -> None:
         colour = "#b00020" if error else "#205020"
         self.status.value = f"<span style='color:{colour}'>{message}</span>" if message else ""
+
+    def show_trained(self, counts: Mapping[str, int], epoch: int) -> None:
+        """During a run: the images the last finished epoch trained per folder, beside the values the next
+        epoch will use (the sliders), so a change shows what it does."""
+        if self.figure is None or self.disk is None:
+            return
+        self.figure.set_trained(
+            np.array([counts.get(c, 0) for c in self.disk.concept_paths], dtype=float), epoch
+        )
+        self.request_redraw()
 
     def request_redraw(self) -> None:
         """Redraw soon: at most once per debounce_s while events arrive, always with the latest values."""

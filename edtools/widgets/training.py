@@ -9,12 +9,10 @@ import dataclasses
 import html
 import io
 import logging
-import math
 import os
 import threading
 import time
 import traceback
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +22,8 @@ from ..dataset import Dataset
 from ..presets import PRESETS, choose_preset
 from ..schedule import build_epoch, make_buckets
 from .balance import BalancePanel
-from .common import DEMO_DIR, RESOLUTIONS, _Panel, _png, _short, gpu_memory_gib, smoke_mode, widgets
+from .common import DEMO_DIR, RESOLUTIONS, _Panel, _png, gpu_memory_gib, smoke_mode, widgets
+from .progress import LossFigure, WidgetLogHandler, counts_html, history_html
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -35,64 +34,6 @@ __all__ = ["TrainingPanel"]
 _log = logging.getLogger("edtools")
 
 
-class _WidgetLogHandler(logging.Handler):
-    """Keeps the last log lines of a training run in an HTML widget."""
-
-    def __init__(self, target: widgets.HTML, keep: int = 200) -> None:
-        super().__init__(logging.INFO)
-        self.target, self.keep, self.lines = target, keep, []
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines = (self.lines + [html.escape(self.format(record))])[-self.keep :]
-        self.target.value = "<pre style='font-size:80%;margin:0'>" + "\n".join(self.lines) + "</pre>"
-
-
-class _LossFigure:
-    """Per-concept loss curves (exponential moving average), updated in place."""
-
-    def __init__(self) -> None:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        self.figure = Figure(figsize=(6.4, 3.2), layout="constrained")
-        FigureCanvasAgg(self.figure)
-        self.ax = self.figure.add_subplot()
-        self.ax.set_xlabel("step")
-        self.ax.set_ylabel("loss (moving average)")
-        self.ax.set_title("Loss per concept", fontsize=10)
-        self.series: dict[str, tuple[list[int], list[float]]] = {}
-        self.lines: dict[str, Any] = {}
-        self.lock = threading.Lock()
-
-    def add(self, step: int, losses: Mapping[str, float], smoothing: float = 0.9) -> None:
-        with self.lock:
-            for concept, loss in losses.items():
-                if not math.isfinite(loss):  # a skipped step: it would poison the moving average
-                    continue
-                steps, values = self.series.setdefault(concept, ([], []))
-                values.append(
-                    float(loss) if not values else smoothing * values[-1] + (1 - smoothing) * float(loss)
-                )
-                steps.append(step)
-
-    def render(self) -> bytes:
-        with self.lock:
-            new_lines = False
-            for concept, (steps, values) in self.series.items():
-                if concept not in self.lines:
-                    (self.lines[concept],) = self.ax.plot([], [], linewidth=1.2, label=_short(concept, 24))
-                    new_lines = True
-                self.lines[concept].set_data(steps, values)
-            if new_lines and len(self.lines) <= 12:
-                self.ax.legend(fontsize=7, loc="upper right")
-            elif new_lines and self.ax.get_legend() is not None:  # too many concepts to tell apart by colour
-                self.ax.get_legend().remove()
-            self.ax.relim()
-            self.ax.autoscale_view()
-            return _png(self.figure)
-
-
 def _config_field_defaults() -> dict[str, Any]:
     from ..config import TrainConfig
 
@@ -101,6 +42,7 @@ def _config_field_defaults() -> dict[str, Any]:
     }
 
 
+NOTEBOOK_DEFAULTS = {"validation_split": 0.1, "live_balance": True}
 _ACTIVE: TrainingPanel | None = None  # one run per kernel: a re-run cell must not start a second one
 
 
@@ -128,9 +70,16 @@ class TrainingPanel(_Panel):
         self._actual: list[np.ndarray] = []
         self._last_loss_draw = 0.0
         self._trained_dataset: Dataset | None = None
-        self._loss_figure: _LossFigure | None = None
+        self._loss_figure: LossFigure | None = None
+        self._multiplier_history: list[dict[str, float]] = []
+        self._max_steps: int | None = None
 
-        defaults = _config_field_defaults() if base_config is None else base_config.to_dict()
+        # The notebook closes the balance loop by default: a validation share and slider edits live.
+        defaults = (
+            {**_config_field_defaults(), **NOTEBOOK_DEFAULTS}
+            if base_config is None
+            else base_config.to_dict()
+        )
         if self.smoke:
             defaults = {
                 **defaults,
@@ -171,6 +120,35 @@ class TrainingPanel(_Panel):
         self.lora_rank = widgets.IntText(
             value=int(defaults.get("lora_rank") or 0), description="LoRA rank (0 = full)", **text
         )
+        self.validation_split = widgets.BoundedFloatText(
+            value=float(defaults.get("validation_split") or 0.0),
+            min=0.0,
+            max=0.9,
+            step=0.05,
+            description="validation share",
+            tooltip="share of each folder held out to measure validation loss per concept (0 = none)",
+            **text,
+        )
+        self.live_balance = widgets.Checkbox(
+            value=bool(defaults.get("live_balance")),
+            description="slider changes apply from the next epoch",
+            indent=False,
+        )
+        self.suggest_button = widgets.Button(
+            description="Suggest multipliers",
+            icon="lightbulb-o",
+            tooltip="read this run's validation and balance history and propose multipliers (nothing changes)",
+        )
+        self.apply_button = widgets.Button(description="Apply to sliders", icon="check", disabled=True)
+        self.suggestions = widgets.HTML()
+        self.suggestions.add_class("edtools-suggestions")
+        self.suggest_button.on_click(lambda _: self.suggest())
+        self.apply_button.on_click(lambda _: self.apply_suggestions())
+        self._suggested: dict[str, float] = {}
+        self.history = widgets.HTML()
+        self.history.add_class("edtools-multiplier-history")
+        self.epoch_counts = widgets.HTML()
+        self.epoch_counts.add_class("edtools-epoch-counts")
         self.save_single_file = widgets.Checkbox(
             value=bool(defaults.get("save_single_file")),
             description="also save a single file for A1111/ComfyUI",
@@ -278,6 +256,7 @@ class TrainingPanel(_Panel):
                 widgets.HBox([self.resolution, self.batch_size, self.epochs]),
                 widgets.HBox([self.lr, self.optimizer, self.mixed_precision]),
                 widgets.HBox([self.lora_rank, self.seed, self.sample_every]),
+                widgets.HBox([self.validation_split, self.live_balance]),
                 self.sample_prompts,
                 widgets.HBox([self.earlier_run, self.save_single_file]),
             ]
@@ -288,9 +267,13 @@ class TrainingPanel(_Panel):
                 widgets.HBox([self.train_button, self.stop_button]),
                 widgets.HBox([self.progress, self.progress_text]),
                 self.status,
+                self.epoch_counts,
                 widgets.HBox(
                     [self.balance_image, self.loss_image], layout=widgets.Layout(flex_flow="row wrap")
                 ),
+                self.history,
+                widgets.HBox([self.suggest_button, self.apply_button]),
+                self.suggestions,
                 self.samples,
                 self.log,
             ]
@@ -356,6 +339,8 @@ class TrainingPanel(_Panel):
             "seed": int(self.seed.value),
             "sample_prompts": tuple(p.strip() for p in self.sample_prompts.value.splitlines() if p.strip()),
             "sample_every_steps": int(self.sample_every.value),
+            "validation_split": float(self.validation_split.value),
+            "live_balance": bool(self.live_balance.value),
             "resume": self.earlier_run.value == "resume",
             "overwrite": self.earlier_run.value == "overwrite",
             "progress_bar": False,  # the panel has its own
@@ -391,7 +376,9 @@ class TrainingPanel(_Panel):
         self._trained_dataset = self.balance.dataset()
         self.events, self.result, self.error = [], None, None
         self._actual = []
-        self._loss_figure = _LossFigure()
+        self._loss_figure = LossFigure()
+        self._multiplier_history = []
+        self.history.value = self.epoch_counts.value = ""
         self._last_loss_draw = 0.0
         self._stop.clear()
         self.samples.children = []
@@ -418,7 +405,7 @@ class TrainingPanel(_Panel):
         return self.result
 
     def _run(self, config) -> None:
-        handler = _WidgetLogHandler(self.log)
+        handler = WidgetLogHandler(self.log)
         level = _log.level
         _log.addHandler(handler)
         if level == logging.NOTSET or level > logging.INFO:
@@ -433,7 +420,8 @@ class TrainingPanel(_Panel):
             from ..train import train
 
             self._say("training…")
-            self.result = train(config, self._on_event)
+            source = self.balance_values if config.live_balance else None
+            self.result = train(config, self._on_event, balance=source)
             if self.result.stop_reason == "callback":
                 self.earlier_run.value = "resume"
                 self._say(f"Stopped cleanly: {html.escape(str(self.result))}. Press Train to resume.")
@@ -452,7 +440,12 @@ class TrainingPanel(_Panel):
             self.train_button.disabled, self.stop_button.disabled = False, True
 
     def _set_progress_total(self, config) -> None:
+        """Optimizer steps as train() plans them (until the first step event says so itself)."""
+        from ..holdout import split_validation
+
         dataset = self._trained_dataset
+        if config.validation_split:
+            dataset = split_validation(dataset, config.validation_split, config.seed)[0]
         buckets = make_buckets(config.resolution)
         batches = [
             build_epoch(
@@ -464,6 +457,7 @@ class TrainingPanel(_Panel):
         if config.max_steps is not None:
             total = min(total, config.max_steps)
         self.progress.max, self.progress.value = max(total, 1), 0
+        self._max_steps = config.max_steps
 
     # ---- events from the training thread
 
@@ -475,6 +469,9 @@ class TrainingPanel(_Panel):
         return self._stop.is_set()
 
     def _on_step(self, event) -> None:
+        if event.total_steps:  # live rebalancing may lengthen or shorten the run
+            limit = self._max_steps if self._max_steps is not None else event.total_steps
+            self.progress.max = max(1, min(event.total_steps, limit))
         self.progress.value = min(int(event.global_step), self.progress.max)
         self.progress_text.value = (
             f"step {event.global_step}/{self.progress.max}, epoch {event.epoch + 1}, loss {event.loss:.4f}"
@@ -489,14 +486,25 @@ class TrainingPanel(_Panel):
         from ..report import plot_balance
 
         dataset = self._trained_dataset
-        self._actual.append(np.array([event.images_per_concept.get(c, 0) for c in dataset.concept_paths]))
+        concepts = dataset.concept_paths
+        self._actual.append(np.array([event.images_per_concept.get(c, 0) for c in concepts]))
         figure = plot_balance(
             dataset,
             np.stack(self._actual),
-            title=f"Images per concept: expected vs actual, {len(self._actual)} epoch(s)",
+            expected=np.array([event.expected.get(c, 0.0) for c in concepts]),
+            title=f"Images per concept: expected (epoch {event.epoch}) vs actual, {len(self._actual)} epoch(s)",
         )
         self.balance_image.value = _png(figure)
+        self.epoch_counts.value = counts_html(event.epoch, event.images_per_concept)
+        self._multiplier_history.append(dict(event.multipliers))
+        self.history.value = history_html(self._multiplier_history, concepts)
+        self.balance.show_trained(event.images_per_concept, event.epoch)
         if self._loss_figure is not None:
+            self.loss_image.value = self._loss_figure.render()
+
+    def _on_validation(self, event) -> None:
+        if self._loss_figure is not None:
+            self._loss_figure.add_validation(int(event.global_step), event.loss_per_concept)
             self.loss_image.value = self._loss_figure.render()
 
     def _on_sample(self, event) -> None:
@@ -512,6 +520,42 @@ class TrainingPanel(_Panel):
         label = widgets.HTML(f"<b>samples at step {event.global_step}</b>")
         newest = widgets.VBox([label, *images], layout=widgets.Layout(margin="0 12px 8px 0"))
         self.samples.children = ([newest] + list(self.samples.children))[: self.keep_samples]
+
+    def balance_values(self, epoch: int) -> tuple[dict[str, float], dict[str, float]]:
+        """The balance panel's values (saved or not) for the next epoch of a live-balanced run."""
+        return dict(self.balance.multipliers), dict(self.balance.loss_scales)
+
+    def suggest(self) -> None:
+        """Proposals from the output folder's records, shown with their reasons; nothing changes yet."""
+        from ..errors import EdtoolsError
+        from ..suggest import suggest_run
+
+        try:
+            suggestions = suggest_run(self.out.value.strip())
+        except EdtoolsError as exc:
+            self.suggestions.value = f"<small>{html.escape(str(exc))}</small>"
+            return
+        self._suggested = {s.concept: s.suggested for s in suggestions if s.changes}
+        rows = "".join(
+            f"<tr><td>{html.escape(s.concept)}</td><td style='text-align:right'>{s.multiplier:g}</td>"
+            f"<td style='text-align:right'>{'<b>' if s.changes else ''}{s.suggested:g}{'</b>' if s.changes else ''}"
+            f"</td><td>{html.escape(s.reason)}</td></tr>"
+            for s in suggestions
+        )
+        self.suggestions.value = (
+            "<table style='font-size:85%'><tr><th>folder</th><th>multiply</th><th>suggested</th><th>why</th></tr>"
+            f"{rows}</table>"
+            if suggestions
+            else "<small>no suggestions yet: each concept needs at least two validation results</small>"
+        )
+        self.apply_button.disabled = not self._suggested
+
+    def apply_suggestions(self) -> None:
+        """Put the suggested multipliers on the sliders (unsaved; a live run takes them next epoch)."""
+        for concept, value in self._suggested.items():
+            if concept in self.balance.rows:
+                self.balance.set_multiplier(concept, value)
+        self.apply_button.disabled = True
 
     def _on_end(self, event) -> None:
         self.progress.value = self.progress.max if not self._stop.is_set() else self.progress.value
