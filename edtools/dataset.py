@@ -46,6 +46,7 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _IMAGE_EXTENSION_SET = frozenset(IMAGE_EXTENSIONS)
+_VALUE_STEMS = ("multiply", "loss_scale")  # <stem>.txt of these is a folder value, never a caption
 MULTIPLY_FILE = "multiply.txt"
 LOSS_SCALE_FILE = "loss_scale.txt"
 CAPTION_EXTENSIONS = (".txt", ".caption")
@@ -596,15 +597,6 @@ _PROBE = 32  # images read in this process between speed checks
 _CHUNK = 8  # images per pool task
 
 
-def _caption_candidates(stem: str, files: dict[str, os.DirEntry], prefix: str) -> list:
-    found = []
-    for ext in CAPTION_EXTENSIONS:
-        entry = files.get(stem + ext)
-        if entry is not None and entry.name not in (MULTIPLY_FILE, LOSS_SCALE_FILE):
-            found.append((prefix + entry.name, entry))
-    return found
-
-
 def _read_text(path: str, size: int) -> str:
     """A UTF-8 text file (BOM dropped, newlines universal) as open(path, encoding="utf-8-sig").read() gives it,
     without the text layer's cost."""
@@ -918,48 +910,69 @@ def scan(data_root: str | os.PathLike, *, cache: bool = True, workers: int | Non
         values = _folder_values(folder, prefix, by_name, folder_problems)
         first = len(rels)
         for entry in images:
-            i = len(rels)
             name = entry.name
             rel = prefix + name
+            i = len(rels)
             rels.append(rel)
-            widths.append(0)
-            heights.append(0)
-            captions.append(None)
-            caption_rels.append(None)
             try:
                 stat = entry.stat()
+                message = (
+                    None
+                    if stat.st_size
+                    else "cannot read this image (the file is empty (0 bytes)); it is skipped"
+                )
             except OSError as exc:
-                failed[i] = f"cannot read this image ({exc}); it is skipped"
-                continue
-            if stat.st_size == 0:
-                failed[i] = "cannot read this image (the file is empty (0 bytes)); it is skipped"
+                message = f"cannot read this image ({exc}); it is skipped"
+            if message is not None:
+                failed[i] = message
+                widths.append(0)
+                heights.append(0)
+                captions.append(None)
+                caption_rels.append(None)
                 continue
             cached = entries_get(rel)
-            if cached and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
-                widths[i], heights[i] = cached[2], cached[3]
-                need_size = None
+            if cached is not None and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
+                widths.append(cached[2])
+                heights.append(cached[3])
+                need = None
             else:
-                need_size = stat
-                stats[i] = stat
+                widths.append(0)
+                heights.append(0)
+                need = stats[i] = stat
             stem = name[: name.rfind(".")]
+            txt = by_name.get(stem + ".txt")
+            other = by_name.get(stem + ".caption")
             candidates = None
-            if stem + ".txt" in by_name or stem + ".caption" in by_name:
-                candidates = _caption_candidates(stem, by_name, prefix)
-            if candidates:
-                # The usual case, a cached caption whose file did not change, is answered here; else a job.
-                crel, centry = candidates[0]
-                try:
-                    cstat = centry.stat()
-                    hit = captions_get(crel)
-                    if hit and hit[0] == cstat.st_size and hit[1] == cstat.st_mtime_ns:
-                        captions[i], caption_rels[i] = hit[2], crel
-                        candidates = None
-                except OSError:
-                    pass
+            if txt is None and other is None:
+                captions.append(stem.split("_", 1)[0].strip())
+                caption_rels.append(None)
             else:
-                captions[i] = stem.split("_", 1)[0].strip()
-            if need_size is not None or candidates:
-                jobs.append((i, entry, need_size, candidates, manifest))
+                candidates = [] if txt is None or stem in _VALUE_STEMS else [(prefix + txt.name, txt)]
+                if other is not None:
+                    candidates.append((prefix + other.name, other))
+                hit = None
+                if candidates:
+                    # The usual case, a cached caption whose file did not change, is answered here.
+                    crel, centry = candidates[0]
+                    try:
+                        cstat = centry.stat()
+                        hit = captions_get(crel)
+                        if hit is not None and (hit[0] != cstat.st_size or hit[1] != cstat.st_mtime_ns):
+                            hit = None
+                    except OSError:
+                        pass
+                if hit is not None:
+                    captions.append(hit[2])
+                    caption_rels.append(crel)
+                    candidates = None
+                elif candidates:
+                    captions.append(None)  # read by the job
+                    caption_rels.append(None)
+                else:
+                    captions.append(stem.split("_", 1)[0].strip())
+                    caption_rels.append(None)
+            if need is not None or candidates:
+                jobs.append((i, entry, need, candidates, manifest))
         folders.append((folder_rel, by_name, folder_problems, values, first, len(rels)))
 
     saver = _Saver(manifest)
@@ -991,19 +1004,16 @@ def scan(data_root: str | os.PathLike, *, cache: bool = True, workers: int | Non
 
     # Assemble in walk order: concepts, problems and log lines exactly as a one-image-at-a-time scan gives them.
     concepts: list[Concept] = []
-    keep: list[int] = []
     counts: list[int] = []
     for folder_rel, names, folder_problems, values, first, end in folders:
         problems.extend(folder_problems)
         multiplier, loss_scale, multiply_file, loss_file = values
-        n_ok = 0
-        for i in range(first, end):
-            message = failed.get(i)
-            if message is not None:
-                problems.append(Problem("warning", rels[i], message))
-                continue
-            keep.append(i)
-            n_ok += 1
+        n_ok = end - first
+        if failed:
+            for i in range(first, end):
+                if i in failed:
+                    problems.append(Problem("warning", rels[i], failed[i]))
+                    n_ok -= 1
         if n_ok:
             concepts.append(Concept(folder_rel, n_ok, multiplier, loss_scale, multiply_file, loss_file))
             counts.append(n_ok)
@@ -1028,21 +1038,18 @@ def scan(data_root: str | os.PathLike, *, cache: bool = True, workers: int | Non
                 )
             )
 
-    if len(keep) == len(rels):
-        paths, caption_list = rels, captions
-        width_list, height_list = widths, heights
-        seen_captions = caption_rels
-    else:
-        paths = [rels[i] for i in keep]
-        caption_list = [captions[i] for i in keep]
-        width_list = [widths[i] for i in keep]
-        height_list = [heights[i] for i in keep]
-        seen_captions = [caption_rels[i] for i in keep]
+    if failed:
+        keep = [i for i in range(len(rels)) if i not in failed]
+        rels = [rels[i] for i in keep]
+        captions = [captions[i] for i in keep]
+        widths = [widths[i] for i in keep]
+        heights = [heights[i] for i in keep]
+        caption_rels = [caption_rels[i] for i in keep]
     if manifest.file is not None:
-        seen = set(paths)
-        seen.update(seen_captions)
+        seen = set(rels)
+        seen.update(caption_rels)
         manifest.save(seen)
-    if not paths:
+    if not rels:
         problems.append(
             Problem(
                 "error",
@@ -1053,10 +1060,10 @@ def scan(data_root: str | os.PathLike, *, cache: bool = True, workers: int | Non
     dataset = Dataset(
         root=root,
         concepts=tuple(concepts),
-        paths=tuple(paths),
-        captions=tuple(caption_list),
-        widths=np.array(width_list, dtype=np.int32),
-        heights=np.array(height_list, dtype=np.int32),
+        paths=tuple(rels),
+        captions=tuple(captions),
+        widths=np.array(widths, dtype=np.int32),
+        heights=np.array(heights, dtype=np.int32),
         concept_index=np.repeat(np.arange(len(counts), dtype=np.int32), counts),
     )
     return ScanResult(dataset, tuple(problems), tuple(log))

@@ -1,7 +1,8 @@
 """The notebook in a real browser: JupyterLab on 127.0.0.1 driven by Debian's chromium through playwright.
 
-It runs every cell, moves a multiplier slider and types a value, watches the histogram and totals change, and
-clicks Save. EDTOOLS_SCREENSHOTS=1 also trains the tiny model and writes docs/balance_panel.png and
+It runs every cell, moves a multiplier slider and types a value, watches the histogram and totals change,
+clicks Save, then trains the tiny model and, while it trains, types another multiplier and watches the next
+epoch's actual counts and histogram follow. EDTOOLS_SCREENSHOTS=1 also writes docs/balance_panel.png and
 docs/training_panel.png.
 """
 
@@ -150,7 +151,7 @@ def test_balance_panel_in_jupyterlab(tmp_path):
     env = sandbox_env(
         tmp_path / "jupyter",
         EDTOOLS_DATA_ROOT=str(data_root),
-        EDTOOLS_SMOKE="1" if screenshots else "0",  # screenshots show a real (tiny) training run
+        EDTOOLS_SMOKE="ui",  # the training panel is set for the tiny model; the test presses Train
     )
     started = time.perf_counter()
     server, url = start_jupyterlab(root, env, tmp_path / "jupyterlab.log")
@@ -169,9 +170,8 @@ def test_balance_panel_in_jupyterlab(tmp_path):
             try:
                 page = browser.pages[0] if browser.pages else browser.new_page()
                 try:
-                    run_notebook_and_balance(
-                        page, url, data_root, screenshots, timeout_s=240 if screenshots else 120
-                    )
+                    run_notebook_and_balance(page, url, data_root, screenshots, timeout_s=120)
+                    train_and_rebalance(page, screenshots, timeout_s=300)
                 except BaseException:
                     page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
                     print(f"the page at the failure: {tmp_path / 'failure.png'}")
@@ -254,8 +254,46 @@ def run_notebook_and_balance(page, url: str, data_root: Path, screenshots: bool,
     wait_for(lambda: "Saved 1 file(s)" in status.inner_text(), 20, "the Save report")
     assert "people/alice/multiply.txt = 2.5" in status.inner_text()
 
+
+def train_and_rebalance(page, screenshots: bool, timeout_s: float) -> None:
+    """Train the tiny model from the panel; after the first epoch, type people/bob's multiplier 1 instead of 4
+    in the balance panel: a later epoch trains bob's 5 images once instead of 4 times (1 of 6 held out)."""
+    balance = page.locator(".edtools-balance")
+    training = page.locator(".edtools-training")
+    training.scroll_into_view_if_needed()
+    epochs = training.locator(".edtools-epochs input")
+    epochs.fill("6")
+    epochs.press("Enter")
+    training.get_by_role("button", name="Train").click()
+    counts = training.locator(".edtools-epoch-counts")
+    status = training.locator(".edtools-train-status")
+    wait_for(
+        lambda: "epoch 0 trained" in counts.inner_text(), timeout_s, "the first epoch", status.inner_text
+    )
+    assert re.search(r"people/bob 20\b", counts.inner_text()), counts.inner_text()
+    actual = training.locator(".edtools-actual-histogram")
+    before = actual.screenshot()
+    box = balance.locator(".edtools-row", has_text="people/bob").locator(".edtools-multiplier-box input")
+    box.scroll_into_view_if_needed()
+    box.fill("1")
+    box.press("Enter")
+    wait_for(
+        lambda: re.search(r"epoch [1-5] trained: .*people/bob 5\b", counts.inner_text()),
+        timeout_s,
+        "a later epoch to train people/bob at the new multiplier",
+        counts.inner_text,
+    )
+    training.scroll_into_view_if_needed()
+    wait_for(lambda: actual.screenshot() != before, 20, "the actual histogram to change")
+    assert "<b>1</b>" in training.locator(".edtools-multiplier-history").inner_html()
     if screenshots:
-        training = page.locator(".edtools-training")
-        training.scroll_into_view_if_needed()
-        assert "Done:" in training.locator(".edtools-train-status").inner_text()
+        wait_for(lambda: "Done:" in status.inner_text(), timeout_s, "the run to finish", status.inner_text)
         save_screenshot(training, "training_panel.png")
+    else:
+        training.get_by_role("button", name="Stop").click()
+        wait_for(
+            lambda: "Stopped cleanly" in status.inner_text() or "Done:" in status.inner_text(),
+            timeout_s,
+            "the run to stop",
+            status.inner_text,
+        )

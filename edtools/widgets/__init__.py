@@ -11,7 +11,15 @@ from .balance import (
     is_preservation,
     save_values,
 )
-from .common import DATA_ROOT_ENV, ROWS_HEIGHT, SMOKE_ENV, default_data_root, gpu_status, smoke_mode
+from .common import (
+    DATA_ROOT_ENV,
+    ROWS_HEIGHT,
+    SMOKE_ENV,
+    default_data_root,
+    gpu_status,
+    smoke_autostart,
+    smoke_mode,
+)
 from .data import DataPanel
 from .training import TrainingPanel
 
@@ -29,5 +37,6 @@ __all__ = [
     "gpu_status",
     "is_preservation",
     "save_values",
+    "smoke_autostart",
     "smoke_mode",
 ]

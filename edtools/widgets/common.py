@@ -18,7 +18,14 @@ except ImportError as exc:  # the panels are what this package is for
         "edtools.widgets needs ipywidgets: pip install 'ipywidgets>=7.7' (or the [notebook] extra)"
     ) from exc
 
-__all__ = ["default_data_root", "gpu_memory_gib", "gpu_status", "smoke_mode", "widgets"]
+__all__ = [
+    "default_data_root",
+    "gpu_memory_gib",
+    "gpu_status",
+    "smoke_autostart",
+    "smoke_mode",
+    "widgets",
+]
 
 DEMO_DIR = Path("edtools_demo")  # relative to the notebook's folder (/content on Colab)
 SMOKE_ENV = "EDTOOLS_SMOKE"
@@ -29,7 +36,13 @@ ROWS_HEIGHT = "420px"  # fixed-height scroll boxes keep 60 folders usable
 
 
 def smoke_mode() -> bool:
-    """True when EDTOOLS_SMOKE=1: the tiny model at resolution 64 for 2 epochs, started by the notebook."""
+    """True when EDTOOLS_SMOKE is 1 or ui: the training panel is set for the tiny model at resolution 64."""
+    return os.environ.get(SMOKE_ENV, "") in ("1", "ui")
+
+
+def smoke_autostart() -> bool:
+    """True when EDTOOLS_SMOKE=1: the notebook also trains the tiny model headless and waits for the end
+    (with ui, a person or a browser test presses Train)."""
     return os.environ.get(SMOKE_ENV, "") == "1"
 
 

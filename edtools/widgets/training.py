@@ -136,10 +136,13 @@ class TrainingPanel(_Panel):
         )
         self.suggest_button = widgets.Button(
             description="Suggest multipliers",
+            layout=widgets.Layout(width="auto"),
             icon="lightbulb-o",
             tooltip="read this run's validation and balance history and propose multipliers (nothing changes)",
         )
-        self.apply_button = widgets.Button(description="Apply to sliders", icon="check", disabled=True)
+        self.apply_button = widgets.Button(
+            description="Apply to sliders", icon="check", disabled=True, layout=widgets.Layout(width="auto")
+        )
         self.suggestions = widgets.HTML()
         self.suggestions.add_class("edtools-suggestions")
         self.suggest_button.on_click(lambda _: self.suggest())
@@ -171,6 +174,7 @@ class TrainingPanel(_Panel):
             value=int(defaults.get("batch_size", 4)), description="batch size", **text
         )
         self.epochs = widgets.IntText(value=int(defaults.get("epochs", 10)), description="epochs", **text)
+        self.epochs.add_class("edtools-epochs")
         self.lr = widgets.FloatText(
             value=float(defaults.get("lr", 1e-6)), description="learning rate", **text
         )
@@ -228,6 +232,7 @@ class TrainingPanel(_Panel):
         self.status = widgets.HTML()
         self.status.add_class("edtools-train-status")
         self.balance_image = widgets.Image(format="png", layout=widgets.Layout(width="48%"))
+        self.balance_image.add_class("edtools-actual-histogram")
         self.loss_image = widgets.Image(format="png", layout=widgets.Layout(width="48%"))
         self.samples = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
         self.keep_samples = 3
