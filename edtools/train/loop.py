@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..config import ConfigError, TrainConfig
-from ..dataset import Dataset, scan
+from ..dataset import Dataset
 from ..errors import require
 from ..schedule import (
     EpochSchedule,
@@ -52,8 +52,8 @@ from .records import (
 )
 from .runtime import Runtime, make_runtime
 from .sample import SAMPLES_DIR, save_samples
+from .setup import fill_text_cache, load_data, planned_steps, resolve_config, wrap_trained
 from .step import (
-    autocast,
     make_grad_scaler,
     make_lr_scheduler,
     make_optimizer,
@@ -149,11 +149,6 @@ class _Run:
         log.log(logging.INFO if self.runtime.main else logging.DEBUG, message, *args)
 
 
-def _steps_in_epoch(n_batches: int, world_size: int, grad_accum: int) -> int:
-    per_rank = -(-n_batches // world_size)
-    return -(-per_rank // grad_accum)
-
-
 def _start(
     config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | None, balance: BalanceSource | None
 ) -> _Run:
@@ -176,10 +171,10 @@ def _start(
         components = load_components(str(resume_from))
     else:
         components = load_components(config.model, model_config=config.model_config)
-    config = _resolve(config, components, runtime)
+    config = resolve_config(config, components, runtime)
     if resume_from is not None:
         check_resume(info, config, runtime.world_size, resume_from)
-    dataset, validation = _load_data(config, runtime.main)
+    dataset, validation = load_data(config, runtime.main)
     if info.get("epoch_values") and info.get("batch"):  # resumed mid-epoch: that epoch's own values
         dataset = with_saved_values(dataset, info["epoch_values"])
     buckets = make_buckets(config.resolution)
@@ -189,7 +184,7 @@ def _start(
     state = TrainState(
         **{k: info[k] for k in ("global_step", "epoch", "batch", "skipped_steps") if k in info}
     )
-    planned = _planned_steps(config, dataset, buckets, state, runtime.world_size)
+    planned = planned_steps(config, dataset, buckets, state, runtime.world_size)
     lr_scheduler = make_lr_scheduler(config, optimizer, planned)
     scaler = make_grad_scaler(config, runtime.device)
     if resume_from is not None:
@@ -200,7 +195,7 @@ def _start(
             trim_records(out, global_step=state.global_step, epoch=state.epoch)
     captions = dataset.captions + (validation.captions if validation is not None else ())
     text_cache = (
-        _fill_text_cache(components, captions, config, runtime) if config.cache_text_embeddings else None
+        fill_text_cache(components, captions, config, runtime) if config.cache_text_embeddings else None
     )
     validator = None
     if validation is not None and len(validation):
@@ -226,7 +221,7 @@ def _start(
         buckets=buckets,
         validator=validator,
         components=components,
-        step_components=_wrap_trained(components, runtime),
+        step_components=wrap_trained(components, runtime),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         scaler=scaler,
@@ -261,26 +256,11 @@ def _start(
     return run
 
 
-def _planned_steps(
-    config: TrainConfig, dataset: Dataset, buckets: Any, state: TrainState, world_size: int
-) -> int:
-    """Optimizer steps of the whole run as it now looks: the steps taken before the current epoch, then every
-    epoch from it on with the dataset's current values. (With live_balance the plan is redone each epoch.)"""
-    done_in_epoch = -(-state.batch // config.grad_accum)
-    steps = state.global_step - done_in_epoch
-    for epoch in range(state.epoch, config.epochs):
-        schedule = build_epoch(
-            dataset, epoch=epoch, seed=config.seed, batch_size=config.batch_size, buckets=buckets
-        )
-        steps += _steps_in_epoch(schedule.n_batches, world_size, config.grad_accum)
-    return max(steps, 1)
-
-
 def _rebalance(run: _Run) -> None:
     """At an epoch's start with live_balance: this epoch's multipliers and loss scales (the files, or the
     notebook's sliders), and the LR schedule and progress bar stretched or shrunk to the steps that now remain."""
     run.dataset = epoch_values(run.dataset, run.config, run.state.epoch, run.balance)
-    planned = _planned_steps(run.config, run.dataset, run.buckets, run.state, run.runtime.world_size)
+    planned = planned_steps(run.config, run.dataset, run.buckets, run.state, run.runtime.world_size)
     if planned != run.planned_steps:
         state = run.lr_scheduler.state_dict()
         run.lr_scheduler = make_lr_scheduler(run.config, run.optimizer, planned)
@@ -288,59 +268,6 @@ def _rebalance(run: _Run) -> None:
         run.planned_steps = planned
         run.progress.total = planned
         run.progress.refresh()
-
-
-def _resolve(config: TrainConfig, components: Any, runtime: Runtime) -> TrainConfig:
-    """The config with its automatic values (resolution, precision, checkpointing) decided for this model and
-    device; checkpoints store the decided values, so a resumed run compares like with like."""
-    torch = require("torch")
-    from ..presets import auto_settings
-
-    device = torch.device(runtime.device)
-    cuda = device.type == "cuda"
-    vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
-    resolved = auto_settings(
-        config,
-        architecture=components.architecture,
-        native_resolution=int(components.unet.config.sample_size) * vae_scale,
-        device_type=device.type,
-        bf16_supported=cuda and torch.cuda.is_bf16_supported(),
-        gpu_gib=torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None,
-    )
-    if resolved.resolution % 64:
-        raise ConfigError(
-            f"the model's own resolution is {resolved.resolution}, not a multiple of 64: set resolution, e.g. 512"
-        )
-    return resolved
-
-
-def _fill_text_cache(
-    components: Any, captions: tuple[str, ...], config: TrainConfig, runtime: Runtime
-) -> Any:
-    """Encode every caption (training and validation) once with the frozen text encoders, then move the
-    encoders to the CPU: the steps read the cache (samples bring the encoders back for a moment)."""
-    from ..models.conditioning import TextEmbeddingCache
-
-    cache = TextEmbeddingCache()
-    with autocast(config, runtime.device):
-        cache.fill(components, captions)
-    for encoder in components.text_encoders:
-        encoder.to("cpu")
-    return cache
-
-
-def _wrap_trained(components: Any, runtime: Runtime) -> Any:
-    """The components with every module that has trainable weights wrapped for several processes (DDP)."""
-
-    def trains(module: Any) -> bool:
-        return module is not None and any(p.requires_grad for p in module.parameters())
-
-    changes = {
-        name: runtime.wrap(getattr(components, name))
-        for name in ("unet", "text_encoder", "text_encoder_2")
-        if trains(getattr(components, name))
-    }
-    return dataclasses.replace(components, **changes)
 
 
 def _train_epoch(run: _Run, epoch: int) -> str:
@@ -643,27 +570,3 @@ def _sample(run: _Run) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Data and output folder
-
-
-def _load_data(config: TrainConfig, main: bool) -> tuple[Dataset, Dataset | None]:
-    """Scan the data root (logging each applied multiply.txt / loss_scale.txt and each warning on the main
-    process), refuse errors, apply the config's overrides, hold out the validation images. Returns
-    (training images, validation images or None)."""
-    from ..dataset import DatasetError
-    from ..holdout import match_validation_root, split_validation
-
-    result = scan(config.data_root)
-    for line in result.log:
-        log.log(logging.INFO if main else logging.DEBUG, line)
-    for problem in result.warnings:
-        log.log(logging.WARNING if main else logging.DEBUG, "%s", problem)
-    dataset = result.raise_for_errors()
-    try:
-        dataset = dataset.with_values(config.multiplier_overrides, config.loss_scale_overrides)
-    except DatasetError as exc:
-        raise ConfigError(f"multipliers / loss_scales: {exc}") from None
-    if config.validation_root:
-        return dataset, match_validation_root(dataset, scan(config.validation_root).raise_for_errors())
-    if config.validation_split:
-        return split_validation(dataset, config.validation_split, config.seed)
-    return dataset, None

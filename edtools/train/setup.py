@@ -1,0 +1,123 @@
+"""What a run is built from before its first step: the config's automatic values decided for the model and
+device, the scanned data and its held-out part, the plan of steps, frozen text embeddings, DDP wrappers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from ..config import ConfigError, TrainConfig
+from ..dataset import Dataset, scan
+from ..errors import require
+from ..schedule import build_epoch
+from .checkpoint import TrainState
+from .runtime import Runtime
+from .step import autocast
+
+__all__ = [
+    "fill_text_cache",
+    "load_data",
+    "planned_steps",
+    "resolve_config",
+    "steps_in_epoch",
+    "wrap_trained",
+]
+
+log = logging.getLogger("edtools.train")
+
+
+def steps_in_epoch(n_batches: int, world_size: int, grad_accum: int) -> int:
+    per_rank = -(-n_batches // world_size)
+    return -(-per_rank // grad_accum)
+
+
+def planned_steps(
+    config: TrainConfig, dataset: Dataset, buckets: Any, state: TrainState, world_size: int
+) -> int:
+    """Optimizer steps of the whole run as it now looks: the steps taken before the current epoch, then every
+    epoch from it on with the dataset's current values. (With live_balance the plan is redone each epoch.)"""
+    done_in_epoch = -(-state.batch // config.grad_accum)
+    steps = state.global_step - done_in_epoch
+    for epoch in range(state.epoch, config.epochs):
+        schedule = build_epoch(
+            dataset, epoch=epoch, seed=config.seed, batch_size=config.batch_size, buckets=buckets
+        )
+        steps += steps_in_epoch(schedule.n_batches, world_size, config.grad_accum)
+    return max(steps, 1)
+
+
+def resolve_config(config: TrainConfig, components: Any, runtime: Runtime) -> TrainConfig:
+    """The config with its automatic values (resolution, precision, checkpointing) decided for this model and
+    device; checkpoints store the decided values, so a resumed run compares like with like."""
+    torch = require("torch")
+    from ..presets import auto_settings
+
+    device = torch.device(runtime.device)
+    cuda = device.type == "cuda"
+    vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    resolved = auto_settings(
+        config,
+        architecture=components.architecture,
+        native_resolution=int(components.unet.config.sample_size) * vae_scale,
+        device_type=device.type,
+        bf16_supported=cuda and torch.cuda.is_bf16_supported(),
+        gpu_gib=torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None,
+    )
+    if resolved.resolution % 64:
+        raise ConfigError(
+            f"the model's own resolution is {resolved.resolution}, not a multiple of 64: set resolution, e.g. 512"
+        )
+    return resolved
+
+
+def fill_text_cache(components: Any, captions: tuple[str, ...], config: TrainConfig, runtime: Runtime) -> Any:
+    """Encode every caption (training and validation) once with the frozen text encoders, then move the
+    encoders to the CPU: the steps read the cache (samples bring the encoders back for a moment)."""
+    from ..models.conditioning import TextEmbeddingCache
+
+    cache = TextEmbeddingCache()
+    with autocast(config, runtime.device):
+        cache.fill(components, captions)
+    for encoder in components.text_encoders:
+        encoder.to("cpu")
+    return cache
+
+
+def wrap_trained(components: Any, runtime: Runtime) -> Any:
+    """The components with every module that has trainable weights wrapped for several processes (DDP)."""
+
+    def trains(module: Any) -> bool:
+        return module is not None and any(p.requires_grad for p in module.parameters())
+
+    changes = {
+        name: runtime.wrap(getattr(components, name))
+        for name in ("unet", "text_encoder", "text_encoder_2")
+        if trains(getattr(components, name))
+    }
+    return dataclasses.replace(components, **changes)
+
+
+def load_data(config: TrainConfig, main: bool) -> tuple[Dataset, Dataset | None]:
+    """Scan the data root (logging each applied multiply.txt / loss_scale.txt and each warning on the main
+    process), refuse errors, apply the config's overrides, hold out the validation images. Returns
+    (training images, validation images or None)."""
+    from ..dataset import DatasetError
+    from ..holdout import match_validation_root, split_validation
+
+    result = scan(config.data_root)
+    for line in result.log:
+        log.log(logging.INFO if main else logging.DEBUG, line)
+    for problem in result.warnings:
+        log.log(logging.WARNING if main else logging.DEBUG, "%s", problem)
+    dataset = result.raise_for_errors()
+    try:
+        dataset = dataset.with_values(config.multiplier_overrides, config.loss_scale_overrides)
+    except DatasetError as exc:
+        raise ConfigError(f"multipliers / loss_scales: {exc}") from None
+    if config.validation_root:
+        return dataset, match_validation_root(dataset, scan(config.validation_root).raise_for_errors())
+    if config.validation_split:
+        return split_validation(dataset, config.validation_split, config.seed)
+    return dataset, None
