@@ -23,6 +23,7 @@ from .presets import PRESET_NAMES, PRESETS
 __all__ = [
     "ConfigError",
     "LR_SCHEDULERS",
+    "OPTIMIZERS",
     "TrainConfig",
     "add_arguments",
     "from_args",
@@ -32,6 +33,7 @@ __all__ = [
 
 # diffusers.optimization schedules that need nothing beyond warmup steps and the total step count.
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion8bit", "adamw", "prodigy")
 _DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
 
 
@@ -72,7 +74,10 @@ class TrainConfig:
         "none = the model's own (512 SD 1.x, 768 SD 2.x-v, 1024 SDXL)",
     )
     lr: float = _opt(1e-6, "peak learning rate of a full fine-tune")
-    optimizer: Literal["adamw8bit", "adamw"] = _opt("adamw8bit", "adamw8bit (bitsandbytes) or adamw (torch)")
+    optimizer: Literal[OPTIMIZERS] = _opt(
+        "adamw8bit",
+        "adamw8bit, paged_adamw8bit, lion8bit (bitsandbytes), adamw (torch) or prodigy (prodigyopt; lr 1.0)",
+    )
     weight_decay: float = _opt(0.01, "AdamW weight decay")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _opt(
         "auto",
@@ -89,6 +94,10 @@ class TrainConfig:
         0, "optimizer steps of linear warmup (needs a *_with_warmup or decaying schedule)"
     )
     train_text_encoder: bool = _opt(True, "train the (first) text encoder too (else it is frozen)")
+    text_encoder_lr: float | None = _opt(
+        None,
+        "learning rate of the text encoder(s) ('none' = lr; 0 keeps them as they are while the UNet trains)",
+    )
     train_text_encoder_2: bool | None = _opt(
         None, "SDXL: train the second text encoder ('none' = as train_text_encoder)"
     )
@@ -103,6 +112,25 @@ class TrainConfig:
     lora_text_encoder: bool = _opt(False, "LoRA: adapters on the text encoder(s) too")
     lora_lr: float = _opt(1e-4, "peak learning rate of LoRA adapters")
     min_snr_gamma: float | None = _opt(None, "Min-SNR-gamma loss weighting, e.g. 5 ('none' = off)")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = _opt(
+        None, "the training target: epsilon or v_prediction ('none' = the model's own)"
+    )
+    zero_terminal_snr: bool = _opt(
+        False, "rescale the noise schedule to zero SNR at its last step (needs v_prediction)"
+    )
+    offset_noise: float = _opt(
+        0.0, "offset noise, e.g. 0.05: lets the model learn very dark and bright images"
+    )
+    pyramid_noise_discount: float = _opt(0.0, "pyramid (multi-resolution) noise discount, e.g. 0.3 (0 = off)")
+    caption_dropout: float = _opt(0.0, "share of images trained with an empty caption (0 to 1)")
+    shuffle_tags: bool = _opt(
+        False, "shuffle each caption's comma-separated tags per image and epoch (seeded)"
+    )
+    keep_tags: int = _opt(0, "with shuffle_tags: the first N tags keep their place")
+    ema_decay: float | None = _opt(
+        None, "keep an exponential moving average of the trained weights, e.g. 0.999 ('none' = off)"
+    )
+    ema_on_cpu: bool = _opt(False, "keep the EMA weights in CPU memory (saves GPU memory, slower)")
     sample_prompts: tuple[str, ...] = _opt((), "prompts for sample images (a PNG grid per sampling)")
     sample_every_steps: int = _opt(0, "sample every N optimizer steps (0 = only at the end)")
     sample_steps: int = _opt(20, "denoising steps per sample image")
@@ -117,7 +145,13 @@ class TrainConfig:
     resume: bool = _opt(False, "continue from the newest complete checkpoint in out")
     overwrite: bool = _opt(False, "start afresh in an out folder that holds checkpoints (deletes them)")
     num_workers: int = _opt(0, "image decoding worker processes (0 = in the training process)")
-    cache_latents: bool = _opt(False, "keep VAE latents in memory (needs center_crop and flip_p 0)")
+    cache_latents: Literal["off", "memory", "disk"] = _opt(
+        "off", "VAE latents: off, memory (this run), or disk (across runs; each crop and flip used is kept)"
+    )
+    cache_dir: str | None = _opt(
+        None,
+        "where disk caches live ('none' = <data_root>/.edtools_cache; move it off a read-only or slow drive)",
+    )
     center_crop: bool = _opt(True, "crop images at the centre (else at a seeded random place)")
     flip_p: float = _opt(0.0, "probability of a horizontal flip per image")
     write_schedule: bool = _opt(False, "write ep{N}_batch_schedule.txt per epoch into out/schedules/")
@@ -139,6 +173,9 @@ class TrainConfig:
     loss_scales: tuple[tuple[str, float], ...] = _opt((), "override loss_scale.txt: concept=value ...")
     device: str | None = _opt(None, "cpu, cuda, cuda:1, mps ('none' = cuda when available, else cpu)")
     progress_bar: bool = _opt(True, "show a tqdm progress bar")
+    log_with: Literal["none", "tensorboard"] = _opt(
+        "none", "tensorboard: loss, loss per concept, learning rate, images/s, validation under out/logs/"
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -214,8 +251,11 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, bool):
                 args.append(flag if value else "--no-" + flag[2:])
-            elif value is None and _is_optional(_hints()[f.name])[1] is bool:
-                continue  # none is an optional switch's default: leaving the flag out gives it
+            elif value is None and (
+                _is_optional(_hints()[f.name])[1] is bool
+                or typing.get_origin(_is_optional(_hints()[f.name])[1]) is Literal
+            ):
+                continue  # none is these options' default: leaving the flag out gives it
             elif value is None:
                 args += [flag, "none"]
             elif f.name in _PAIR_FIELDS:
@@ -407,10 +447,26 @@ def _check_ranges(c: TrainConfig) -> None:
     need(c.num_workers >= 0, "num_workers", "it must be >= 0")
     need(0.0 <= c.flip_p <= 1.0, "flip_p", "it is a probability: 0 to 1")
     need(
-        not c.cache_latents or (c.center_crop and c.flip_p == 0),
-        "cache_latents",
-        "cached latents need fixed pixels: set center_crop true and flip_p 0, or cache_latents false",
+        c.text_encoder_lr is None or c.text_encoder_lr >= 0,
+        "text_encoder_lr",
+        "it must be >= 0 (0 keeps the text encoders as they are), or none for lr",
     )
+    need(
+        not c.zero_terminal_snr or c.prediction_type != "epsilon",
+        "zero_terminal_snr",
+        "zero terminal SNR makes the last step pure noise, where an epsilon model has nothing to predict: "
+        "set prediction_type v_prediction, or zero_terminal_snr false",
+    )
+    for name in ("offset_noise", "pyramid_noise_discount", "caption_dropout"):
+        need(0.0 <= getattr(c, name) <= 1.0, name, "it must be from 0 to 1 (0 = off)")
+    need(c.keep_tags >= 0, "keep_tags", "it must be >= 0")
+    need(
+        not (c.shuffle_tags and c.cache_text_embeddings),
+        "shuffle_tags",
+        "shuffled tags make a new caption every epoch, so their embeddings cannot be cached: set "
+        "cache_text_embeddings false",
+    )
+    need(c.ema_decay is None or 0 < c.ema_decay < 1, "ema_decay", "it must be between 0 and 1, e.g. 0.999")
     need(
         0.0 <= c.validation_split < 1.0,
         "validation_split",

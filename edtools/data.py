@@ -21,16 +21,21 @@ if TYPE_CHECKING:
 __all__ = [
     "Crop",
     "LatentCache",
+    "LatentStore",
     "ScheduleBatches",
     "decode_image",
     "image_size",
     "load_image",
     "make_loader",
+    "caption_variant",
+    "latent_key",
     "plan_crop",
     "token_ids",
+    "vae_key",
 ]
 
 _TAG_AUGMENT = 0xA0  # keeps these random streams apart from the schedule's own
+_TAG_CAPTION = 0xA1
 
 try:
     from torch.utils.data import Dataset as _TorchDataset
@@ -199,6 +204,11 @@ class ScheduleBatches(_TorchDataset):
         center_crop: bool = True,
         flip_p: float = 0.0,
         seed: int = 0,
+        caption_dropout: float = 0.0,
+        shuffle_tags: bool = False,
+        keep_tags: int = 0,
+        latent_keys: bool = False,
+        latent_store: LatentStore | None = None,
     ) -> None:
         if not 0.0 <= flip_p <= 1.0:
             raise ValueError(f"flip_p is {flip_p}; it must be a probability between 0 and 1")
@@ -218,6 +228,14 @@ class ScheduleBatches(_TorchDataset):
         self.seed = int(seed)
         self.loss_scales = dataset.loss_scale_per_image()
         self.root = Path(dataset.root)
+        self.caption_dropout, self.shuffle_tags, self.keep_tags = (
+            float(caption_dropout),
+            shuffle_tags,
+            keep_tags,
+        )
+        # with a store, images whose latents are cached are never decoded
+        self.latent_keys = latent_keys or latent_store is not None
+        self.latent_store = latent_store
 
     def __len__(self) -> int:
         return self.schedule.n_batches
@@ -241,32 +259,68 @@ class ScheduleBatches(_TorchDataset):
             )
         return crops
 
+    def caption(self, b: int, position: int, image: int) -> str:
+        """The caption image `image` trains with in slot (b, position): dropped or tag-shuffled as configured,
+        by a generator of (seed, epoch, b, position)."""
+        caption = self.dataset.captions[image]
+        if not self.caption_dropout and not self.shuffle_tags:
+            return caption
+        rng = np.random.default_rng([self.seed, _TAG_CAPTION, self.schedule.epoch, b, position])
+        return caption_variant(
+            caption, rng, dropout=self.caption_dropout, shuffle=self.shuffle_tags, keep=self.keep_tags
+        )
+
     def __getitem__(self, b: int) -> dict[str, Any]:
         import torch
 
         if not 0 <= b < len(self):
             raise IndexError(f"batch {b} out of range: this epoch has {len(self)} batches")
-        images = self.schedule.batch(b)
+        images = self.schedule.batch(b).tolist()
         crops = self.crops(b)
+        keys = [latent_key(self.root, self.dataset.paths[i], c) for i, c in zip(images, crops, strict=True)]
+        cached = (
+            [self.latent_store.get(k) for k in keys] if self.latent_store is not None else [None] * len(keys)
+        )
         pixels = [
             decode_image(self.root / self.dataset.paths[i], crop)
-            for i, crop in zip(images.tolist(), crops, strict=True)
+            for i, crop, latent in zip(images, crops, cached, strict=True)
+            if latent is None
         ]
-        captions = [self.dataset.captions[i] for i in images.tolist()]
+        width, height = self.schedule.batch_size_of(b)
+        captions = [self.caption(b, position, i) for position, i in enumerate(images)]
+        index = np.asarray(images, dtype=np.int64)
         batch = {
-            "pixel_values": torch.stack(pixels),
+            "pixel_values": torch.stack(pixels) if pixels else torch.empty(0, 3, height, width),
             "time_ids": torch.tensor([crop.time_ids() for crop in crops], dtype=torch.int64),
-            "loss_scale": torch.from_numpy(self.loss_scales[images].astype(np.float32)),
-            "concept": torch.from_numpy(self.dataset.concept_index[images].astype(np.int64)),
-            "image_index": torch.from_numpy(images.astype(np.int64)),
+            "loss_scale": torch.from_numpy(self.loss_scales[index].astype(np.float32)),
+            "concept": torch.from_numpy(self.dataset.concept_index[index].astype(np.int64)),
+            "image_index": torch.from_numpy(index),
             "batch_weight": float(self.schedule.batch_weight[b]),
             "epoch": int(self.schedule.epoch),
             "batch": int(b),
             "captions": captions,
         }
+        if self.latent_keys:
+            batch["latent_keys"] = keys
+            batch["cached_latents"] = cached
         for n, tokenizer in enumerate(self.tokenizers):
             batch["input_ids" if n == 0 else f"input_ids_{n + 1}"] = token_ids(tokenizer, captions)
         return batch
+
+
+def caption_variant(
+    caption: str, rng: np.random.Generator, *, dropout: float, shuffle: bool, keep: int
+) -> str:
+    """The caption as one step trains it: empty with probability `dropout`; else with its comma-separated tags
+    shuffled (the first `keep` in place). The draws are always made, so each slot's stream is the same."""
+    dropped = rng.random() < dropout
+    if not shuffle:
+        return "" if dropped else caption
+    tags = [t.strip() for t in caption.split(",")]
+    if len(tags) > keep + 1:
+        head, tail = tags[:keep], tags[keep:]
+        tags = head + [tail[i] for i in rng.permutation(len(tail))]
+    return "" if dropped else ", ".join(t for t in tags if t)
 
 
 def token_ids(tokenizer: Any, captions: list[str]) -> torch.Tensor:
@@ -304,22 +358,97 @@ def make_loader(
 # Latents
 
 
-class LatentCache:
-    """VAE latents of the batch's images, optionally kept on the CPU per (image, width, height).
+class LatentStore:
+    """Cached VAE latents by key: in memory for this run, or as files under folder/<vae key>/ that later runs
+    reuse. A key names the image file (path, size, modification time), its crop and flip; the folder names the
+    VAE, so another VAE, another crop or an edited image is another entry. Writes are atomic."""
 
-    Only valid without random augmentation (the same image then always has the same pixels): cached latents
-    use the distribution's mean, so a cached and a fresh encode agree exactly. Disabled: a fresh sample.
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = bool(enabled)
-        self._store: dict[tuple[int, int, int], torch.Tensor] = {}
+    def __init__(
+        self, mode: str = "memory", folder: str | os.PathLike | None = None, vae_key: str = ""
+    ) -> None:
+        if mode not in ("memory", "disk"):
+            raise ValueError(f"a latent store is memory or disk, not {mode!r}")
+        if mode == "disk" and folder is None:
+            raise ValueError("a disk latent store needs a folder")
+        self.mode = mode
+        self.folder = Path(folder) / "latents" / vae_key if folder is not None else None
+        self._memory: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
-        return len(self._store)
+        if self.mode == "memory":
+            return len(self._memory)
+        return sum(1 for _ in self.folder.glob("*/*.safetensors")) if self.folder.is_dir() else 0
 
-    def clear(self) -> None:
-        self._store.clear()
+    def _file(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> torch.Tensor | None:
+        if self.mode == "memory":
+            return self._memory.get(key)
+        path = self._file(key)
+        if not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)["latents"]
+        except Exception:  # a damaged entry is encoded again (and rewritten)
+            return None
+
+    def put(self, key: str, latents: torch.Tensor) -> None:
+        latents = latents.detach().cpu().contiguous()
+        if self.mode == "memory":
+            self._memory[key] = latents
+            return
+        from safetensors.torch import save_file
+
+        from .atomic import atomic_file
+
+        with atomic_file(self._file(key)) as tmp:
+            save_file({"latents": latents}, str(tmp))
+
+
+def latent_key(root: Path, path: str, crop: Crop) -> str:
+    """The cache key of one image under one crop: its file's identity (path, size, modification time), the
+    resize, the cut and the flip."""
+    import hashlib
+
+    stat = (root / path).stat()
+    identity = (
+        f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{crop.cover[0]}x{crop.cover[1]}|{crop.left},{crop.top}|"
+        f"{crop.size[0]}x{crop.size[1]}|{int(crop.flip)}"
+    )
+    return hashlib.sha1(identity.encode("utf-8")).hexdigest()
+
+
+def vae_key(vae: Any) -> str:
+    """A short fingerprint of a VAE's config and weights: cached latents belong to the VAE that made them."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha1(json.dumps(dict(vae.config), sort_keys=True, default=str).encode("utf-8"))
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode("utf-8"))
+        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])  # the head of each tensor
+        digest.update(str(tuple(tensor.shape)).encode("utf-8"))
+    return digest.hexdigest()[:16]
+
+
+class LatentCache:
+    """VAE latents of the batch's images. Without a store, a fresh sample of the latent distribution every
+    time; with one (memory or disk), each image's mean latent under each crop and flip it is trained with,
+    encoded once (one image at a time: the VAE's peak memory is one image's) and reused. Batches built with
+    the same store arrive with the cached rows already filled and those images never decoded."""
+
+    def __init__(self, store: LatentStore | None = None) -> None:
+        self.store = store
+
+    @property
+    def enabled(self) -> bool:
+        return self.store is not None
+
+    def __len__(self) -> int:
+        return len(self.store) if self.store is not None else 0
 
     def latents(
         self, batch: dict, vae, scaling_factor: float, *, generator: torch.Generator | None = None
@@ -328,16 +457,22 @@ class LatentCache:
         import torch
 
         pixels = batch["pixel_values"]
-        if not self.enabled:
+        if self.store is None:
             with torch.no_grad():
                 encoded = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
                 return encoded.sample(generator=generator) * scaling_factor
-        height, width = pixels.shape[-2:]
-        keys = [(int(i), int(width), int(height)) for i in batch["image_index"].tolist()]
-        missing = [row for row, key in enumerate(keys) if key not in self._store]
-        with torch.no_grad():  # one image at a time: the VAE's peak memory at 1024 px is per image
-            for row in missing:
-                image = pixels[row : row + 1].to(device=vae.device, dtype=vae.dtype)
-                self._store[keys[row]] = vae.encode(image).latent_dist.mode()[0].cpu()
-        stacked = torch.stack([self._store[key] for key in keys])
+        keys = batch["latent_keys"]
+        cached = list(batch.get("cached_latents") or [None] * len(keys))
+        # pixel rows exist for the images that were not cached when the batch was made
+        rows = iter(range(pixels.shape[0]))
+        with torch.no_grad():
+            for i, key in enumerate(keys):
+                if cached[i] is None:
+                    row = next(rows)
+                    cached[i] = self.store.get(key)
+                    if cached[i] is None:
+                        image = pixels[row : row + 1].to(device=vae.device, dtype=vae.dtype)
+                        cached[i] = vae.encode(image).latent_dist.mode()[0].cpu()
+                        self.store.put(key, cached[i])
+        stacked = torch.stack(cached)
         return stacked.to(device=vae.device, dtype=vae.dtype) * scaling_factor

@@ -36,8 +36,8 @@ def _preset(name: str, architecture: str, gpu_gib: float, summary: str, **settin
 
 # Every preset keeps the frozen parts out of the way: cached latents (the VAE encodes each image once) and,
 # with frozen text encoders, cached caption embeddings. T4 presets use fp16 (no bf16 on a T4).
-_T4 = dict(mixed_precision="fp16", gradient_checkpointing=True, optimizer="adamw8bit", cache_latents=True)
-_BIG = dict(mixed_precision="bf16", optimizer="adamw8bit", cache_latents=True)
+_T4 = dict(mixed_precision="fp16", gradient_checkpointing=True, optimizer="adamw8bit", cache_latents="memory")
+_BIG = dict(mixed_precision="bf16", optimizer="adamw8bit", cache_latents="memory")
 _FROZEN_TEXT = dict(train_text_encoder=False, train_text_encoder_2=False, cache_text_embeddings=True)
 
 PRESETS: Mapping[str, Preset] = MappingProxyType(

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from edtools.data import LatentCache, ScheduleBatches, load_image, make_loader  # noqa: E402
+from edtools.data import LatentCache, LatentStore, ScheduleBatches, load_image, make_loader  # noqa: E402
 from edtools.dataset import load_dataset  # noqa: E402
 from edtools.schedule import build_epoch, shard  # noqa: E402
 
@@ -399,53 +399,136 @@ def count_encodes(vae, monkeypatch) -> list[int]:
 
 def test_latent_cache_encodes_each_image_once(dataset, tokenizer, vae, monkeypatch):
     scaling = 0.18215
-    epoch_0 = epoch_batches(dataset, tokenizer, epoch=0)
-    epoch_1 = epoch_batches(dataset, tokenizer, epoch=1)
+    epoch_0 = epoch_batches(dataset, tokenizer, epoch=0, latent_keys=True)
+    epoch_1 = epoch_batches(dataset, tokenizer, epoch=1, latent_keys=True)
     fresh = {}
     for b in range(len(epoch_0)):
         batch = epoch_0[b]
-        with torch.no_grad():
-            fresh[b] = vae.encode(batch["pixel_values"]).latent_dist.mode() * scaling
+        with torch.no_grad():  # one image at a time, as the cache encodes
+            rows = [vae.encode(p[None]).latent_dist.mode()[0] for p in batch["pixel_values"]]
+        fresh[b] = torch.stack(rows) * scaling
 
     rows = count_encodes(vae, monkeypatch)
-    cache = LatentCache(True)
+    cache = LatentCache(LatentStore("memory"))
     for b in range(len(epoch_0)):
         latents = cache.latents(epoch_0[b], vae, scaling)
         assert latents.shape == fresh[b].shape
         torch.testing.assert_close(latents, fresh[b])
     assert sum(rows) == len(dataset) == len(cache)  # multiplier 1: every image once in epoch 0
+    assert set(rows) == {1}  # one image per encode: the VAE's peak is one image's, at any batch size
     calls_after_epoch_0 = len(rows)
     for b in range(len(epoch_1)):
         cache.latents(epoch_1[b], vae, scaling)
     assert len(rows) == calls_after_epoch_0  # epoch 1 reuses every latent
-    assert not any(latents.requires_grad for latents in cache._store.values())
 
 
-def test_latent_cache_encodes_only_new_images(vae, monkeypatch):
-    rows = count_encodes(vae, monkeypatch)
-    pixels = torch.rand(3, 3, 32, 32) * 2 - 1
-    cache = LatentCache(True)
-    first = cache.latents({"pixel_values": pixels[:2], "image_index": torch.tensor([0, 1])}, vae, 1.0)
-    second = cache.latents({"pixel_values": pixels[1:], "image_index": torch.tensor([1, 2])}, vae, 1.0)
-    assert rows == [1, 1, 1]  # one image per encode: the VAE's peak is one image's, at any batch size
-    assert torch.equal(first[1], second[0])
-    # The same image at another bucket size is another latent.
-    cache.latents({"pixel_values": torch.zeros(1, 3, 32, 64), "image_index": torch.tensor([0])}, vae, 1.0)
-    assert rows == [1, 1, 1, 1] and len(cache) == 4
+def test_every_crop_and_flip_is_its_own_entry_and_a_store_skips_decoding(
+    dataset, tokenizer, vae, monkeypatch
+):
+    import edtools.data as data_module
+
+    store = LatentStore("memory")
+    cache = LatentCache(store)
+    random = dict(center_crop=False, flip_p=0.5, seed=11, latent_keys=True)
+    for b in range(len(epoch_batches(dataset, tokenizer, **random))):
+        cache.latents(epoch_batches(dataset, tokenizer, **random)[b], vae, 1.0)
+    entries = len(store)
+    assert entries == len(dataset)
+    other_epoch = epoch_batches(dataset, tokenizer, epoch=1, **random)
+    decoded = []
+    real_decode = data_module.decode_image
+    monkeypatch.setattr(data_module, "decode_image", lambda *a: decoded.append(a) or real_decode(*a))
+    stored = epoch_batches(dataset, tokenizer, epoch=1, latent_store=store, **random)
+    keys_1 = [k for b in range(len(other_epoch)) for k in other_epoch[b]["latent_keys"]]
+    new_keys = set(keys_1) - {k for k in store._memory}
+    decoded.clear()
+    for b in range(len(stored)):
+        batch = stored[b]
+        assert batch["pixel_values"].shape[0] == sum(latent is None for latent in batch["cached_latents"])
+        cache.latents(batch, vae, 1.0)
+    assert len(decoded) == len(new_keys) > 0  # only crops not seen before were decoded
+    assert len(store) == entries + len(new_keys)
+
+
+def test_disk_store_is_reused_across_runs_and_keyed_by_file_crop_and_vae(tmp_path, tree, tokenizer, vae):
+    from edtools.data import latent_key, plan_crop, vae_key
+
+    root = tree({"a": 2})
+    dataset = load_dataset(root)
+    folder = tmp_path / "cache"
+    store = LatentStore("disk", folder, vae_key(vae))
+    first = epoch_batches(dataset, tokenizer, latent_store=store)
+    made = [LatentCache(store).latents(first[b], vae, 1.0) for b in range(len(first))]
+    files = sorted(folder.rglob("*.safetensors"))
+    assert len(files) == 2 and all(f.stat().st_mode & 0o777 != 0o600 for f in files)
+    again = LatentStore("disk", folder, vae_key(vae))  # a later run
+    second = epoch_batches(dataset, tokenizer, latent_store=again)
+    for b in range(len(second)):
+        batch = second[b]
+        assert batch["pixel_values"].shape[0] == 0  # nothing decoded: every image came from the disk
+        assert torch.equal(LatentCache(again).latents(batch, vae, 1.0), made[b])
+    crop = plan_crop(64, 64, 64, 64)
+    key = latent_key(root, dataset.paths[0], crop)
+    assert key != latent_key(root, dataset.paths[0], plan_crop(64, 64, 64, 64, flip=True))
+    (root / dataset.paths[0]).write_bytes((root / dataset.paths[1]).read_bytes() + b"\0")  # the file changed
+    assert latent_key(root, dataset.paths[0], crop) != key
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(1.0)  # another VAE: another folder
+    assert LatentStore("disk", folder, vae_key(vae)).folder != again.folder
+    files[0].write_bytes(b"torn")  # a damaged entry is encoded again, not trusted
+    assert again.get(files[0].stem) is None
 
 
 def test_latent_cache_disabled_samples_every_time(vae, monkeypatch):
     rows = count_encodes(vae, monkeypatch)
     batch = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "image_index": torch.tensor([0, 1])}
-    cache = LatentCache(False)
+    cache = LatentCache(None)
     a = cache.latents(batch, vae, 0.5, generator=torch.Generator().manual_seed(0))
     b = cache.latents(batch, vae, 0.5, generator=torch.Generator().manual_seed(0))
     c = cache.latents(batch, vae, 0.5, generator=torch.Generator().manual_seed(1))
-    assert rows == [2, 2, 2] and len(cache) == 0
+    assert rows == [2, 2, 2] and len(cache) == 0 and not cache.enabled
     assert torch.equal(a, b) and not torch.equal(a, c)
     with torch.no_grad():
         mean = vae.encode(batch["pixel_values"]).latent_dist.mode() * 0.5
     assert not torch.equal(a, mean)  # a sample, not the mean
+
+
+# --- captions: dropout and shuffled tags ---------------------------------------------------------------
+
+
+def test_caption_variants_are_seeded_and_keep_the_first_tags():
+    from edtools.data import caption_variant
+
+    caption = "alice, red dress, smiling, park, sunny"
+    rng = lambda: np.random.default_rng(5)  # noqa: E731
+    assert caption_variant(caption, rng(), dropout=0.0, shuffle=False, keep=0) == caption
+    assert caption_variant(caption, rng(), dropout=1.0, shuffle=True, keep=1) == ""
+    shuffled = [
+        caption_variant(caption, np.random.default_rng(s), dropout=0, shuffle=True, keep=1) for s in range(20)
+    ]
+    assert all(v.startswith("alice, ") for v in shuffled)
+    assert all(sorted(v.split(", ")) == sorted(caption.split(", ")) for v in shuffled)
+    assert len(set(shuffled)) > 5
+    assert caption_variant(caption, rng(), dropout=0, shuffle=True, keep=1) == shuffled[5]
+
+
+def test_batches_drop_and_shuffle_captions_per_epoch(tree, tokenizer):
+    root = tree({"a": 6})
+    for i, path in enumerate(sorted((root / "a").glob("*.png"))):
+        path.with_suffix(".txt").write_text(f"person {i}, red, blue, green")
+    dataset = load_dataset(root)
+    dropped = epoch_batches(dataset, tokenizer, caption_dropout=1.0)
+    assert {c for b in range(len(dropped)) for c in dropped[b]["captions"]} == {""}
+    half = [epoch_batches(dataset, tokenizer, epoch=e, caption_dropout=0.5) for e in range(4)]
+    captions = [c for batches in half for b in range(len(batches)) for c in batches[b]["captions"]]
+    assert 0 < captions.count("") < len(captions)
+    shuffled = epoch_batches(dataset, tokenizer, shuffle_tags=True, keep_tags=1)
+    again = epoch_batches(dataset, tokenizer, shuffle_tags=True, keep_tags=1)
+    seen = [c for b in range(len(shuffled)) for c in shuffled[b]["captions"]]
+    assert seen == [c for b in range(len(again)) for c in again[b]["captions"]]  # the same each time
+    assert all(c.startswith("person ") for c in seen) and any(not c.endswith("green") for c in seen)
+    tokens = shuffled[0]["input_ids"][0].tolist()
+    assert tokens == tokenizer(shuffled[0]["captions"][0], padding="max_length").input_ids
 
 
 # ---------------------------------------------------------------------------------------------------------

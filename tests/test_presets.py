@@ -24,7 +24,7 @@ def test_every_preset_is_a_valid_config_for_its_architecture(name):
     assert (config.resolution == 1024) == (preset.architecture == "sdxl")
     if preset.gpu_gib <= 16:  # T4: no bfloat16
         assert config.mixed_precision == "fp16" and config.gradient_checkpointing
-    assert config.cache_latents
+    assert config.cache_latents == "memory"
     assert (config.lora_rank > 0) == ("lora" in name)
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from edtools.config import ConfigError, TrainConfig
-from edtools.data import LatentCache, ScheduleBatches
+from edtools.data import ScheduleBatches
 from edtools.dataset import load_dataset
 from edtools.models import load_components, make_tiny_model
 from edtools.schedule import build_epoch
@@ -32,6 +32,7 @@ from edtools.train import (
     train,
     train_step,
 )
+from edtools.train.setup import make_latent_cache
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +69,20 @@ class Setup:
         self.optimizer = optimizer(self.params) if optimizer else make_optimizer(config, self.params)
         self.lr_scheduler = make_lr_scheduler(config, self.optimizer, 100)
         self.scaler = make_grad_scaler(config, "cpu")
-        self.cache = LatentCache(config.cache_latents)
+        self.cache = make_latent_cache(config, self.components)
 
     def batch(self, b: int = 0, epoch: int = 0) -> dict:
         dataset = load_dataset(self.config.data_root)
         schedule = build_epoch(
             dataset, epoch=epoch, seed=self.config.seed, batch_size=self.config.batch_size, resolution=64
         )
-        return ScheduleBatches(dataset, schedule, self.components.tokenizer, seed=self.config.seed)[b]
+        return ScheduleBatches(
+            dataset,
+            schedule,
+            self.components.tokenizer,
+            seed=self.config.seed,
+            latent_keys=self.cache.enabled,
+        )[b]
 
     def step(self, batch: dict, *, generator=None, **kwargs):
         return train_step(
@@ -151,13 +158,14 @@ def test_gradient_accumulation_matches_one_big_batch(tree, tiny_model, tmp_path,
     root = tree({"a": 2, "b": 2})
     (root / "b" / "loss_scale.txt").write_text("2")
     sgd = lambda params: torch.optim.SGD(params, lr=1.0)  # noqa: E731 - the update is exactly -gradient
-    common = dict(max_grad_norm=None, cache_latents=True)
+    common = dict(max_grad_norm=None, cache_latents="memory")
     big = Setup(tiny_model, make_config(root, tiny_model, tmp_path / "o1", batch_size=4, **common), sgd)
     small = Setup(tiny_model, make_config(root, tiny_model, tmp_path / "o2", grad_accum=2, **common), sgd)
     batch = big.batch()
     assert len(batch["image_index"]) == 4 and sorted(batch["loss_scale"].tolist()) == [1, 1, 2, 2]
     halves = [
-        {k: (v[s] if torch.is_tensor(v) else v) for k, v in batch.items()} for s in (slice(0, 2), slice(2, 4))
+        {k: (v[s] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
+        for s in (slice(0, 2), slice(2, 4))
     ]
     noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     timesteps = torch.tensor([10, 300, 600, 950])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import require
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
     from .sd import SDComponents
 
-__all__ = ["TextEmbeddings", "TextEmbeddingCache", "encode_text", "unet_conditioning"]
+__all__ = ["TextEmbeddingCache", "TextEmbeddings", "encode_text", "encoders_key", "unet_conditioning"]
 
 
 @dataclass
@@ -57,16 +58,33 @@ def unet_conditioning(
     return kwargs
 
 
+def encoders_key(components: SDComponents) -> str:
+    """A short fingerprint of the text encoders and tokenizers: cached embeddings belong to them."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha1()
+    for encoder, tokenizer in zip(components.text_encoders, components.tokenizers, strict=True):
+        digest.update(json.dumps(encoder.config.to_dict(), sort_keys=True, default=str).encode("utf-8"))
+        digest.update(str(len(tokenizer)).encode("utf-8"))
+        for name, tensor in sorted(encoder.state_dict().items()):
+            digest.update(name.encode("utf-8"))
+            digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+    return digest.hexdigest()[:16]
+
+
 def _device(module: Any) -> Any:
     return next(module.parameters()).device
 
 
 class TextEmbeddingCache:
     """Frozen text encoders' outputs per caption, kept on the CPU: each caption is encoded once, after which
-    the encoders can leave the GPU. Only valid while no text encoder trains."""
+    the encoders can leave the GPU. Only valid while no text encoder trains. With a folder (named for the
+    encoders: see encoders_key) they are also kept on disk, and later runs read them instead of encoding."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: str | Path | None = None) -> None:
         self._store: dict[str, TextEmbeddings] = {}
+        self.folder = Path(folder) if folder is not None else None
 
     def __len__(self) -> int:
         return len(self._store)
@@ -77,6 +95,8 @@ class TextEmbeddingCache:
         from ..data import token_ids
 
         todo = sorted(set(captions) - set(self._store))
+        if self.folder is not None:
+            todo = [caption for caption in todo if not self._read(caption)]
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             with torch.no_grad():
@@ -85,6 +105,43 @@ class TextEmbeddingCache:
             for row, caption in enumerate(chunk):
                 pooled = None if encoded.pooled is None else encoded.pooled[row].cpu()
                 self._store[caption] = TextEmbeddings(encoded.hidden[row].cpu(), pooled)
+                self._write(caption)
+
+    def _file(self, caption: str) -> Path:
+        import hashlib
+
+        digest = hashlib.sha1(caption.encode("utf-8")).hexdigest()
+        return self.folder / digest[:2] / f"{digest}.safetensors"
+
+    def _read(self, caption: str) -> bool:
+        path = self._file(caption)
+        if not path.is_file():
+            return False
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                if file.metadata().get("caption") != caption:  # a hash collision would be another caption
+                    return False
+                tensors = {name: file.get_tensor(name) for name in file.keys()}
+        except Exception:  # a damaged entry is encoded again
+            return False
+        self._store[caption] = TextEmbeddings(tensors["hidden"], tensors.get("pooled"))
+        return True
+
+    def _write(self, caption: str) -> None:
+        if self.folder is None:
+            return
+        from safetensors.torch import save_file
+
+        from ..atomic import atomic_file
+
+        embeddings = self._store[caption]
+        tensors = {"hidden": embeddings.hidden.contiguous()}
+        if embeddings.pooled is not None:
+            tensors["pooled"] = embeddings.pooled.contiguous()
+        with atomic_file(self._file(caption)) as tmp:
+            save_file(tensors, str(tmp), metadata={"caption": caption})
 
     def get(self, captions: Sequence[str]) -> TextEmbeddings:
         """The embeddings of a batch's captions, stacked (on the CPU); every caption must be cached."""

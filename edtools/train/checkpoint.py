@@ -21,6 +21,7 @@ import numpy as np
 from ..atomic import atomic_file, atomic_folder
 from ..config import ConfigError, TrainConfig
 from ..errors import require
+from ..models.sd import quiet_progress
 from ..schedule import EpochSchedule
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ CHECKPOINTS_DIR = "checkpoints"
 LORA_FILE = (
     "lora.safetensors"  # a LoRA run's checkpoint: the adapters in kohya format, which A1111/ComfyUI load
 )
+EMA_UNET_DIR = "unet_ema"  # the UNet with its EMA weights (UNet2DConditionModel.from_pretrained reads it)
+EMA_LORA_FILE = "lora_ema.safetensors"
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{8,})$")
 # Settings a resumed run must share with its checkpoint: they fix the schedule positions, the optimizer
 # state's layout or the learning-rate curve. (epochs may grow: the LR schedule then stretches to the new end.)
@@ -62,6 +65,10 @@ _RESUME_MUST_MATCH = (
     "lora_alpha",
     "lora_text_encoder",
     "lora_lr",
+    "text_encoder_lr",
+    "prediction_type",
+    "zero_terminal_snr",
+    "ema_decay",
 )
 
 
@@ -132,13 +139,16 @@ def save_checkpoint(
     schedule_fingerprint: str | None = None,
     metadata: dict[str, str] | None = None,
     extra: dict | None = None,
+    ema: Any = None,
+    params: Any = None,
 ) -> Path:
     """Write folder/step-<global_step>: a diffusers pipeline folder (safetensors), or for a LoRA run (lora_rank
     > 0) lora.safetensors, plus resume/ (optimizer, LR scheduler, grad scaler, RNG states, counters, config,
     LoRA adapters), atomically. With config.save_single_file, folder/step-<global_step>.safetensors
     follows (fp16): the whole model in the layout AUTOMATIC1111 and ComfyUI load, or the LoRA file.
     metadata: text for the safetensors headers (training facts: base model, steps, concept table). extra:
-    more JSON-ready facts for resume/state.json (the epoch in progress's multipliers, its loss sums).
+    more JSON-ready facts for resume/state.json (the epoch in progress's multipliers, its loss sums). ema (with
+    the trained params): its state for resume, and its weights as unet_ema/ (lora_ema.safetensors for LoRA).
     Tensors are copied to the CPU one at a time, so saving does not add to the GPU memory of a step."""
     torch = require("torch")
 
@@ -151,6 +161,8 @@ def save_checkpoint(
         "scaler": scaler.state_dict() if scaler is not None else {},
         "rng": _rng_states(),
     }
+    if ema is not None:
+        payload["ema"] = ema.state_dict()
     with atomic_folder(final) as checkpoint:  # a crash mid-save leaves nothing that resume would pick up
         if lora:
             from ..models.lora import lora_state_dict, save_lora_file
@@ -161,6 +173,15 @@ def save_checkpoint(
             from ..models.sd import write_components
 
             write_components(components, checkpoint)
+        if ema is not None:
+            from .ema import ema_weights
+
+            with ema_weights(ema, params):
+                if lora:
+                    save_lora_file(components, checkpoint / EMA_LORA_FILE, metadata=metadata)
+                else:
+                    with quiet_progress():
+                        components.unet.save_pretrained(checkpoint / EMA_UNET_DIR, safe_serialization=True)
         resume = checkpoint / "resume"
         resume.mkdir()
         torch.save(payload, resume / "state.pt")
@@ -203,6 +224,7 @@ def load_checkpoint(
     lr_scheduler: Any,
     scaler: Any,
     components: SDComponents | None = None,
+    ema: Any = None,
     restore_rng: bool = True,
 ) -> tuple[TrainState, dict]:
     """Restore optimizer, LR scheduler, grad scaler, LoRA adapters (into components, which must carry them
@@ -218,6 +240,10 @@ def load_checkpoint(
         from ..models.lora import load_lora_state_dict
 
         load_lora_state_dict(components, payload["lora"])
+    if ema is not None:
+        if "ema" not in payload:
+            raise ConfigError(f"cannot resume from {path} with ema_decay: it was saved without an EMA")
+        ema.load_state_dict(payload["ema"])
     optimizer.load_state_dict(payload["optimizer"])
     lr_scheduler.load_state_dict(payload["lr_scheduler"])
     if scaler is not None and payload["scaler"]:

@@ -39,6 +39,7 @@ from .checkpoint import (
     save_checkpoint,
     schedule_fingerprint,
 )
+from .ema import ema_step, ema_weights, make_ema
 from .events import TrainEvent, TrainResult
 from .rebalance import BalanceSource, epoch_values, saved_values, with_saved_values
 from .records import (
@@ -52,7 +53,15 @@ from .records import (
 )
 from .runtime import Runtime, make_runtime
 from .sample import SAMPLES_DIR, save_samples
-from .setup import fill_text_cache, load_data, planned_steps, resolve_config, wrap_trained
+from .setup import (
+    configure_noise,
+    fill_text_cache,
+    load_data,
+    make_latent_cache,
+    planned_steps,
+    resolve_config,
+    wrap_trained,
+)
 from .step import (
     make_grad_scaler,
     make_lr_scheduler,
@@ -62,6 +71,7 @@ from .step import (
     step_generator,
     train_step,
 )
+from .tensorboard import LOGS_DIR, TensorBoardLog
 
 __all__ = ["SCHEDULES_DIR", "TrainEvent", "TrainResult", "train"]
 
@@ -119,6 +129,9 @@ class _Run:
     lr_scheduler: Any
     scaler: Any
     latent_cache: Any
+    params: list  # the trained parameters (those the optimizer steps)
+    ema: Any  # diffusers' EMAModel of them, or None
+    tensorboard: Any  # a TensorBoardLog on the main process, or None
     text_cache: Any  # a filled TextEmbeddingCache (frozen text encoders), or None
     progress: Any
     state: TrainState
@@ -156,7 +169,6 @@ def _start(
     images, build the optimizer and the LR / fp16 loss-scale schedules, and restore a checkpoint's state."""
     from tqdm.auto import tqdm
 
-    from ..data import LatentCache
     from ..models import load_components
     from .validate import Validator
 
@@ -172,6 +184,7 @@ def _start(
     else:
         components = load_components(config.model, model_config=config.model_config)
     config = resolve_config(config, components, runtime)
+    configure_noise(components, config)
     if resume_from is not None:
         check_resume(info, config, runtime.world_size, resume_from)
     dataset, validation = load_data(config, runtime.main)
@@ -180,7 +193,9 @@ def _start(
     buckets = make_buckets(config.resolution)
 
     params = prepare_modules(components, config, runtime.device)
-    optimizer = make_optimizer(config, params)
+    text_params = [p for e in components.text_encoders for p in e.parameters() if p.requires_grad]
+    optimizer = make_optimizer(config, params, text_params)
+    ema = make_ema(config, params)
     state = TrainState(
         **{k: info[k] for k in ("global_step", "epoch", "batch", "skipped_steps") if k in info}
     )
@@ -189,7 +204,12 @@ def _start(
     scaler = make_grad_scaler(config, runtime.device)
     if resume_from is not None:
         state, _ = load_checkpoint(
-            resume_from, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, components=components
+            resume_from,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            scaler=scaler,
+            components=components,
+            ema=ema,
         )
         if runtime.main:
             trim_records(out, global_step=state.global_step, epoch=state.epoch)
@@ -225,7 +245,12 @@ def _start(
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         scaler=scaler,
-        latent_cache=LatentCache(config.cache_latents),
+        latent_cache=make_latent_cache(config, components),
+        params=params,
+        ema=ema,
+        tensorboard=TensorBoardLog(out / LOGS_DIR)
+        if config.log_with == "tensorboard" and runtime.main
+        else None,
         text_cache=text_cache,
         progress=progress,
         state=state,
@@ -296,6 +321,14 @@ def _train_epoch(run: _Run, epoch: int) -> str:
         center_crop=config.center_crop,
         flip_p=config.flip_p,
         seed=config.seed,
+        caption_dropout=config.caption_dropout,
+        shuffle_tags=config.shuffle_tags,
+        keep_tags=config.keep_tags,
+        latent_keys=run.latent_cache.enabled,
+        # the loader skips decoding what is cached: a disk store reads in worker processes, memory only in ours
+        latent_store=run.latent_cache.store
+        if config.cache_latents == "disk" or (config.cache_latents == "memory" and config.num_workers == 0)
+        else None,
     )
     loader = make_loader(
         batches,
@@ -322,6 +355,8 @@ def _train_epoch(run: _Run, epoch: int) -> str:
             text_cache=run.text_cache,
         )
         nonfinite = nonfinite or result.nonfinite
+        if result.stepped:
+            ema_step(run.ema, run.params, config, runtime.device)
         if batch["batch_weight"] > 0:  # a filler batch (shard padding) trains nothing: not counted
             concept = batch["concept"].numpy()
             np.add.at(sums, concept, result.per_sample.numpy().astype(np.float64))
@@ -453,7 +488,9 @@ def _finish(run: _Run, stop_reason: str) -> TrainResult:
 
 
 def _emit(run: _Run, event: TrainEvent) -> None:
-    """Send an event to the callback; a True answer asks the run to stop after the current step."""
+    """Send an event to TensorBoard and the callback; a True answer asks the run to stop after the current step."""
+    if run.tensorboard is not None:
+        run.tensorboard(event)
     if run.callback is not None and run.callback(
         dataclasses.replace(event, rank=run.runtime.rank, world_size=run.runtime.world_size)
     ):
@@ -483,6 +520,8 @@ def _checkpoint(run: _Run, fingerprint: str | None) -> None:
             extra={"epoch_values": saved_values(run.dataset), "epoch_loss": run.epoch_loss}
             if state.batch
             else None,
+            ema=run.ema,
+            params=run.params,
         )
         log.info("checkpoint saved: %s", path)
         if run.config.keep_checkpoints:
@@ -559,9 +598,10 @@ def _sample(run: _Run) -> None:
         return
     runtime.barrier()
     if runtime.main:
-        paths = save_samples(
-            run.components, run.config, run.out / SAMPLES_DIR, state.global_step, runtime.device
-        )
+        with ema_weights(run.ema, run.params):  # samples show the averaged weights when there are any
+            paths = save_samples(
+                run.components, run.config, run.out / SAMPLES_DIR, state.global_step, runtime.device
+            )
         log.info("samples saved: %s", ", ".join(map(str, paths)))
         _emit(run, TrainEvent("sample", state.global_step, state.epoch, paths=tuple(map(str, paths))))
     runtime.barrier()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, TrainConfig
@@ -72,14 +74,65 @@ def resolve_config(config: TrainConfig, components: Any, runtime: Runtime) -> Tr
     return resolved
 
 
-def fill_text_cache(components: Any, captions: tuple[str, ...], config: TrainConfig, runtime: Runtime) -> Any:
-    """Encode every caption (training and validation) once with the frozen text encoders, then move the
-    encoders to the CPU: the steps read the cache (samples bring the encoders back for a moment)."""
-    from ..models.conditioning import TextEmbeddingCache
+def cache_folder(config: TrainConfig) -> Path:
+    """Where disk caches live: cache_dir, else <data_root>/.edtools_cache (hidden: scans skip it). Checked
+    writable, with what to do when it is not (a read-only or slow drive)."""
+    folder = Path(config.cache_dir or Path(config.data_root) / ".edtools_cache").expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"cache_latents is disk but {folder} cannot be written ({exc.strerror or exc}); set cache_dir to a "
+            "writable folder (on Colab a local one such as /content/edtools_cache), or cache_latents memory"
+        ) from None
+    return folder
 
-    cache = TextEmbeddingCache()
+
+def make_latent_cache(config: TrainConfig, components: Any) -> Any:
+    """The run's LatentCache: none (a fresh sample each step), in memory, or on disk under the cache folder
+    in a subfolder named for the VAE."""
+    from ..data import LatentCache, LatentStore, vae_key
+
+    if config.cache_latents == "off":
+        return LatentCache(None)
+    if config.cache_latents == "memory":
+        return LatentCache(LatentStore("memory"))
+    return LatentCache(LatentStore("disk", cache_folder(config), vae_key(components.vae)))
+
+
+def configure_noise(components: Any, config: TrainConfig) -> None:
+    """The noise scheduler the run trains with: the model's, with the chosen prediction type and zero terminal
+    SNR (recorded in its config, so saved models say what they were trained for)."""
+    from ..noise import noise_scheduler_for
+
+    components.noise_scheduler = noise_scheduler_for(
+        components.noise_scheduler,
+        prediction_type=config.prediction_type,
+        zero_terminal_snr=config.zero_terminal_snr,
+    )
+    if config.zero_terminal_snr and components.prediction_type != "v_prediction":
+        raise ConfigError(
+            f"zero_terminal_snr is set but the model {config.model} predicts epsilon: at zero SNR an epsilon model "
+            "has nothing to predict. Set prediction_type v_prediction (the model then learns a new target: train "
+            "longer), or zero_terminal_snr false"
+        )
+
+
+def fill_text_cache(components: Any, captions: tuple[str, ...], config: TrainConfig, runtime: Runtime) -> Any:
+    """Encode every caption (training and validation; the empty one too when captions are dropped) once with
+    the frozen text encoders, then move the encoders to the CPU: the steps read the cache (samples bring the
+    encoders back for a moment)."""
+    from ..models.conditioning import TextEmbeddingCache, encoders_key
+
+    folder = None
+    if config.cache_latents == "disk":  # a disk cache keeps the captions' embeddings beside the latents
+        folder = cache_folder(config) / "text" / encoders_key(components)
+    cache = TextEmbeddingCache(folder)
     with autocast(config, runtime.device):
-        cache.fill(components, captions)
+        cache.fill(components, captions + (("",) if config.caption_dropout else ()))
     for encoder in components.text_encoders:
         encoder.to("cpu")
     return cache

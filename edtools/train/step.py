@@ -26,6 +26,7 @@ __all__ = [
     "StepResult",
     "make_grad_scaler",
     "make_lr_scheduler",
+    "learning_rate",
     "make_optimizer",
     "prepare_modules",
     "step_generator",
@@ -86,14 +87,38 @@ def _import_bitsandbytes() -> Any:
     return bitsandbytes
 
 
-def make_optimizer(config: TrainConfig, params: Sequence[Any]) -> Any:
-    """AdamW8bit (bitsandbytes; 8-bit moments for tensors of 4096+ values) or torch AdamW."""
-    params = list(params)
-    if config.optimizer == "adamw8bit":
+def learning_rate(config: TrainConfig) -> float:
+    """The peak learning rate of what trains: lora_lr for LoRA adapters, lr for a full fine-tune."""
+    return config.lora_lr if config.lora_rank > 0 else config.lr
+
+
+def make_optimizer(
+    config: TrainConfig, params: Sequence[Any], text_encoder_params: Sequence[Any] = ()
+) -> Any:
+    """The optimizer by name, from maintained libraries only: bitsandbytes' AdamW8bit, PagedAdamW8bit and
+    Lion8bit (8-bit state for tensors of 4096+ values), torch's AdamW, prodigyopt's Prodigy (which finds its own
+    step size: lr 1.0). text_encoder_params (a subset of params) get text_encoder_lr when it is set."""
+    lr = learning_rate(config)
+    text = {id(p) for p in text_encoder_params}
+    groups: list[dict[str, Any]] = [{"params": [p for p in params if id(p) not in text], "lr": lr}]
+    if text:
+        te_lr = lr if config.text_encoder_lr is None else config.text_encoder_lr
+        groups.append({"params": [p for p in params if id(p) in text], "lr": te_lr})
+    groups = [g for g in groups if g["params"]]
+    name, decay = config.optimizer, config.weight_decay
+    if name in ("adamw8bit", "paged_adamw8bit", "lion8bit"):
         bnb = _import_bitsandbytes()
-        return bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer_class = {
+            "adamw8bit": bnb.optim.AdamW8bit,
+            "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
+            "lion8bit": bnb.optim.Lion8bit,
+        }[name]
+        return optimizer_class(groups, lr=lr, weight_decay=decay)
+    if name == "prodigy":
+        prodigyopt = require("prodigyopt", feature="optimizer prodigy")
+        return prodigyopt.Prodigy(groups, lr=lr, weight_decay=decay)
     torch = require("torch")
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=decay)
 
 
 def make_lr_scheduler(config: TrainConfig, optimizer: Any, total_steps: int) -> Any:
@@ -256,6 +281,7 @@ def train_step(
     torch = require("torch")
     from ..loss import batch_loss, compute_snr, min_snr_weights, per_sample_mse, prediction_target
     from ..models.conditioning import encode_text, unet_conditioning
+    from ..noise import training_noise
 
     unet, vae, noise_scheduler = components.unet, components.vae, components.noise_scheduler
     encoders = components.text_encoders
@@ -274,7 +300,12 @@ def train_step(
                     stack.enter_context(module.no_sync())
         latents = latent_cache.latents(batch, vae, vae.config.scaling_factor, generator=generator).float()
         n = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
+        noise = training_noise(
+            tuple(latents.shape),
+            generator,
+            offset=config.offset_noise,
+            pyramid_discount=config.pyramid_noise_discount,
+        ).to(device)
         timesteps = torch.randint(
             0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator, dtype=torch.int64
         ).to(device)
