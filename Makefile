@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO := demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick lint format bench browser-deps screenshots clean venv
+.PHONY: demo test test-quick lint format bench browser-deps screenshots readme-settings clean venv
 
 venv: $(STAMP)
 
@@ -31,7 +31,9 @@ demo: $(STAMP)
 	@echo
 	@echo "demo done: balance table above; $(DEMO)/schedule/balance.png (expected vs actual, 10 epochs);"
 	@echo "           $(DEMO)/run/checkpoints (diffusers folders and single .safetensors files), $(DEMO)/run/samples (PNG grids),"
-	@echo "           $(DEMO)/run/balance_actual.png (images per concept in each trained epoch)"
+	@echo "           $(DEMO)/run/balance_actual.png (images per concept in each trained epoch),"
+	@echo "           $(DEMO)/run/validation.csv and validation.png (validation loss per concept);"
+	@echo "           TensorBoard: $(BIN)/tensorboard --logdir $(DEMO)/run/logs"
 
 # Debian's chromium for the real-browser test (never a browser download); playwright comes from pip.
 browser-deps:
@@ -64,6 +66,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/schedule.py
 	$(BIN)/python bench/step_overhead.py
 	$(BIN)/python bench/optimizer_memory.py
+
+# The README's settings table, generated from TrainConfig's fields.
+readme-settings: $(STAMP)
+	$(BIN)/python -c "import re, pathlib; from edtools.config import settings_table; \
+	p = pathlib.Path('README.md'); s = p.read_text(); \
+	p.write_text(re.sub(r'(?s)<!-- settings -->.*<!-- /settings -->', lambda m: '<!-- settings -->\n' + settings_table() + '\n<!-- /settings -->', s))"
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache .hypothesis

@@ -28,6 +28,7 @@ __all__ = [
     "add_arguments",
     "from_args",
     "read_config_file",
+    "settings_table",
     "with_preset",
 ]
 
@@ -596,6 +597,16 @@ def _show_default(value: Any) -> str:
     if isinstance(value, tuple):
         return "empty" if not value else " ".join(map(str, value))
     return str(value)
+
+
+def settings_table() -> str:
+    """Every setting as a Markdown table (flag, YAML key, default, meaning): the README's list, generated."""
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(TrainConfig):
+        default = "required" if f.default is dataclasses.MISSING else _show_default(f.default)
+        help_text = f.metadata["help"].replace("|", "\\|")
+        rows.append(f"| `{_flag(f.name)}` | {default} | {help_text} |")
+    return "\n".join(rows)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -257,3 +257,13 @@ def test_partial_config_file_completed_by_flags(tmp_path):
     (tmp_path / "list.yaml").write_text("- epochs\n")
     with pytest.raises(ConfigError, match="mapping"):
         read_config_file(tmp_path / "list.yaml")
+
+
+def test_readme_lists_every_setting_as_generated():
+    from pathlib import Path
+
+    from edtools.config import settings_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- settings -->\n", 1)[1].split("\n<!-- /settings -->", 1)[0]
+    assert block == settings_table(), "the README's settings table is out of date: run make readme-settings"
