@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -175,7 +176,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    train(config)  # it logs its own summary; expected failures reach main's error boundary
+    result = train(config)  # it logs its own summary; expected failures reach main's error boundary
+    if result.stop_reason == "interrupted":
+        argv = [a for a in getattr(args, "argv", []) if a not in ("--resume", "--overwrite")]
+        command = " ".join(["edtools", *map(shlex.quote, argv), "--resume"])
+        print(f"\ninterrupted: checkpoint {result.checkpoint}. To continue where it stopped:\n  {command}")
+        return 130
     return 0
 
 
@@ -250,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("PIL", "matplotlib", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -258,6 +265,31 @@ def main(argv: list[str] | None = None) -> int:
     except EdtoolsError as exc:  # bad data, setting, model or path: the message alone, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # not about a path of the user's: a bug, keep its traceback
+        print(f"error: {_os_error_message(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: nothing half-saved is kept
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _os_error_message(exc: OSError) -> str:
+    """An OS error on one of the user's paths, said with the path and what to do."""
+    import errno
+
+    path = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    advice = {
+        errno.EACCES: "check its permissions (or choose a folder you can write)",
+        errno.EPERM: "check its permissions (or choose a folder you can write)",
+        errno.ENOSPC: "the drive is full: free space or choose another drive",
+        errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+        errno.EISDIR: "it is a folder where a file was expected: check the path",
+        errno.ENOENT: "it does not exist: check the path",
+        errno.EROFS: "the drive is read-only: choose a writable folder",
+    }.get(exc.errno, "check the path")
+    return f"{path}: {exc.strerror or exc}; {advice}"
 
 
 if __name__ == "__main__":

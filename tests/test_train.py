@@ -428,7 +428,7 @@ def test_nan_batch_in_the_loop_is_skipped_and_reported(tree, tiny_model, tmp_pat
 
 def test_out_folder_rules(tree, tiny_model, tmp_path):
     config = make_config(tree({"a": 2}), tiny_model, tmp_path / "out", epochs=1)
-    with pytest.raises(ConfigError, match="no complete checkpoint"):
+    with pytest.raises(ConfigError, match="no intact checkpoint"):
         train(dataclasses.replace(config, resume=True))
     train(config)
     with pytest.raises(ConfigError, match="already holds checkpoints"):

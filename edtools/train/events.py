@@ -13,13 +13,14 @@ __all__ = ["TrainEvent", "TrainResult"]
 
 @dataclass(frozen=True)
 class TrainResult:
-    """How a train() call ended. stop_reason: finished, max_steps or callback."""
+    """How a train() call ended. stop_reason: finished, max_steps, callback (the callback or the notebook's Stop)
+    or interrupted (Ctrl-C / SIGTERM); all but finished leave a resumable checkpoint."""
 
     out: str
     global_step: int
     epoch: int  # epochs fully trained
     batch: int  # batches of the next epoch already trained (on each rank)
-    stop_reason: Literal["finished", "max_steps", "callback"]
+    stop_reason: Literal["finished", "max_steps", "callback", "interrupted"]
     checkpoint: str | None
     skipped_steps: int
     last_loss: float | None
@@ -27,7 +28,12 @@ class TrainResult:
 
     def __str__(self) -> str:
         where = f"epoch {self.epoch}" + (f" + {self.batch} batches" if self.batch else "")
-        how = {"finished": "finished", "max_steps": "stopped at max_steps", "callback": "stopped on request"}
+        how = {
+            "finished": "finished",
+            "max_steps": "stopped at max_steps",
+            "callback": "stopped on request",
+            "interrupted": "interrupted",
+        }
         loss = "" if self.last_loss is None else f", last loss {self.last_loss:.4f}"
         skipped = f", {self.skipped_steps} step(s) skipped (non-finite)" if self.skipped_steps else ""
         return (

@@ -1,58 +1,48 @@
 """The training loop: train(config, callback) trains exactly the batches the scheduler produced, epoch by epoch.
 
 train() reads top to bottom; each part (start, one epoch, end of epoch, checkpoint, samples, finish) is a
-function over one _Run that holds the run's state. Random draws depend only on (seed, epoch, rank, batch).
+function over one Run that holds the run's state. Random draws depend only on (seed, epoch, rank, batch).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import ConfigError, TrainConfig
-from ..dataset import Dataset
 from ..errors import require
 from ..schedule import (
-    EpochSchedule,
-    build_epoch,
     expected_images_per_epoch,
     make_buckets,
     shard,
     write_schedule,
 )
 from .checkpoint import (
-    CHECKPOINTS_DIR,
     TrainState,
     check_resume,
     checkpoint_info,
-    find_checkpoints,
     load_checkpoint,
-    remove_checkpoint,
-    save_checkpoint,
     schedule_fingerprint,
 )
-from .ema import ema_step, ema_weights, make_ema
+from .ema import ema_step, make_ema
 from .events import TrainEvent, TrainResult
-from .rebalance import BalanceSource, epoch_values, saved_values, with_saved_values
+from .outdir import OutLock, prepare_out
+from .rebalance import BalanceSource, epoch_values, with_saved_values
 from .records import (
     append_balance_history,
     append_training_loss,
-    append_validation,
     plot_records,
-    prepare_out,
     trim_records,
     write_validation_images,
 )
+from .run import Run, checkpoint_now, emit, interrupts, sample_now, validate_now
 from .runtime import Runtime, make_runtime
-from .sample import SAMPLES_DIR, save_samples
 from .setup import (
     configure_noise,
     fill_text_cache,
@@ -98,84 +88,61 @@ def train(
     `balance` (epoch -> (multipliers, loss_scales), the notebook's sliders) or else from the data root's files.
     Under `accelerate launch` each process trains its shard of every epoch's batches.
     """
-    run = _start(config, callback, balance)
-    if run.state.global_step == 0 and run.state.batch == 0:
-        _validate(run)  # before training: where each concept starts
-    stop_reason = "max_steps" if _at_max_steps(run) else "finished"
-    while stop_reason == "finished" and run.state.epoch < config.epochs:
-        if run.state.batch == 0 and config.live_balance:
-            _rebalance(run)
-        stop_reason = _train_epoch(run, run.state.epoch)
-        if stop_reason == "finished":
-            stop_reason = _end_epoch(run)
-    return _finish(run, stop_reason)
-
-
-@dataclass
-class _Run:
-    """One train() call: what it was given, what it built, and where it stands."""
-
-    config: TrainConfig
-    callback: Callable[[TrainEvent], bool | None] | None
-    balance: BalanceSource | None
-    runtime: Runtime
-    out: Path
-    dataset: Dataset  # the training images, with the multipliers and loss scales of the epoch in progress
-    buckets: Any
-    validator: Any  # a Validator of the held-out images, or None
-    components: Any  # SDComponents: the modules checkpoints and samples use
-    step_components: Any  # the same, with DDP-wrapped trainable modules under several processes
-    optimizer: Any
-    lr_scheduler: Any
-    scaler: Any
-    latent_cache: Any
-    params: list  # the trained parameters (those the optimizer steps)
-    ema: Any  # diffusers' EMAModel of them, or None
-    tensorboard: Any  # a TensorBoardLog on the main process, or None
-    text_cache: Any  # a filled TextEmbeddingCache (frozen text encoders), or None
-    progress: Any
-    state: TrainState
-    resume_from: Path | None
-    resume_fingerprint: str | None
-    started: float
-    start_step: int
-    stop_requested: bool = False
-    last_loss: float | None = None
-    last_checkpoint: Path | None = None
-    last_checkpoint_step: int = -1
-    last_checkpoint_time: float = field(default_factory=time.monotonic)
-    last_sample_step: int = -1
-    last_validation_step: int = -1
-    planned_steps: int = 0  # optimizer steps the LR schedule spans
-    epoch_loss: dict[str, list[float]] = field(
-        default_factory=dict
-    )  # concept -> [MSE sum, images] this epoch
-
-    def schedule(self, epoch: int) -> EpochSchedule:
-        c = self.config
-        return build_epoch(
-            self.dataset, epoch=epoch, seed=c.seed, batch_size=c.batch_size, buckets=self.buckets
-        )
-
-    def say(self, message: str, *args: Any) -> None:
-        """Log on the main process only: one process tells the story."""
-        log.log(logging.INFO if self.runtime.main else logging.DEBUG, message, *args)
+    with interrupts() as signals:
+        run = _start(config, callback, balance)
+        run.signals = signals
+        try:
+            if run.state.global_step == 0 and run.state.batch == 0 and not run.interrupted:
+                validate_now(run)  # before training: where each concept starts
+            stop_reason = "max_steps" if _at_max_steps(run) else "finished"
+            while stop_reason == "finished" and run.state.epoch < config.epochs:
+                if run.interrupted:  # while setting up, or between epochs
+                    stop_reason = "interrupted"
+                    break
+                if run.state.batch == 0 and config.live_balance:
+                    _rebalance(run)
+                stop_reason = _train_epoch(run, run.state.epoch)
+                if stop_reason == "finished":
+                    stop_reason = _end_epoch(run)
+            return _finish(run, stop_reason)
+        finally:
+            run.lock.release()
 
 
 def _start(
     config: TrainConfig, callback: Callable[[TrainEvent], bool | None] | None, balance: BalanceSource | None
-) -> _Run:
-    """Check the out folder and resume settings, load the model, scan the data and hold out the validation
-    images, build the optimizer and the LR / fp16 loss-scale schedules, and restore a checkpoint's state."""
+) -> Run:
+    """Lock the out folder, check it and the resume settings, load the model, scan the data and hold out the
+    validation images, build the optimizer and the LR / fp16 loss-scale schedules, restore a checkpoint's state."""
+    started = time.monotonic()
+    quiet_bitsandbytes()
+    runtime = make_runtime(config)
+    out = Path(config.out).expanduser()
+    lock = OutLock(out)
+    if runtime.main:
+        lock.acquire()
+    try:
+        return _build(config, callback, balance, runtime, out, lock, started)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _build(
+    config: TrainConfig,
+    callback: Callable[[TrainEvent], bool | None] | None,
+    balance: BalanceSource | None,
+    runtime: Runtime,
+    out: Path,
+    lock: Any,
+    started: float,
+) -> Run:
+    """_start's work once the out folder is locked."""
     from tqdm.auto import tqdm
 
     from ..models import load_components
     from .validate import Validator
 
-    started = time.monotonic()
-    quiet_bitsandbytes()
-    runtime = make_runtime(config)
-    out = Path(config.out).expanduser()
     resume_from = prepare_out(config, out, runtime)
     info = checkpoint_info(resume_from) if resume_from is not None else {}
     # A full fine-tune resumes from the checkpoint's weights; LoRA from the base model plus its adapters.
@@ -231,10 +198,11 @@ def _start(
         disable=not (config.progress_bar and runtime.main),
         dynamic_ncols=True,
     )
-    run = _Run(
+    run = Run(
         config=config,
         callback=callback,
         balance=balance,
+        lock=lock,
         runtime=runtime,
         out=out,
         dataset=dataset,
@@ -281,7 +249,7 @@ def _start(
     return run
 
 
-def _rebalance(run: _Run) -> None:
+def _rebalance(run: Run) -> None:
     """At an epoch's start with live_balance: this epoch's multipliers and loss scales (the files, or the
     notebook's sliders), and the LR schedule and progress bar stretched or shrunk to the steps that now remain."""
     run.dataset = epoch_values(run.dataset, run.config, run.state.epoch, run.balance)
@@ -295,7 +263,7 @@ def _rebalance(run: _Run) -> None:
         run.progress.refresh()
 
 
-def _train_epoch(run: _Run, epoch: int) -> str:
+def _train_epoch(run: Run, epoch: int) -> str:
     """Train this rank's batches of one epoch from where the state stands. Returns "finished" at the
     epoch's end, else why it stopped early (callback or max_steps; a checkpoint is then saved)."""
     torch = require("torch")
@@ -375,7 +343,7 @@ def _train_epoch(run: _Run, epoch: int) -> str:
             total[0], total[1] = total[0] + float(sums_all[i]), total[1] + int(counts_all[i])
         run.progress.update(1)
         run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{result.lr:.2e}", refresh=False)
-        _emit(
+        emit(
             run,
             TrainEvent(
                 "step",
@@ -400,7 +368,7 @@ def _train_epoch(run: _Run, epoch: int) -> str:
     return "finished"
 
 
-def _end_epoch(run: _Run) -> str:
+def _end_epoch(run: Run) -> str:
     """Count the epoch as done, record and report its images and loss per concept, validate and save the
     epoch's checkpoint when due."""
     epoch = run.state.epoch
@@ -412,7 +380,7 @@ def _end_epoch(run: _Run) -> str:
         append_balance_history(run.out, epoch, dataset, trained)
         append_training_loss(run.out, epoch, {c: (s, int(n)) for c, (s, n) in run.epoch_loss.items()})
     run.epoch_loss = {}
-    _emit(
+    emit(
         run,
         TrainEvent(
             "epoch",
@@ -426,45 +394,44 @@ def _end_epoch(run: _Run) -> str:
     )
     every = run.config.validate_every_epochs
     if every and run.state.epoch % every == 0:
-        _validate(run)
+        validate_now(run)
     every = run.config.checkpoint_every_epochs
     if every and run.state.epoch % every == 0:
-        _checkpoint(run, None)
+        checkpoint_now(run, None)
     return _after_step(run, None) or "finished"
 
 
-def _after_step(run: _Run, fingerprint: str | None) -> str | None:
+def _after_step(run: Run, fingerprint: str | None) -> str | None:
     """After an optimizer step (or an epoch): samples and timed checkpoints when due. Returns why to stop
     (callback or max_steps; then a checkpoint is saved), else None. All ranks decide alike."""
     config, state = run.config, run.state
     every = config.sample_every_steps
     if every and state.global_step % every == 0 and state.global_step != run.start_step:
-        _sample(run)
+        sample_now(run)
     every = config.validate_every_steps
     if every and state.global_step % every == 0:
-        _validate(run)
+        validate_now(run)
     minutes = config.checkpoint_every_minutes
     timed = bool(minutes) and run.runtime.main and time.monotonic() - run.last_checkpoint_time >= minutes * 60
-    timed, requested, at_max = (
-        v > 0 for v in run.runtime.sum([timed, run.stop_requested, _at_max_steps(run)])
-    )
-    if timed or requested or at_max:
-        _checkpoint(run, fingerprint)
-    return "callback" if requested else "max_steps" if at_max else None
+    flags = [timed, run.stop_requested, _at_max_steps(run), run.interrupted is not None]
+    timed, requested, at_max, interrupted = (v > 0 for v in run.runtime.sum(flags))
+    if timed or requested or at_max or interrupted:
+        checkpoint_now(run, fingerprint)
+    return "interrupted" if interrupted else "callback" if requested else "max_steps" if at_max else None
 
 
-def _at_max_steps(run: _Run) -> bool:
+def _at_max_steps(run: Run) -> bool:
     return run.config.max_steps is not None and run.state.global_step >= run.config.max_steps
 
 
-def _finish(run: _Run, stop_reason: str) -> TrainResult:
+def _finish(run: Run, stop_reason: str) -> TrainResult:
     """The final checkpoint and samples, the trained balance plot, the result (also sent as an end event)."""
     run.progress.close()
     state = run.state
     mid_epoch = None if state.batch == 0 else schedule_fingerprint(run.schedule(state.epoch))
-    _checkpoint(run, mid_epoch)
-    if stop_reason != "callback" and state.global_step > run.start_step:
-        _sample(run)
+    checkpoint_now(run, mid_epoch)
+    if stop_reason not in ("callback", "interrupted") and state.global_step > run.start_step:
+        sample_now(run)
     if run.runtime.main:
         plot_records(run.out, run.dataset)
     result = TrainResult(
@@ -479,134 +446,5 @@ def _finish(run: _Run, stop_reason: str) -> TrainResult:
         seconds=time.monotonic() - run.started,
     )
     run.say("%s", result)
-    _emit(run, TrainEvent("end", state.global_step, state.epoch, result=result))
+    emit(run, TrainEvent("end", state.global_step, state.epoch, result=result))
     return result
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Events, checkpoints and samples during the run
-
-
-def _emit(run: _Run, event: TrainEvent) -> None:
-    """Send an event to TensorBoard and the callback; a True answer asks the run to stop after the current step."""
-    if run.tensorboard is not None:
-        run.tensorboard(event)
-    if run.callback is not None and run.callback(
-        dataclasses.replace(event, rank=run.runtime.rank, world_size=run.runtime.world_size)
-    ):
-        run.stop_requested = True
-
-
-def _checkpoint(run: _Run, fingerprint: str | None) -> None:
-    """Save a checkpoint of the current step (once per step), prune old ones, announce it."""
-    state, runtime = run.state, run.runtime
-    if state.global_step == run.last_checkpoint_step:
-        return
-    runtime.barrier()
-    folder = run.out / CHECKPOINTS_DIR
-    path = folder / f"step-{state.global_step:08d}"
-    if runtime.main:
-        path = save_checkpoint(
-            folder,
-            run.components,
-            optimizer=run.optimizer,
-            lr_scheduler=run.lr_scheduler,
-            scaler=run.scaler,
-            state=state,
-            config=run.config,
-            world_size=runtime.world_size,
-            schedule_fingerprint=fingerprint,
-            metadata=_file_metadata(run),
-            extra={"epoch_values": saved_values(run.dataset), "epoch_loss": run.epoch_loss}
-            if state.batch
-            else None,
-            ema=run.ema,
-            params=run.params,
-        )
-        log.info("checkpoint saved: %s", path)
-        if run.config.keep_checkpoints:
-            for old in find_checkpoints(run.out)[: -run.config.keep_checkpoints]:
-                remove_checkpoint(old)
-    runtime.barrier()
-    run.last_checkpoint, run.last_checkpoint_step, run.last_checkpoint_time = (
-        path,
-        state.global_step,
-        time.monotonic(),
-    )
-    if runtime.main:
-        _emit(run, TrainEvent("checkpoint", state.global_step, state.epoch, path=str(path)))
-
-
-def _file_metadata(run: _Run) -> dict[str, str]:
-    """What a saved model file says about its training (safetensors header text): base model, progress,
-    settings and the concept table with its multipliers and loss scales."""
-    from .. import __version__
-
-    config, state = run.config, run.state
-    concepts = [
-        {"concept": c.path, "images": c.n_images, "multiply": c.multiplier, "loss_scale": c.loss_scale}
-        for c in run.dataset.concepts
-    ]
-    return {
-        "edtools.version": __version__,
-        "edtools.base_model": config.model,
-        "edtools.global_step": str(state.global_step),
-        "edtools.epoch": str(state.epoch),
-        "edtools.resolution": str(config.resolution),
-        "edtools.lora_rank": str(config.lora_rank),
-        "edtools.concepts": json.dumps(concepts),
-    }
-
-
-def _validate(run: _Run) -> None:
-    """Validation loss per concept on the held-out images (once per step), recorded and reported."""
-    state, runtime = run.state, run.runtime
-    if run.validator is None or state.global_step == run.last_validation_step:
-        return
-    runtime.barrier()
-    if runtime.main:
-        trained_text = any(p.requires_grad for e in run.components.text_encoders for p in e.parameters())
-        results = run.validator.evaluate(
-            run.components, runtime.device, text_frozen=not trained_text, text_cache=run.text_cache
-        )
-        append_validation(run.out, state.global_step, state.epoch, results)
-        run.say(
-            "validation at step %d: %s",
-            state.global_step,
-            ", ".join(f"{c} {loss:.4f}" for c, (loss, _) in results.items()),
-        )
-        losses = {c: loss for c, (loss, _) in results.items()}
-        images = {c: n for c, (_, n) in results.items()}
-        _emit(
-            run,
-            TrainEvent(
-                "validation",
-                state.global_step,
-                state.epoch,
-                loss_per_concept=losses,
-                images_per_concept=images,
-            ),
-        )
-    runtime.barrier()
-    run.last_validation_step = state.global_step
-
-
-def _sample(run: _Run) -> None:
-    """Save a sample grid of the current step (once per step) on the main process."""
-    state, runtime = run.state, run.runtime
-    if not run.config.sample_prompts or state.global_step == run.last_sample_step:
-        return
-    runtime.barrier()
-    if runtime.main:
-        with ema_weights(run.ema, run.params):  # samples show the averaged weights when there are any
-            paths = save_samples(
-                run.components, run.config, run.out / SAMPLES_DIR, state.global_step, runtime.device
-            )
-        log.info("samples saved: %s", ", ".join(map(str, paths)))
-        _emit(run, TrainEvent("sample", state.global_step, state.epoch, paths=tuple(map(str, paths))))
-    runtime.barrier()
-    run.last_sample_step = state.global_step
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Data and output folder

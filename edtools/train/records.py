@@ -5,17 +5,12 @@ validation images and the plots drawn from them. Appended as the run goes, trimm
 from __future__ import annotations
 
 import csv
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError, TrainConfig
 from ..dataset import Dataset
-from .checkpoint import CHECKPOINTS_DIR, find_checkpoints
-from .runtime import Runtime
-from .sample import SAMPLES_DIR
 
 __all__ = [
     "BALANCE_HISTORY_CSV",
@@ -25,8 +20,8 @@ __all__ = [
     "append_balance_history",
     "append_training_loss",
     "append_validation",
+    "RECORDS",
     "plot_records",
-    "prepare_out",
     "read_csv",
     "trim_records",
     "write_validation_images",
@@ -41,35 +36,7 @@ _COLUMNS = {
     BALANCE_HISTORY_CSV: ["epoch", "concept", "multiply", "loss_scale", "expected", "actual"],
     TRAINING_LOSS_CSV: ["epoch", "concept", "loss", "images"],
 }
-_RECORDS = (*_COLUMNS, VALIDATION_IMAGES, "validation.png", "balance_actual.png")
-
-
-def prepare_out(config: TrainConfig, out: Path, runtime: Runtime) -> Path | None:
-    """The checkpoint to resume from (resume), else a fresh out folder: an earlier run's checkpoints are
-    refused (or deleted with overwrite) and its records removed, so two runs never mix."""
-    checkpoints = find_checkpoints(out)
-    if config.resume:
-        if not checkpoints:
-            raise ConfigError(
-                f"resume is set but {out / CHECKPOINTS_DIR} holds no complete checkpoint; "
-                "start without resume (or point out at the earlier run's folder)"
-            )
-        return checkpoints[-1]
-    if checkpoints and not config.overwrite:
-        raise ConfigError(
-            f"{out / CHECKPOINTS_DIR} already holds checkpoints of an earlier run (newest "
-            f"{checkpoints[-1].name}); set resume to continue it, overwrite to delete them and start "
-            "afresh, or choose another out folder"
-        )
-    runtime.barrier()
-    if runtime.main:
-        if checkpoints:
-            shutil.rmtree(out / CHECKPOINTS_DIR)
-            shutil.rmtree(out / SAMPLES_DIR, ignore_errors=True)
-        for name in _RECORDS:
-            (out / name).unlink(missing_ok=True)
-    runtime.barrier()
-    return None
+RECORDS = (*_COLUMNS, VALIDATION_IMAGES, "validation.png", "balance_actual.png")  # a fresh run removes them
 
 
 def _append(path: Path, rows: Sequence[Sequence]) -> None:

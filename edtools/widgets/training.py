@@ -400,9 +400,14 @@ class TrainingPanel(_Panel):
             self._say("stopping after the current step, then saving a resumable checkpoint…")
 
     def wait(self, timeout: float | None = None) -> TrainResult | None:
-        """Block until training ends; re-raise its error. Returns the TrainResult."""
+        """Block until training ends; re-raise its error. Returns the TrainResult. A kernel interrupt meanwhile
+        stops the run as the Stop button does: after the current step, with a resumable checkpoint."""
         if self._thread is not None:
-            self._thread.join(timeout)
+            try:
+                self._thread.join(timeout)
+            except KeyboardInterrupt:
+                self.stop()
+                self._thread.join()
             if self._thread.is_alive():
                 raise TimeoutError(f"training still running after {timeout} s")
         if self.error is not None:

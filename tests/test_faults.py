@@ -1,0 +1,231 @@
+"""Faults through the command line, as a person meets them: Ctrl-C and kill -9 mid-run, two runs into one
+folder, damaged checkpoints, a full drive, unreadable files. Each ends in a clear message or a correct run: no
+traceback, nothing silently lost, and a resume that reaches the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from edtools.models import load_components, make_tiny_model  # noqa: E402
+from edtools.train import find_checkpoints  # noqa: E402
+from edtools.train.outdir import LOCK_FILE, damage  # noqa: E402
+
+pytestmark = pytest.mark.slow
+EDTOOLS = [sys.executable, "-m", "edtools"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def train_args(root: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--data-root", str(root), "--model", str(model), "--out", str(out), "--epochs", "4",
+        "--batch-size", "2", "--resolution", "64", "--lr", "1e-3", "--device", "cpu", "--no-progress-bar",
+        *extra,
+    ]  # fmt: skip
+
+
+def edtools(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*EDTOOLS, *args], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([*EDTOOLS, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, timeout: float = 120.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def unet(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in load_components(str(checkpoint)).unet.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, tmp_path_factory):
+    """A data root and the weights an uninterrupted 4-epoch run ends with."""
+    from conftest import make_tree
+
+    root = make_tree(tmp_path_factory.mktemp("data") / "root", {"a": 6, "b": 4})
+    out = tmp_path_factory.mktemp("whole") / "out"
+    done = edtools(*train_args(root, tiny_model, out))
+    assert done.returncode == 0, done.stderr
+    return root, unet(find_checkpoints(out)[-1])
+
+
+def first_checkpoint(out: Path) -> bool:
+    return bool(find_checkpoints(out))
+
+
+def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume_exactly(tiny_model, uninterrupted, tmp_path):
+    root, final = uninterrupted
+    out = tmp_path / "out"
+    process = start(*train_args(root, tiny_model, out))
+    wait_for(lambda: first_checkpoint(out), what="the first checkpoint")
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "SIGINT: stopping after this step" in stderr
+    command = stdout.split("To continue where it stopped:\n", 1)[1].strip()
+    assert command.startswith("edtools train ") and command.endswith("--resume")
+    resumed = edtools(*shlex.split(command)[1:])
+    assert resumed.returncode == 0, resumed.stderr
+    assert same(unet(find_checkpoints(out)[-1]), final)
+
+
+def test_kill_9_mid_run_leaves_nothing_that_lingers_and_resumes_exactly(tiny_model, uninterrupted, tmp_path):
+    root, final = uninterrupted
+    out = tmp_path / "out"
+    process = start(*train_args(root, tiny_model, out))
+
+    def saving_the_second() -> bool:
+        folder = out / "checkpoints"
+        done = find_checkpoints(out)
+        return len(done) >= 2 or (len(done) == 1 and any(folder.glob(".step-*.tmp")))
+
+    with contextlib.suppress(
+        AssertionError
+    ):  # kill during the second save when it can be caught, else after it
+        wait_for(saving_the_second, what="a save after the first checkpoint")
+    process.kill()
+    process.wait(30)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    leftover = out / "checkpoints" / ".step-00000099.dead.tmp"  # what a kill -9 mid-save leaves
+    (leftover / "unet").mkdir(parents=True)
+    (leftover / "unet" / "weights.safetensors").write_bytes(b"\0" * 4096)
+    resumed = edtools(*train_args(root, tiny_model, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "removed" in resumed.stderr and "unfinished save" in resumed.stderr
+    assert not list((out / "checkpoints").glob(".*.tmp")) and not (out / LOCK_FILE).exists()
+    assert same(unet(find_checkpoints(out)[-1]), final)
+
+
+def test_a_second_run_into_one_folder_is_refused_and_a_dead_runs_lock_taken_over(
+    tiny_model, uninterrupted, tmp_path
+):
+    root, _ = uninterrupted
+    out = tmp_path / "out"
+    first = start(*train_args(root, tiny_model, out, "--epochs", "30"))
+    try:
+        wait_for((out / LOCK_FILE).is_file, what="the first run's lock")
+        second = edtools(*train_args(root, tiny_model, out))
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"in use by another edtools run (pid {first.pid}" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)  # SIGTERM stops as Ctrl-C does
+        first.communicate(timeout=120)
+    assert first.returncode == 130 and not (out / LOCK_FILE).exists()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (out / LOCK_FILE).write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename}))
+    resumed = edtools(*train_args(root, tiny_model, out, "--resume", "--epochs", "1"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "taking over the lock" in resumed.stderr
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "harm",
+    [
+        lambda c: truncate(c / "resume" / "state.pt"),
+        lambda c: truncate(next((c / "unet").glob("*.safetensors"))),
+        lambda c: (c / "resume" / "state.json").write_text('{"global_step": '),
+    ],
+    ids=["truncated-state", "truncated-weights", "damaged-json"],
+)
+def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_resumed(
+    tiny_model, uninterrupted, tmp_path, harm
+):
+    root, _ = uninterrupted
+    out = tmp_path / "out"
+    assert edtools(*train_args(root, tiny_model, out, "--epochs", "2")).returncode == 0
+    older, newest = find_checkpoints(out)
+    harm(newest)
+    assert damage(newest) is not None and damage(older) is None
+    resumed = edtools(*train_args(root, tiny_model, out, "--resume", "--epochs", "3"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"checkpoint {newest} cannot be resumed from" in resumed.stderr
+    assert f"resuming from {older}" in resumed.stderr
+
+
+@contextlib.contextmanager
+def small_drive(folder: Path, size: str):
+    """A tmpfs of the given size at folder (root), else skip."""
+    folder.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_drive_is_a_message_and_the_last_checkpoint_stays(tiny_model, uninterrupted, tmp_path):
+    root, _ = uninterrupted
+    with small_drive(tmp_path / "drive", "3m") as drive:
+        out = drive / "out"
+        done = edtools(*train_args(root, tiny_model, out, "--epochs", "3"))
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert f"no space left on the drive of {out / 'checkpoints'}" in done.stderr
+        assert "GB are free; the last complete checkpoint" in done.stderr
+        (last,) = find_checkpoints(out)
+        assert damage(last) is None and not list((out / "checkpoints").glob(".*.tmp"))
+
+
+def as_nobody() -> list[str]:
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run without the capability that ignores permissions")
+    return [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ]
+
+
+def test_unreadable_files_are_messages(tiny_model, tmp_path):
+    prefix = as_nobody()
+    locked = tmp_path / "locked.safetensors"
+    assert edtools("convert", str(tiny_model), str(locked)).returncode == 0
+    locked.chmod(0o000)
+    tmp_path.chmod(0o755)
+    env = {**os.environ, "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(
+        [*prefix, *EDTOOLS, "convert", str(locked), str(tmp_path / "copy.safetensors"), "--config", str(tiny_model)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert str(locked) in done.stderr and "ermission" in done.stderr
