@@ -10,16 +10,16 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO := demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick lint format bench browser-deps screenshots readme-settings clean venv
+.PHONY: demo test test-colab test-quick lint format bench browser-deps screenshots readme-settings clean venv
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+# pyproject.toml is the one list of dependencies: extras train, notebook and dev.
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip install --quiet -e ".[train,notebook,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -54,6 +54,20 @@ format: $(STAMP)
 
 test: $(STAMP) browser-deps lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-colab
+
+# Colab's own package stack (constraints/colab.txt: ipywidgets 7.7.1, numpy 2.0, transformers 4.57, the oldest
+# diffusers/accelerate/peft edtools declares) in a second environment: the panels and the notebook headless.
+COLAB_VENV := .venv-colab
+$(COLAB_VENV)/.installed: pyproject.toml constraints/colab.txt
+	test -x $(COLAB_VENV)/bin/python || $(PYTHON) -m venv $(COLAB_VENV)
+	$(COLAB_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(COLAB_VENV)/bin/python -c "import torch" 2>/dev/null || $(COLAB_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(COLAB_VENV)/bin/python -m pip install --quiet -c constraints/colab.txt -e ".[train,notebook,dev]"
+	touch $@
+
+test-colab: $(COLAB_VENV)/.installed
+	$(COLAB_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_widgets.py tests/test_notebook.py tests/test_install.py
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not notebook and not browser" $(PYTEST_ARGS)

@@ -67,7 +67,7 @@ def gpu_status() -> str:
     try:
         import torch
     except ImportError:
-        return "torch is not installed: run the install cell (pip install -r requirements.txt)."
+        return "torch is not installed: run the install cell (pip install 'edtools[train,notebook]')."
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return (
