@@ -5,6 +5,7 @@ Item b of ScheduleBatches is the schedule's whole batch b; random crops/flips ar
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ except ImportError:  # the scan/schedule commands work without torch; building b
 
     class _TorchDataset:  # type: ignore[no-redef]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            raise ImportError("edtools training needs torch: pip install -r requirements.txt")
+            raise ImportError("edtools training needs torch: pip install 'edtools[train]'")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,39 +134,77 @@ def decode_image(path: str | os.PathLike, crop: Crop) -> torch.Tensor:
     """Decode an image as float32 [3, height, width] in [-1, 1] as `crop` says: EXIF orientation applied,
     converted to RGB, resized to crop.cover, cut, optionally mirrored."""
     import torch
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     width, height = crop.size
     try:
         with Image.open(path) as image:
+            orientation = image.getexif().get(0x0112, 1)  # a PNG is decoded here, to find late EXIF
             if image.format == "JPEG":
-                # Let the JPEG decoder scale down by 1/2, 1/4 or 1/8 while decoding: a 6000 px photo
-                # for a 512 px bucket decodes 64x fewer pixels. draft never goes below the asked size.
-                rotated = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-                cover_w, cover_h = crop.cover
-                image.draft("RGB", (cover_h, cover_w) if rotated else (cover_w, cover_h))
-            image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
+                # Let the JPEG decoder scale down by 1/2, 1/4 or 1/8 while decoding: a 6000 px photo for a
+                # 512 px bucket decodes 16x fewer pixels. draft never goes below the asked size; asking for
+                # _SHRINK_GAP x the cover leaves Lanczos at least that much downscaling to do.
+                cover_w, cover_h = (math.ceil(side * _SHRINK_GAP) for side in crop.cover)
+                image.draft("RGB", (cover_h, cover_w) if orientation in (5, 6, 7, 8) else (cover_w, cover_h))
+                image.decodermaxblock = max(image.decodermaxblock, 1 << 20)  # fewer, larger reads
+            image.load()
+            turn = {
+                2: Image.Transpose.FLIP_LEFT_RIGHT,
+                3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270,
+                7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90,
+            }.get(orientation)
+            if turn is not None:  # as ImageOps.exif_transpose does, without its copy when nothing turns
+                image = image.transpose(turn)
+            grey = image.mode == "L"  # resized as one channel, made RGB after
+            if not grey:
+                image = _to_rgb(image)
     except Exception as exc:  # PIL raises many types for broken files; all mean the same to a person
         raise ValueError(f"cannot load image {path}: {exc}; fix or remove the file and re-scan") from exc
 
-    if crop.cover != image.size:
-        image = image.resize(crop.cover, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    image = image.crop((crop.left, crop.top, crop.left + width, crop.top + height))
+    image = _resize_and_cut(image, crop)
+    if grey:
+        image = image.convert("RGB")
     if crop.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
     return pixels.float().div_(127.5).sub_(1.0)
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of an image as displayed (EXIF orientation applied), read from its header."""
+# Images are first shrunk by whole factors (the JPEG decoder's 1/2, 1/4, 1/8; reduce() for other formats)
+# only while at least this much Lanczos downscaling remains: a 3000x2000 photo for 768x512 is halved, then
+# Lanczos does the last 1.95x. The less Lanczos is left, the more the result differs from a full Lanczos
+# resize: on a synthetic photo with strong fine detail ~5 levels (of 0..255, mean) with none left, ~2.3 with
+# 1.5x, ~1.5 with 2x; 0.74 on bench/decode.py's photo.
+_SHRINK_GAP = 1.5
+
+
+def _resize_and_cut(image, crop: Crop):
+    """The crop's region of the image resized to crop.cover, computed directly: resizing only the kept
+    region (Lanczos, reading past its edges as a full resize does) gives resize-then-cut's pixels, but for
+    PIL's rounding between its two passes (a level or two in a few pixels)."""
     from PIL import Image
 
+    width, height = crop.size
+    cover_w, cover_h = crop.cover
+    if image.size == crop.cover:
+        if (crop.left, crop.top, width, height) == (0, 0, cover_w, cover_h):
+            return image
+        return image.crop((crop.left, crop.top, crop.left + width, crop.top + height))
+    sx, sy = image.width / cover_w, image.height / cover_h
+    box = (crop.left * sx, crop.top * sy, (crop.left + width) * sx, (crop.top + height) * sy)
+    return image.resize((width, height), Image.Resampling.LANCZOS, box=box, reducing_gap=_SHRINK_GAP)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image as displayed (EXIF orientation applied), read from its header."""
+    from .imageheader import image_size as header_image_size
+
     try:
-        with Image.open(path) as image:
-            w, h = image.size
-            return (h, w) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+        return header_image_size(path)
     except Exception as exc:
         raise ValueError(f"cannot load image {path}: {exc}; fix or remove the file and re-scan") from exc
 

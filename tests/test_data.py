@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -170,7 +170,7 @@ def test_exif_rotated_jpeg_is_upright(tmp_path):
     assert top[0] > 200 and top[2] < 50
     assert bottom[2] > 200 and bottom[0] < 50
 
-    from edtools.dataset import _image_size
+    from edtools.imageheader import image_size as _image_size
 
     assert _image_size(path) == (20, 40)  # the scan sees the same upright size
 
@@ -589,3 +589,109 @@ def test_batches_carry_each_images_time_ids_from_its_real_size(tree, tokenizer):
     # At resolution 64 the only bucket is 64x64: 120x60 covers it at 128x64 and loses 32 columns each side,
     # 60x90 covers it at 64x96 and loses 16 rows at the top and the bottom.
     assert seen == {"a/a_000.png": [60, 120, 0, 32, 64, 64], "a/a_001.png": [90, 60, 16, 0, 64, 64]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fast decoding stays what plain PIL gives
+
+
+def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Photo-like pixels: 1/f noise (the spectrum of natural images) in three channels, and hard-edged blocks."""
+    rng = np.random.default_rng(seed)
+    f = np.hypot(np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :])
+    f[0, 0] = 1.0
+    planes = []
+    for _ in range(3):
+        plane = np.fft.irfft2(
+            (rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape)) / f, s=(height, width)
+        )
+        planes.append(plane / plane.std())
+    pixels = (128 + 45 * np.stack(planes, 2)).clip(0, 255).astype(np.uint8)
+    for _ in range(8):
+        x, y = rng.integers(0, width - 40), rng.integers(0, height - 40)
+        pixels[y : y + rng.integers(10, 200), x : x + rng.integers(10, 200)] = rng.integers(0, 256, 3)
+    return Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(0.8))  # a lens is never perfectly sharp
+
+
+def plain_pil(path: Path, crop, *, upright: bool = False) -> np.ndarray:
+    """The straightforward loader: open, (turn upright,) convert to RGB, Lanczos to the cover size, cut, flip."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image) if upright else image
+        image = image.convert("RGB")
+    image = image.resize(crop.cover, Image.Resampling.LANCZOS)
+    image = image.crop((crop.left, crop.top, crop.left + crop.size[0], crop.top + crop.size[1]))
+    if crop.flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(image, dtype=np.float64)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "orientation", "bucket", "flip", "limit"),
+    [
+        # The bench case, smaller (4x down): decoded at 1/2 by the JPEG decoder, Lanczos does the last 2x.
+        ("JPEG", 1, (300, 200), False, 1.5),
+        ("JPEG", 6, (200, 300), True, 1.5),  # EXIF-turned, mirrored
+        # 3.1x down, a square bucket cutting the sides: halved, 1.56x left to Lanczos (the least allowed)
+        ("JPEG", 1, (256, 256), False, 2.0),
+        ("PNG", 1, (384, 256), False, 2.0),  # halved by reduce(), then the same
+        ("JPEG", 1, (600, 400), False, 0.01),  # 2x down: not shrunk first, so plain PIL's pixels
+        ("PNG", 1, (640, 480), False, 0.01),  # scaled up: the same pixels
+    ],
+)
+def test_decode_is_close_to_plain_pil(tmp_path, fmt, orientation, bucket, flip, limit):
+    from edtools.data import decode_image, plan_crop
+
+    image = photo_like(1200, 800)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"photo.{fmt.lower()}"
+    image.save(path, fmt, quality=92, exif=exif)
+    upright = (800, 1200) if orientation in (5, 6, 7, 8) else (1200, 800)
+    crop = plan_crop(*upright, *bucket, center_crop=False, flip=flip, rng=np.random.default_rng(4))
+    ours = as_uint8(decode_image(path, crop)).round()
+    reference = plain_pil(path, crop, upright=True)
+    assert ours.shape == reference.shape
+    assert np.abs(ours - reference).mean() < limit
+
+
+def test_resizing_only_the_kept_region_equals_resize_then_cut():
+    from edtools.data import _resize_and_cut, plan_crop
+
+    image = photo_like(500, 300, seed=2)
+    for bucket in ((128, 128), (96, 160), (200, 100), (512, 512)):
+        for seed in range(3):
+            crop = plan_crop(500, 300, *bucket, center_crop=False, rng=np.random.default_rng(seed))
+            left, top, (width, height) = crop.left, crop.top, crop.size
+            expected = image.resize(crop.cover, Image.Resampling.LANCZOS).crop(
+                (left, top, left + width, top + height)
+            )
+            got = np.asarray(_resize_and_cut(image, crop), dtype=np.int16)
+            difference = np.abs(got - np.asarray(expected, dtype=np.int16))
+            # The same filter taps; a few pixels differ by the rounding between PIL's two passes.
+            assert difference.max() <= 2 and difference.mean() < 0.05, (bucket, seed)
+
+
+def test_grey_jpeg_is_resized_as_one_channel_then_made_rgb(tmp_path):
+    from edtools.data import decode_image, plan_crop
+
+    path = tmp_path / "grey.jpg"
+    photo_like(900, 600).convert("L").save(path, quality=95)
+    crop = plan_crop(900, 600, 192, 128)
+    pixels = decode_image(path, crop)
+    assert torch.equal(pixels[0], pixels[1]) and torch.equal(pixels[1], pixels[2])
+    reference = plain_pil(path, crop)
+    assert np.abs(as_uint8(pixels).round() - reference).mean() < 1.5
+
+
+def test_image_size_reads_the_header_like_the_scan(tmp_path):
+    from edtools.data import image_size
+
+    path = tmp_path / "turned.png"
+    image = Image.new("RGB", (30, 20))
+    exif = image.getexif()
+    exif[0x0112] = 8
+    image.save(path, exif=exif)
+    assert image_size(path) == (20, 30)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.jpg: the file is empty"):
+        image_size(tmp_path / "empty.jpg")

@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_image
+from conftest import make_image, make_tree
 from PIL import Image
 
 from edtools.dataset import (
@@ -94,8 +94,8 @@ def test_manifest_cache_is_used_and_invalidated(tree, monkeypatch):
     import edtools.dataset as ds
 
     calls = []
-    real = ds._image_size
-    monkeypatch.setattr(ds, "_image_size", lambda p: calls.append(p) or real(p))
+    real = ds.image_size
+    monkeypatch.setattr(ds, "image_size", lambda p: calls.append(p) or real(p))
     scan(root)
     assert calls == []  # re-scan only stats
     make_image(root / "a" / "a_001.png", 32, 16)  # changed file: new size and mtime
@@ -271,3 +271,281 @@ def test_write_concept_values_round_trip(tree):
         write_concept_values(root, "a", multiplier=-1)
     with pytest.raises(DatasetError, match="outside"):
         write_concept_values(root, "../elsewhere", multiplier=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fast scanning: header reader, thread pool, incremental manifest
+
+
+def every_case_tree(root):
+    """A data root with every case the scan handles: rotated JPEGs, PNG EXIF before and after the pixels, other
+    formats (read by PIL), broken and empty files, captions of each kind, folder values, misnamings."""
+    import zlib
+
+    make_tree(root, {"people/a": 5, "people/b": 3, "style": 4}, sizes=((64, 48), (40, 72)))
+    for orientation in (1, 3, 6, 8):
+        image = Image.new("RGB", (80, 40), (orientation * 20, 10, 10))
+        exif = image.getexif()
+        exif[0x0112] = orientation
+        exif[0x010F] = "A camera maker with a long name"
+        image.save(root / "people" / "a" / f"rotated_{orientation}.jpg", exif=exif)
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 6
+    Image.new("RGB", (30, 20)).save(root / "style" / "early_exif.png", exif=exif)
+    late = (root / "style" / "early_exif.png").read_bytes()
+    start = late.index(b"eXIf") - 4
+    length = int.from_bytes(late[start : start + 4], "big")
+    chunk, late = late[start : start + 12 + length], late[:start] + late[start + 12 + length :]
+    (root / "style" / "late_exif.png").write_bytes(late[:-12] + chunk + late[-12:])
+    assert zlib.crc32(chunk[4:-4]) == int.from_bytes(chunk[-4:], "big")
+    Image.new("RGB", (50, 30)).save(root / "style" / "other.webp")
+    Image.new("RGB", (20, 60)).save(root / "style" / "other.bmp")
+    make_image(root / "style" / "big.jpg", 600, 400)
+    (root / "style" / "truncated.png").write_bytes((root / "style" / "style_000.png").read_bytes()[:200])
+    (root / "style" / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    (root / "style" / "empty.png").write_bytes(b"")
+    (root / "people" / "a" / "a_000.txt").write_text(
+        "\ufeffa caption\r\nwith two lines\r\n", encoding="utf-8"
+    )
+    (root / "people" / "a" / "a_001.caption").write_text("from a .caption file")
+    (root / "people" / "a" / "a_002.txt").write_bytes(b"\xff\xfe not utf-8")
+    (root / "people" / "a" / "a_002.caption").write_text("the .txt is unreadable, so this one")
+    (root / "people" / "a" / "a_003.txt").write_bytes(b"\xff\xfe not utf-8 and no .caption")
+    make_image(root / "people" / "b" / "multiply.png")
+    (root / "people" / "b" / "multiply.txt").write_text("2")
+    (root / "style" / "loss_scale.txt").write_text("0.5")
+    (root / "style" / "Multiply.TXT").write_text("3")
+    (root / "people" / "loss_scale.txt").write_text("2")
+    make_image(root / ".hidden" / "x.png")
+    return root
+
+
+def scan_summary(result):
+    d = result.dataset
+    return (
+        d.paths,
+        d.captions,
+        d.widths.tolist(),
+        d.heights.tolist(),
+        d.concept_index.tolist(),
+        d.concepts,
+        result.problems,
+        result.log,
+    )
+
+
+def test_parallel_sequential_and_cached_scans_agree_on_every_case(tmp_path):
+    from edtools.imageheader import pil_image_size as _pil_image_size
+
+    root = every_case_tree(tmp_path / "data")
+    sequential = scan(root, workers=1, cache=False)
+    for workers in (4, None):
+        assert scan_summary(scan(root, workers=workers, cache=False)) == scan_summary(sequential)
+    assert scan_summary(scan(root, workers=4)) == scan_summary(sequential)  # writes the manifest
+    assert scan_summary(scan(root, workers=1)) == scan_summary(sequential)  # answered by the manifest
+
+    d = sequential.dataset
+    sizes = dict(zip(d.paths, zip(d.widths.tolist(), d.heights.tolist(), strict=True), strict=True))
+    for path, size in sizes.items():
+        assert size == _pil_image_size(root / path), path  # the sizes PIL reads, EXIF orientation applied
+    assert sizes["people/a/rotated_6.jpg"] == sizes["people/a/rotated_8.jpg"] == (40, 80)
+    assert sizes["people/a/rotated_3.jpg"] == (80, 40)
+    assert sizes["style/early_exif.png"] == sizes["style/late_exif.png"] == (20, 30)
+    assert sizes["style/other.webp"] == (50, 30) and sizes["style/other.bmp"] == (20, 60)
+    captions = dict(zip(d.paths, d.captions, strict=True))
+    assert captions["people/a/a_000.png"] == "a caption\nwith two lines"
+    assert captions["people/a/a_001.png"] == "from a .caption file"
+    assert captions["people/a/a_002.png"] == "the .txt is unreadable, so this one"
+    assert captions["people/a/a_003.png"] == "a"
+    assert captions["people/b/multiply.png"] == "multiply"  # multiply.txt is a value, not its caption
+    problems = {p.path: p.message for p in sequential.problems}
+    assert set(problems) == {
+        "style/truncated.png",
+        "style/garbage.jpg",
+        "style/empty.png",
+        "style/Multiply.TXT",
+        "people",
+    }
+    assert (
+        problems["style/empty.png"] == "cannot read this image (the file is empty (0 bytes)); it is skipped"
+    )
+    assert concept(d, "people/b").multiplier == 2.0 and concept(d, "style").loss_scale == 0.5
+
+
+def test_header_reader_agrees_with_pil_or_defers(tmp_path):
+    """The header reader answers for common JPEGs and PNGs and, when it answers at all, says what PIL says;
+    damaged copies of every file are left to PIL or agree with it."""
+    import random
+
+    from edtools.imageheader import header_size as _header_size
+    from edtools.imageheader import pil_image_size as _pil_image_size
+
+    root = every_case_tree(tmp_path / "data")
+    Image.new("CMYK", (33, 17)).save(root / "cmyk.jpg")
+    Image.new("L", (21, 34)).save(root / "grey.jpg", progressive=True)
+    image = Image.new("RGB", (45, 25))
+    image.save(root / "xmp.jpg", xmp=b'<x tiff:Orientation="6"/>')
+    image.save(root / "icc.jpg", icc_profile=b"\0" * 300, dpi=(300, 300))
+    for mode in ("1", "L", "LA", "P", "RGBA", "I;16"):
+        image.convert(mode).save(root / f"mode_{mode.replace(';', '')}.png")
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "steps 20")
+    info.add_text("comment", "zipped", zip=True)
+    info.add_itxt("title", "t\u00eftle")
+    image.save(root / "text.png", pnginfo=info, dpi=(72, 72))
+
+    rng = random.Random(0)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".jpg", ".png"))
+    answered = 0
+    for path in files:
+        data = path.read_bytes()
+        fast = _header_size(path)
+        if fast is not None and data:
+            answered += 1
+            assert fast == _pil_image_size(path), path
+        for k in range(6):
+            damaged = bytearray(data)
+            if k < 2:
+                damaged = damaged[: rng.randrange(len(data) + 1)]
+            elif damaged:
+                for _ in range(k - 1):
+                    damaged[rng.randrange(min(len(damaged), 400))] = rng.randrange(256)
+            copy = tmp_path / f"damaged{path.suffix}"
+            copy.write_bytes(bytes(damaged))
+            fast = _header_size(copy)
+            if fast is not None and damaged:
+                assert fast == _pil_image_size(copy), (path, k)
+    assert answered >= len(files) - 8  # PIL decides only the odd ones (damaged, zTXt, XMP in PNG, ...)
+
+
+def test_header_reader_tables_match_pil():
+    from PIL import PngImagePlugin, TiffImagePlugin
+
+    import edtools.imageheader as imageheader
+
+    assert imageheader._PNG_MODES == set(PngImagePlugin._MODES)
+    handled = {
+        name[len("chunk_") :].encode() for name in dir(PngImagePlugin.PngStream) if name.startswith("chunk_")
+    }
+    assert imageheader._PNG_PIL_CHUNKS == handled
+    loaders = TiffImagePlugin.ImageFileDirectory_v2._load_dispatch
+    assert imageheader._TIFF_UNIT_SIZE == {kind: unit for kind, (unit, _) in loaders.items()}
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_interrupted_scan_keeps_the_headers_it_read(tree, monkeypatch, workers):
+    import threading
+
+    import edtools.dataset as ds
+
+    root = tree({"a": 12, "b": 12})
+    (root / "a" / "a_000.txt").write_text("a caption")
+    real = ds.image_size
+    read, lock = [], threading.Lock()
+
+    def interrupted_after_10(path):
+        with lock:
+            if len(read) >= 10:
+                raise KeyboardInterrupt
+        size = real(path)
+        with lock:
+            read.append(path.name)
+        return size
+
+    monkeypatch.setattr(ds, "image_size", interrupted_after_10)
+    with pytest.raises(KeyboardInterrupt):
+        scan(root, workers=workers)
+    saved = json.loads((root / MANIFEST_NAME).read_text())["entries"]
+    assert len(saved) == len(read) >= 10  # every header read before the stop is kept
+
+    again = []
+    monkeypatch.setattr(ds, "image_size", lambda p: again.append(p.name) or real(p))
+    result = scan(root, workers=workers)
+    assert sorted(again + read) == sorted(p.rsplit("/", 1)[1] for p in result.dataset.paths)
+    assert len(result.dataset) == 24 and result.dataset.captions[0] == "a caption"
+
+
+def test_manifest_is_written_during_a_scan(tree, monkeypatch):
+    """A scan killed outright (no chance to save at the end) leaves the manifest of its last periodic save."""
+    import edtools.dataset as ds
+
+    root = tree({"a": 30})
+    monkeypatch.setattr("edtools.manifest._SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(ds, "_PROBE", 4)
+    real = ds.image_size
+    on_disk_at_kill: list[bytes] = []
+
+    def killed_after_10(path, calls=[]):  # noqa: B006 (a counter across calls)
+        calls.append(path)
+        if len(calls) > 10:
+            on_disk_at_kill.append((root / MANIFEST_NAME).read_bytes())
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(ds, "image_size", killed_after_10)
+    with pytest.raises(KeyboardInterrupt):
+        scan(root, workers=1)
+    (root / MANIFEST_NAME).write_bytes(on_disk_at_kill[0])  # as if the process had died right then
+    cached = json.loads(on_disk_at_kill[0])["entries"]
+    # saved after a block of 4 headers (as soon as allowed, with _SAVE_EVERY_S 0), not only at the end
+    assert len(cached) in (4, 8)
+
+    again = []
+    monkeypatch.setattr(ds, "image_size", lambda p: again.append(p) or real(p))
+    assert len(scan(root).dataset) == 30
+    assert len(again) == 30 - len(cached)
+
+
+def test_headers_read_after_a_periodic_save_are_saved_too(tree, monkeypatch):
+    import edtools.dataset as ds
+
+    root = tree({"a": 20, "b": 20})
+    (root / "b" / "b_003.txt").write_text("a caption")
+    monkeypatch.setattr("edtools.manifest._SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(ds, "_PROBE", 4)
+    scan(root, workers=1)
+    manifest = json.loads((root / MANIFEST_NAME).read_text())
+    assert len(manifest["entries"]) == 40 and list(manifest["captions"]) == ["b/b_003.txt"]
+    calls = []
+    real = ds.image_size
+    monkeypatch.setattr(ds, "image_size", lambda p: calls.append(p) or real(p))
+    assert scan(root).dataset.captions[23] == "a caption" and calls == []
+
+
+def test_slow_storage_moves_header_reads_to_threads(tree, monkeypatch):
+    import threading
+    import time
+
+    import edtools.dataset as ds
+
+    root = tree({"a": 40, "b": 40}, sizes=((64, 48), (30, 50)))
+    reference = scan(root, workers=1, cache=False)
+    real = ds.image_size
+    threads = set()
+
+    def slow(path):
+        time.sleep(0.002)  # a network drive's round trip
+        threads.add(threading.current_thread().name)
+        return real(path)
+
+    monkeypatch.setattr(ds, "image_size", slow)
+    assert scan_summary(scan(root, cache=False)) == scan_summary(reference)
+    assert "MainThread" in threads and any(name.startswith("edtools-scan") for name in threads)
+
+
+def test_fast_storage_reads_in_this_thread(tree, monkeypatch):
+    import threading
+
+    import edtools.dataset as ds
+
+    root = tree({"a": 80})
+    monkeypatch.setattr(
+        ds, "_SLOW_READ_S", 0.005
+    )  # reads take ~0.05 ms here; a busy machine is not slow storage
+    real = ds.image_size
+    threads = set()
+    monkeypatch.setattr(ds, "image_size", lambda p: threads.add(threading.current_thread().name) or real(p))
+    scan(root)
+    assert threads == {"MainThread"}
