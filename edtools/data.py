@@ -320,13 +320,22 @@ class ScheduleBatches(_TorchDataset):
         cached = (
             [self.latent_store.get(k) for k in keys] if self.latent_store is not None else [None] * len(keys)
         )
-        pixels = [
-            decode_image(self.root / self.dataset.paths[i], crop)
-            for i, crop, latent in zip(images, crops, cached, strict=True)
-            if latent is None
-        ]
+        pixels, kept, skipped = [], [], []
+        for position, (i, crop, latent) in enumerate(zip(images, crops, cached, strict=True)):
+            if latent is None:
+                try:
+                    pixels.append(decode_image(self.root / self.dataset.paths[i], crop))
+                except ValueError as exc:  # one bad file never ends a long run: it is skipped and listed
+                    skipped.append((self.dataset.paths[i], str(exc)))
+                    continue
+            kept.append(position)
+        if skipped:
+            images, crops, keys, cached = ([seq[p] for p in kept] for seq in (images, crops, keys, cached))
+            positions = kept
+        else:
+            positions = list(range(len(images)))
         width, height = self.schedule.batch_size_of(b)
-        captions = [self.caption(b, position, i) for position, i in enumerate(images)]
+        captions = [self.caption(b, position, i) for position, i in zip(positions, images, strict=True)]
         index = np.asarray(images, dtype=np.int64)
         batch = {
             "pixel_values": torch.stack(pixels) if pixels else torch.empty(0, 3, height, width),
@@ -338,6 +347,7 @@ class ScheduleBatches(_TorchDataset):
             "epoch": int(self.schedule.epoch),
             "batch": int(b),
             "captions": captions,
+            "skipped_images": skipped,  # (path, why) of images that could not be decoded
         }
         if self.latent_keys:
             batch["latent_keys"] = keys
@@ -364,6 +374,10 @@ def caption_variant(
 
 def token_ids(tokenizer: Any, captions: list[str]) -> torch.Tensor:
     """Captions as token ids [n, model_max_length]: padded, truncated to the tokenizer's length (77)."""
+    if not captions:  # a batch whose every image was skipped
+        import torch
+
+        return torch.zeros((0, tokenizer.model_max_length), dtype=torch.int64)
     return tokenizer(
         captions,
         padding="max_length",

@@ -466,3 +466,32 @@ def test_missing_bitsandbytes_says_what_to_do(monkeypatch, tmp_path):
         make_optimizer(dataclasses.replace(config, optimizer="adamw"), [torch.nn.Parameter(torch.zeros(3))]),
         torch.optim.AdamW,
     )
+
+
+def test_an_image_that_fails_to_decode_mid_run_is_skipped_and_listed(
+    tree, tiny_model, tmp_path, monkeypatch, caplog
+):
+    import edtools.data as data_module
+
+    root = tree({"a": 4, "b": 2})
+    real = data_module.decode_image
+    broken = {"a/a_001.png", "b/b_000.png", "b/b_001.png"}  # b's whole batch fails in epoch 0 at batch size 2
+
+    def failing(path, crop):
+        if Path(path).relative_to(root).as_posix() in broken:
+            raise ValueError(
+                f"cannot load image {path}: image file is truncated; fix or remove the file and re-scan"
+            )
+        return real(path, crop)
+
+    monkeypatch.setattr(data_module, "decode_image", failing)
+    events = []
+    result = train(make_config(root, tiny_model, tmp_path / "out", epochs=1), events.append)
+    assert result.stop_reason == "finished" and result.global_step == 3
+    trained = [i for e in events if e.kind == "step" for i in e.images]
+    dataset = load_dataset(root)
+    assert sorted(dataset.paths[i] for i in trained) == ["a/a_000.png", "a/a_002.png", "a/a_003.png"]
+    lines = (Path(result.out) / "skipped_images.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[1] for line in lines) == sorted(broken)
+    assert all(line.startswith("epoch 0\t") and "truncated" in line for line in lines)
+    assert caplog.text.count("skipped") >= 3

@@ -35,7 +35,9 @@ from .events import TrainEvent, TrainResult
 from .outdir import OutLock, prepare_out
 from .rebalance import BalanceSource, epoch_values, with_saved_values
 from .records import (
+    SKIPPED_IMAGES,
     append_balance_history,
+    append_skipped,
     append_training_loss,
     plot_records,
     trim_records,
@@ -308,6 +310,10 @@ def _train_epoch(run: Run, epoch: int) -> str:
     sums, counts, images, nonfinite = np.zeros(len(concepts)), np.zeros(len(concepts)), [], False
     for batch in loader:
         b = int(batch["batch"])
+        if batch["skipped_images"]:
+            for image, why in batch["skipped_images"]:
+                log.warning("epoch %d: skipped %s (%s); listed in %s", epoch, image, why, SKIPPED_IMAGES)
+            append_skipped(run.out, epoch, batch["skipped_images"])
         sync = (b + 1) % config.grad_accum == 0 or b + 1 == local.n_batches
         result = train_step(
             run.step_components,

@@ -17,7 +17,9 @@ __all__ = [
     "TRAINING_LOSS_CSV",
     "VALIDATION_CSV",
     "VALIDATION_IMAGES",
+    "SKIPPED_IMAGES",
     "append_balance_history",
+    "append_skipped",
     "append_training_loss",
     "append_validation",
     "RECORDS",
@@ -31,12 +33,19 @@ VALIDATION_CSV = "validation.csv"
 BALANCE_HISTORY_CSV = "balance_history.csv"
 TRAINING_LOSS_CSV = "training_loss.csv"
 VALIDATION_IMAGES = "validation_images.txt"
+SKIPPED_IMAGES = "skipped_images.txt"
 _COLUMNS = {
     VALIDATION_CSV: ["step", "epoch", "concept", "loss", "images"],
     BALANCE_HISTORY_CSV: ["epoch", "concept", "multiply", "loss_scale", "expected", "actual"],
     TRAINING_LOSS_CSV: ["epoch", "concept", "loss", "images"],
 }
-RECORDS = (*_COLUMNS, VALIDATION_IMAGES, "validation.png", "balance_actual.png")  # a fresh run removes them
+RECORDS = (
+    *_COLUMNS,
+    VALIDATION_IMAGES,
+    SKIPPED_IMAGES,
+    "validation.png",
+    "balance_actual.png",
+)  # a fresh run removes them
 
 
 def _append(path: Path, rows: Sequence[Sequence]) -> None:
@@ -92,6 +101,16 @@ def append_training_loss(out: Path, epoch: int, sums: Mapping[str, tuple[float, 
     """One row per concept for a finished epoch: the mean training loss (plain MSE) of its images."""
     rows = [[epoch, c, f"{total / n:.6g}", n] for c, (total, n) in sums.items() if n]
     _append(out / TRAINING_LOSS_CSV, rows)
+
+
+def append_skipped(out: Path, epoch: int, skipped: Sequence[tuple[str, str]]) -> None:
+    """out/skipped_images.txt gains a line per image that could not be decoded while training: epoch, path
+    (relative to the data root), why. Those images are left out of their batch; the run goes on."""
+    path = out / SKIPPED_IMAGES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as file:
+        for image, why in skipped:
+            file.write(f"epoch {epoch}\t{image}\t{why}\n")
 
 
 def write_validation_images(out: Path, validation: Dataset) -> Path:

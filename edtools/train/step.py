@@ -289,67 +289,70 @@ def train_step(
     fp16 = scaler is not None and scaler.is_enabled()
     device = vae.device
     distributed = _distributed()
-    with ExitStack() as stack:
-        # Dropout (LoRA's, a model's own) draws from torch's global generator: seed it from this batch's
-        # generator for the step, and give the caller's state back afterwards. Resume stays exact.
-        stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(device)))
-        torch.manual_seed(generator.initial_seed())
-        if not sync:  # no gradient all-reduce until the group's last batch
-            for module in (unet, *encoders):
-                if isinstance(module, torch.nn.parallel.DistributedDataParallel):
-                    stack.enter_context(module.no_sync())
-        latents = latent_cache.latents(batch, vae, vae.config.scaling_factor, generator=generator).float()
-        n = latents.shape[0]
-        noise = training_noise(
-            tuple(latents.shape),
-            generator,
-            offset=config.offset_noise,
-            pyramid_discount=config.pyramid_noise_discount,
-        ).to(device)
-        timesteps = torch.randint(
-            0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator, dtype=torch.int64
-        ).to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        target = prediction_target(noise_scheduler, latents, noise, timesteps)
-        with autocast(config, device):
-            if text_cache is not None:
-                embeddings = text_cache.get(batch["captions"])
-            else:
-                ids = [batch[key] for key in ("input_ids", "input_ids_2") if key in batch]
-                with torch.set_grad_enabled(text_grad):
-                    embeddings = encode_text(components, ids)
-            conditioning = unet_conditioning(components, embeddings, batch.get("time_ids"), device=device)
-            model_pred = unet(noisy, timesteps, **conditioning).sample
-        per_sample = per_sample_mse(model_pred, target)
-        snr_weights = None
-        if config.min_snr_gamma is not None:
-            snr_weights = min_snr_weights(
-                compute_snr(noise_scheduler, timesteps),
-                config.min_snr_gamma,
-                noise_scheduler.config.prediction_type,
+    if len(batch["image_index"]) == 0:  # every image of the batch failed to decode: nothing to learn here
+        per_sample, loss_value, nonfinite = torch.zeros(0), 0.0, False
+    else:
+        with ExitStack() as stack:
+            # Dropout (LoRA's, a model's own) draws from torch's global generator: seed it from this batch's
+            # generator for the step, and give the caller's state back afterwards. Resume stays exact.
+            stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(device)))
+            torch.manual_seed(generator.initial_seed())
+            if not sync:  # no gradient all-reduce until the group's last batch
+                for module in (unet, *encoders):
+                    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+                        stack.enter_context(module.no_sync())
+            latents = latent_cache.latents(batch, vae, vae.config.scaling_factor, generator=generator).float()
+            n = latents.shape[0]
+            noise = training_noise(
+                tuple(latents.shape),
+                generator,
+                offset=config.offset_noise,
+                pyramid_discount=config.pyramid_noise_discount,
+            ).to(device)
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator, dtype=torch.int64
+            ).to(device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            target = prediction_target(noise_scheduler, latents, noise, timesteps)
+            with autocast(config, device):
+                if text_cache is not None:
+                    embeddings = text_cache.get(batch["captions"])
+                else:
+                    ids = [batch[key] for key in ("input_ids", "input_ids_2") if key in batch]
+                    with torch.set_grad_enabled(text_grad):
+                        embeddings = encode_text(components, ids)
+                conditioning = unet_conditioning(components, embeddings, batch.get("time_ids"), device=device)
+                model_pred = unet(noisy, timesteps, **conditioning).sample
+            per_sample = per_sample_mse(model_pred, target)
+            snr_weights = None
+            if config.min_snr_gamma is not None:
+                snr_weights = min_snr_weights(
+                    compute_snr(noise_scheduler, timesteps),
+                    config.min_snr_gamma,
+                    noise_scheduler.config.prediction_type,
+                )
+            loss = batch_loss(
+                per_sample,
+                batch["loss_scale"],
+                nominal_batch_size=config.batch_size,
+                batch_weight=float(batch["batch_weight"]),
+                snr_weights=snr_weights,
             )
-        loss = batch_loss(
-            per_sample,
-            batch["loss_scale"],
-            nominal_batch_size=config.batch_size,
-            batch_weight=float(batch["batch_weight"]),
-            snr_weights=snr_weights,
-        )
-        loss_value = float(loss.detach())
-        nonfinite = not math.isfinite(loss_value)
-        if nonfinite:
-            log.warning(
-                "loss is %s at epoch %s batch %s: this optimizer step is skipped (weights and optimizer "
-                "state unchanged)",
-                loss_value,
-                batch.get("epoch"),
-                batch.get("batch"),
-            )
-        # Under DDP the closing batch's backward all-reduces gradients, so every rank must run it; the
-        # non-finite gradients it then holds are dropped below on all ranks alike.
-        if not nonfinite or (distributed and sync):
-            scaled = loss / config.grad_accum
-            (scaler.scale(scaled) if fp16 else scaled).backward()
+            loss_value = float(loss.detach())
+            nonfinite = not math.isfinite(loss_value)
+            if nonfinite:
+                log.warning(
+                    "loss is %s at epoch %s batch %s: this optimizer step is skipped (weights and optimizer "
+                    "state unchanged)",
+                    loss_value,
+                    batch.get("epoch"),
+                    batch.get("batch"),
+                )
+            # Under DDP the closing batch's backward all-reduces gradients, so every rank must run it; the
+            # non-finite gradients it then holds are dropped below on all ranks alike.
+            if not nonfinite or (distributed and sync):
+                scaled = loss / config.grad_accum
+                (scaler.scale(scaled) if fp16 else scaled).backward()
     result = StepResult(loss=loss_value, per_sample=per_sample.detach().float().cpu(), nonfinite=nonfinite)
     if not sync:
         return result
