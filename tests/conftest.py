@@ -68,3 +68,21 @@ def tree(tmp_path: Path):
         return make_tree(tmp_path / f"root{next(counter)}", spec, sizes)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """One tiny SD-shaped diffusers folder for the whole session (tests never write into it)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from edtools.models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def train_config(root: Path, model: Path, out: Path, **values):
+    """A TrainConfig for the tiny model on the CPU at 64 px (latents 8x8), batch 2, 2 epochs, unless given."""
+    from edtools.config import TrainConfig
+
+    settings = dict(epochs=2, batch_size=2, resolution=64, lr=1e-3, progress_bar=False, device="cpu")
+    return TrainConfig(data_root=str(root), model=str(model), out=str(out), **{**settings, **values})

@@ -20,17 +20,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from edtools.models import load_components, make_tiny_model  # noqa: E402
+from edtools.models import load_components  # noqa: E402
 from edtools.train import find_checkpoints  # noqa: E402
 from edtools.train.outdir import LOCK_FILE, damage  # noqa: E402
 
 pytestmark = pytest.mark.slow
 EDTOOLS = [sys.executable, "-m", "edtools"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def train_args(root: Path, model: Path, out: Path, *extra: str) -> list[str]:

@@ -8,24 +8,19 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from conftest import train_config
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from edtools.config import ConfigError, TrainConfig  # noqa: E402
-from edtools.models import load_components, make_tiny_model  # noqa: E402
+from edtools.models import load_components  # noqa: E402
 from edtools.noise import noise_scheduler_for, training_noise  # noqa: E402
 from edtools.train import train  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
 def make_config(root: Path, model: Path, out: Path, **values) -> TrainConfig:
-    settings = dict(epochs=1, batch_size=2, resolution=64, lr=1e-3, progress_bar=False, device="cpu")
-    return TrainConfig(data_root=str(root), model=str(model), out=str(out), **{**settings, **values})
+    return train_config(root, model, out, **{**dict(epochs=1), **values})
 
 
 def state(module) -> dict[str, torch.Tensor]:

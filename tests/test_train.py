@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import train_config
 
 from edtools.config import ConfigError, TrainConfig
 from edtools.data import ScheduleBatches
@@ -34,16 +35,7 @@ from edtools.train import (
 )
 from edtools.train.setup import make_latent_cache
 
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-def make_config(root: Path, model: Path, out: Path, **values) -> TrainConfig:
-    settings = dict(epochs=2, batch_size=2, resolution=64, lr=1e-3, progress_bar=False, device="cpu")
-    settings.update(values)
-    return TrainConfig(data_root=str(root), model=str(model), out=str(out), **settings)
+make_config = train_config
 
 
 def weights(components) -> dict[str, torch.Tensor]:

@@ -7,11 +7,11 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from conftest import train_config
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from edtools.config import TrainConfig  # noqa: E402
 from edtools.models import load_components, make_tiny_model  # noqa: E402
 from edtools.train import train  # noqa: E402
 
@@ -21,9 +21,7 @@ def sdxl_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("sdxl") / "model", "sdxl")
 
 
-def make_config(root: Path, model: Path, out: Path, **values) -> TrainConfig:
-    settings = dict(epochs=2, batch_size=2, resolution=64, lr=1e-3, progress_bar=False, device="cpu")
-    return TrainConfig(data_root=str(root), model=str(model), out=str(out), **{**settings, **values})
+make_config = train_config
 
 
 def state(module) -> dict[str, torch.Tensor]:
@@ -88,11 +86,6 @@ def test_sdxl_stop_and_resume_equals_the_uninterrupted_run(tree, sdxl_model, tmp
         assert not moved(a, b), name
 
 
-@pytest.fixture(scope="module")
-def sd_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("sd") / "model")
-
-
 def files_of(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -114,9 +107,9 @@ def _np(image):
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["sd1", "sdxl"])
 def test_lora_run_writes_kohya_files_that_diffusers_loads_and_leaves_the_base_model_alone(
-    tree, sd_model, sdxl_model, tmp_path, architecture
+    tree, tiny_model, sdxl_model, tmp_path, architecture
 ):
-    model = sdxl_model if architecture == "sdxl" else sd_model
+    model = sdxl_model if architecture == "sdxl" else tiny_model
     before = files_of(model)
     root = tree({"a": 3, "b": 2})
     config = make_config(
@@ -160,10 +153,16 @@ def test_lora_run_writes_kohya_files_that_diffusers_loads_and_leaves_the_base_mo
 
 
 @pytest.mark.slow
-def test_lora_stop_and_resume_equals_the_uninterrupted_run(tree, sd_model, tmp_path):
+def test_lora_stop_and_resume_equals_the_uninterrupted_run(tree, tiny_model, tmp_path):
     root = tree({"a": 3, "b": 3}, sizes=((64, 64), (128, 64)))
     config = make_config(
-        root, sd_model, tmp_path / "whole", lora_rank=4, lora_dropout=0.1, lora_text_encoder=True, flip_p=0.5
+        root,
+        tiny_model,
+        tmp_path / "whole",
+        lora_rank=4,
+        lora_dropout=0.1,
+        lora_text_encoder=True,
+        flip_p=0.5,
     )
     whole = train(config)
     parts = dataclasses.replace(config, out=str(tmp_path / "parts"))

@@ -8,27 +8,19 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from conftest import train_config
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from edtools.config import TrainConfig  # noqa: E402
 from edtools.dataset import load_dataset  # noqa: E402
 from edtools.holdout import split_validation  # noqa: E402
-from edtools.models import load_components, make_tiny_model  # noqa: E402
+from edtools.models import load_components  # noqa: E402
 from edtools.schedule import make_buckets  # noqa: E402
 from edtools.train import train  # noqa: E402
 from edtools.train.validate import TIMESTEPS_PER_IMAGE, Validator, validation_timesteps  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-def make_config(root: Path, model: Path, out: Path, **values) -> TrainConfig:
-    settings = dict(epochs=2, batch_size=2, resolution=64, lr=1e-3, progress_bar=False, device="cpu")
-    return TrainConfig(data_root=str(root), model=str(model), out=str(out), **{**settings, **values})
+make_config = train_config
 
 
 def rows(path: Path) -> list[dict[str, str]]:
