@@ -32,19 +32,25 @@ def subset(dataset: Dataset, images: np.ndarray) -> Dataset:
     """The dataset of the given image numbers (in ascending order), with each concept's image count updated.
     Concepts keep their order, values and indices, also with no image left."""
     images = np.unique(np.asarray(images, dtype=np.int64))
-    concept_index = dataset.concept_index[images]
-    counts = np.bincount(concept_index, minlength=len(dataset.concepts))
+    return _with_images(dataset, dataset, images, dataset.concept_index[images])
+
+
+def _with_images(
+    concepts_of: Dataset, images_of: Dataset, images: np.ndarray, concept_index: np.ndarray
+) -> Dataset:
+    """A Dataset of images_of's images (in the given order) under concepts_of's concepts, counts recounted."""
+    counts = np.bincount(concept_index, minlength=len(concepts_of.concepts))
     concepts = tuple(
-        dataclasses.replace(c, n_images=int(n)) for c, n in zip(dataset.concepts, counts, strict=True)
+        dataclasses.replace(c, n_images=int(n)) for c, n in zip(concepts_of.concepts, counts, strict=True)
     )
     return Dataset(
-        root=dataset.root,
+        root=images_of.root,
         concepts=concepts,
-        paths=tuple(dataset.paths[i] for i in images),
-        captions=tuple(dataset.captions[i] for i in images),
-        widths=dataset.widths[images].copy(),
-        heights=dataset.heights[images].copy(),
-        concept_index=concept_index.astype(np.int32),
+        paths=tuple(images_of.paths[i] for i in images),
+        captions=tuple(images_of.captions[i] for i in images),
+        widths=images_of.widths[images].copy(),
+        heights=images_of.heights[images].copy(),
+        concept_index=np.asarray(concept_index, dtype=np.int32),
     )
 
 
@@ -77,17 +83,5 @@ def match_validation_root(training: Dataset, validation: Dataset) -> Dataset:
             f"folders of data_root {training.root} ({', '.join(known)}); name its folders like the training ones"
         )
     mapping = np.array([known[c.path] for c in validation.concepts], dtype=np.int32)
-    counts = np.bincount(mapping[validation.concept_index], minlength=len(training.concepts))
-    concepts = tuple(
-        dataclasses.replace(c, n_images=int(n)) for c, n in zip(training.concepts, counts, strict=True)
-    )
     order = np.argsort(mapping[validation.concept_index], kind="stable")
-    return Dataset(
-        root=validation.root,
-        concepts=concepts,
-        paths=tuple(validation.paths[i] for i in order),
-        captions=tuple(validation.captions[i] for i in order),
-        widths=validation.widths[order].copy(),
-        heights=validation.heights[order].copy(),
-        concept_index=mapping[validation.concept_index][order],
-    )
+    return _with_images(training, validation, order, mapping[validation.concept_index][order])
