@@ -145,7 +145,11 @@ class TrainConfig:
     max_steps: int | None = _opt(None, "stop after this many optimizer steps, resumable ('none' = no limit)")
     resume: bool = _opt(False, "continue from the newest complete checkpoint in out")
     overwrite: bool = _opt(False, "start afresh in an out folder that holds checkpoints (deletes them)")
-    num_workers: int = _opt(0, "image decoding worker processes (0 = in the training process)")
+    num_workers: int | None = _opt(
+        None,
+        "image decoding worker processes (0 = in the training process; none = 1 while a GPU trains and the "
+        "machine has 2+ CPUs, as on Colab, else 0)",
+    )
     cache_latents: Literal["off", "memory", "disk"] = _opt(
         "off", "VAE latents: off, memory (this run), or disk (across runs; each crop and flip used is kept)"
     )
@@ -445,7 +449,7 @@ def _check_ranges(c: TrainConfig) -> None:
     need(c.keep_checkpoints >= 0, "keep_checkpoints", "it must be >= 0 (0 = keep all)")
     need(c.max_steps is None or c.max_steps >= 1, "max_steps", "it must be >= 1, or none for no limit")
     need(not (c.resume and c.overwrite), "overwrite", "resume and overwrite exclude each other: choose one")
-    need(c.num_workers >= 0, "num_workers", "it must be >= 0")
+    need(c.num_workers is None or c.num_workers >= 0, "num_workers", "it must be >= 0, or none for automatic")
     need(0.0 <= c.flip_p <= 1.0, "flip_p", "it is a probability: 0 to 1")
     need(
         c.text_encoder_lr is None or c.text_encoder_lr >= 0,

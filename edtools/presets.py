@@ -5,6 +5,7 @@ depend on the device (precision, gradient checkpointing, resolution), as plain f
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -180,7 +181,9 @@ def auto_settings(
     """The config with its automatic values decided for this model and device:
     resolution none -> the model's own; mixed_precision auto -> bf16 where the GPU has it, fp16 on other GPUs,
     no (fp32) on the CPU; gradient_checkpointing none -> on for SDXL, and for full fine-tunes on GPUs of at
-    most 16 GB; train_text_encoder_2 none -> as train_text_encoder."""
+    most 16 GB; train_text_encoder_2 none -> as train_text_encoder; num_workers none -> one decoding worker
+    while a GPU trains on a machine with 2 or more CPUs (Colab's 2: the other one feeds the GPU), else 0 (on
+    the CPU the training process needs every core)."""
     changes: dict[str, Any] = {}
     if config.resolution is None:
         changes["resolution"] = native_resolution
@@ -192,6 +195,8 @@ def auto_settings(
     if config.gradient_checkpointing is None:
         small = device_type == "cuda" and gpu_gib is not None and gpu_gib <= SMALL_GPU_GIB
         changes["gradient_checkpointing"] = architecture == "sdxl" or (config.lora_rank == 0 and small)
+    if config.num_workers is None:
+        changes["num_workers"] = 1 if device_type == "cuda" and (os.cpu_count() or 1) >= 2 else 0
     if config.train_text_encoder_2 is None:
         changes["train_text_encoder_2"] = config.train_text_encoder if architecture == "sdxl" else False
     return dataclasses.replace(config, **changes) if changes else config

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 import pytest
 
@@ -91,6 +92,8 @@ def test_auto_settings_by_device_and_model():
     lora_on_t4 = auto(dataclasses.replace(config, lora_rank=8), bf16_supported=False, gpu_gib=15.0)
     assert lora_on_t4.gradient_checkpointing is False
     assert auto(config).train_text_encoder_2 is False  # SD 1.x/2.x have no second encoder
+    # one decoding worker beside a GPU (Colab has 2 CPUs); on the CPU the trainer needs every core
+    assert (big.num_workers, cpu.num_workers) == (1 if os.cpu_count() >= 2 else 0, 0)
 
 
 def test_auto_settings_keep_what_the_user_chose():
@@ -100,5 +103,6 @@ def test_auto_settings_keep_what_the_user_chose():
         mixed_precision="no",
         gradient_checkpointing=False,
         train_text_encoder_2=False,
+        num_workers=3,
     )
     assert auto(config, architecture="sdxl", native_resolution=1024, gpu_gib=15.0) == config
