@@ -174,6 +174,9 @@ class TrainConfig:
     live_balance: bool = _opt(
         False, "re-read multiply.txt / loss_scale.txt at every epoch's start: edits apply from the next epoch"
     )
+    kohya_repeats: bool = _opt(
+        False, "folders named the kohya way (10_alice) repeat their images N times where no multiply.txt exists"
+    )
     multipliers: tuple[tuple[str, float], ...] = _opt((), "override multiply.txt: concept=value ...")
     loss_scales: tuple[tuple[str, float], ...] = _opt((), "override loss_scale.txt: concept=value ...")
     device: str | None = _opt(None, "cpu, cuda, cuda:1, mps ('none' = cuda when available, else cpu)")

@@ -8,14 +8,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
-import operator
 import os
-import queue
 import re
-import threading
-import time
-from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,13 +19,17 @@ import numpy as np
 
 from .atomic import write_text
 from .errors import EdtoolsError
-from .imageheader import ImageFile, image_size, pil_module
-from .manifest import Manifest, Saver, read_caption
+from .imageheader import ImageFile, ends_whole, image_complete, image_size, pil_module
+from .manifest import Manifest, Saver, encoding_note, read_caption
+from .readpool import run_jobs
+from .walk import CAPTION_EXTENSIONS as CAPTION_EXTENSIONS  # re-exported: scan's names stay where they were
+from .walk import IMAGE_EXTENSIONS, duplicate_links, untrained_message, walk
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MULTIPLY_FILE",
     "LOSS_SCALE_FILE",
+    "MAX_IMAGES_PER_EPOCH",
     "Concept",
     "Dataset",
     "DatasetError",
@@ -44,14 +43,17 @@ __all__ = [
     "write_concept_values",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-_IMAGE_EXTENSION_SET = frozenset(IMAGE_EXTENSIONS)
 _VALUE_STEMS = ("multiply", "loss_scale")  # <stem>.txt of these is a folder value, never a caption
 MULTIPLY_FILE = "multiply.txt"
 LOSS_SCALE_FILE = "loss_scale.txt"
-CAPTION_EXTENSIONS = (".txt", ".caption")
 MANIFEST_NAME = ".edtools_manifest.json"
 ROOT_CONCEPT = "."
+# The most images one epoch may hold. The schedule keeps an epoch as a few int64 arrays of its length (the image
+# numbers, a permutation, their bucket order): 10 million images is about 0.5 GB while it is built, and at the
+# tens of images per second a GPU trains, more than a week per epoch: far beyond any real data root (the benchmarks
+# scan 100,000 images), while a typo such as 1e9 in multiply.txt is refused before anything is allocated.
+MAX_IMAGES_PER_EPOCH = 10_000_000
+_KOHYA_NAME = re.compile(r"([0-9]+)_(.+)")  # kohya's folder names: repeats, underscore, a name (10_alice)
 
 
 class DatasetError(EdtoolsError, ValueError):
@@ -130,7 +132,7 @@ class Dataset:
         for c in self.concepts:
             if c.path in multipliers:
                 value = float(multipliers[c.path])
-                _check_multiplier(value, c.path)
+                _check_multiplier(value, c.path, c.n_images)
                 c = dataclasses.replace(c, multiplier=value)
             if c.path in loss_scales:
                 value = float(loss_scales[c.path])
@@ -138,6 +140,7 @@ class Dataset:
                     raise DatasetError(f"loss_scale for '{c.path}' is {value}; it must be a finite number")
                 c = dataclasses.replace(c, loss_scale=value)
             concepts.append(c)
+        _check_epoch(concepts)
         return dataclasses.replace(self, concepts=tuple(concepts))
 
 
@@ -169,12 +172,40 @@ class ScanResult:
 # Values
 
 
-def _check_multiplier(value: float, where: str) -> None:
+def _check_multiplier(value: float, where: str, n_images: int | None = None) -> None:
     if not math.isfinite(value) or value <= 0:
         raise DatasetError(
             f"multiplier for '{where}' is {value}; it must be a finite number > 0 "
             "(e.g. 2 to repeat twice, 0.1 to use a tenth of the folder per epoch)"
         )
+    if n_images is not None and n_images * value > MAX_IMAGES_PER_EPOCH:
+        raise DatasetError(_too_many(f"multiplier for '{where}'", value, n_images))
+
+
+def _too_many(what: str, value: float, n_images: int) -> str:
+    """'<what> = 1e+09: 6 images -> 6,000,000,000 per epoch, more than the limit of 10,000,000 images ...'."""
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    return (
+        f"{what} = {shown}: {n_images} images -> {n_images * value:,.0f} per epoch, more than the limit of "
+        f"{MAX_IMAGES_PER_EPOCH:,} images per epoch"
+    )
+
+
+def _epoch_too_large(concepts) -> str | None:
+    """The error for concepts whose epoch together exceeds MAX_IMAGES_PER_EPOCH, else None."""
+    total = sum(c.n_images * c.multiplier for c in concepts)
+    if total <= MAX_IMAGES_PER_EPOCH:
+        return None
+    return (
+        f"all folders together give {total:,.0f} images per epoch, more than the limit of "
+        f"{MAX_IMAGES_PER_EPOCH:,} images per epoch; lower the largest multipliers"
+    )
+
+
+def _check_epoch(concepts) -> None:
+    message = _epoch_too_large(concepts)
+    if message is not None:
+        raise DatasetError(message)
 
 
 def _parse_number(text: str) -> float:
@@ -225,40 +256,6 @@ _IO_WORKERS = 16  # header reads in parallel on slow storage (network drives: la
 _SLOW_READ_S = 0.0003  # mean seconds per image above which reads go to the thread pool
 _PROBE = 32  # images read in this thread between speed checks
 _CHUNK = 8  # images per pool task
-
-
-def _walk(root: str) -> Iterable[tuple[str, str, dict, list, set, list]]:
-    """Folders under root in name order, hidden ones skipped: (path, path relative to root with '/', its plain
-    files {name: DirEntry} in name order, its images, stems with a caption file, names to check for misnaming)."""
-    stack = [(root, "")]
-    by_name = operator.attrgetter("name")
-    while stack:
-        folder, rel = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=by_name)
-        except OSError:
-            continue
-        files, images, sidecars, odd, subfolders = {}, [], set(), [], []
-        for entry in entries:
-            name = entry.name
-            if name[0] == ".":
-                continue
-            if entry.is_file():
-                files[name] = entry
-                dot = name.rfind(".")
-                if dot > 0:
-                    ext = name[dot:]
-                    if ext.lower() in _IMAGE_EXTENSION_SET:
-                        images.append(entry)
-                    elif ext in CAPTION_EXTENSIONS:
-                        sidecars.add(name[:dot])
-                if name[0] in "mMlL":
-                    odd.append(name)
-            elif entry.is_dir():
-                subfolders.append((entry.path, rel + "/" + name if rel else name))
-        yield folder, rel, files, images, sidecars, odd
-        stack.extend(reversed(subfolders))
 
 
 def _read_value(folder: str, prefix: str, name, parse, allowed: str, problems: list[Problem]) -> float | None:
@@ -317,96 +314,69 @@ def _folder_values(folder: str, prefix: str, names, problems: list[Problem]) -> 
 _STAT_ON_OPEN = object()  # a job's stat: not taken yet; the header reader takes it when it opens the file
 
 
+_TRUNCATED = (
+    "cannot read this image (the file is truncated: its end is missing, as after an interrupted copy or "
+    "download); it is skipped: copy it again from the original"
+)
+
+
 def _job(job: tuple) -> tuple:
-    """Read what the manifest did not have for one image: its header (unless cached), then its caption.
-    Returns (image number, size or the exception, caption result or None, the image's stat)."""
+    """Read what the manifest did not have for one image: its header and end (unless cached), then its caption.
+    Returns (image number, size or the exception, caption result or None, the image's stat, whole)."""
     i, entry, stat, candidates, manifest = job
     size = None
     if stat is not None:
         target = ImageFile(entry) if stat is _STAT_ON_OPEN else entry
         try:
-            size = image_size(target)
+            try:
+                size = image_size(target)
+                whole = image_complete(target)
+            except Exception:
+                if ends_whole(target):
+                    raise
+                size, whole = (0, 0), False  # a JPEG or PNG that does not open and whose end is missing
             if stat is _STAT_ON_OPEN:
                 stat = target.stat or os.stat(target.path)
+            if not whole:
+                return i, size, None, stat, False
         except Exception as exc:  # any unreadable image is reported and skipped, never fatal
-            return i, exc, None, None
-    return i, size, read_caption(candidates, manifest) if candidates else None, stat
+            return i, exc, None, None, False
+    return i, size, read_caption(candidates, manifest) if candidates else None, stat, True
 
 
 def _run_jobs(jobs: list, apply, tick, workers: int | None) -> None:
-    """Run jobs in order in this thread while reads are fast, in a thread pool when they are slow (network
-    storage) or workers >= 2 asks for it; results go to apply() in this thread as they arrive, tick() is
-    called every few results."""
-    if not jobs:
-        return
-    pil_module()  # imported once here, not inside the first timed read
-
-    done = 0
-    if workers is None or workers <= 1:
-        slow_blocks = 0
-        while done < len(jobs):
-            block = jobs[done : done + _PROBE]
-            start = time.perf_counter()
-            for job in block:
-                apply(_job(job))
-            done += len(block)
-            tick()
-            if workers is None:
-                # Two slow blocks in a row (not one outlier): slow storage, the rest in parallel.
-                slow = (time.perf_counter() - start) / len(block) > _SLOW_READ_S
-                slow_blocks = slow_blocks + 1 if slow else 0
-                if slow_blocks == 2:
-                    break
-        workers = _IO_WORKERS
-    rest = jobs[done:]
-    if not rest:
-        return
-    results: queue.SimpleQueue = queue.SimpleQueue()
-    stop = threading.Event()
-
-    def run(chunk: list) -> None:
-        try:
-            for job in chunk:
-                if stop.is_set():
-                    return
-                results.put(_job(job))
-        except BaseException as exc:  # handed to the scanning thread, which raises it
-            results.put(_Failed(exc))
-
-    pool = ThreadPoolExecutor(max_workers=min(workers, len(rest)), thread_name_prefix="edtools-scan")
-    try:
-        for k in range(0, len(rest), _CHUNK):
-            pool.submit(run, rest[k : k + _CHUNK])
-        for _ in range(len(rest)):
-            result = results.get()
-            if isinstance(result, _Failed):
-                raise result.exc
-            apply(result)
-            tick()
-    except BaseException:
-        stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        while not results.empty():  # keep every header that was read before the stop
-            result = results.get()
-            if not isinstance(result, _Failed):
-                apply(result)
-        raise
-    finally:
-        pool.shutdown(wait=True)
+    """_job for every job, in this thread while reads are fast, in a thread pool when they are slow (network
+    storage) or workers >= 2 asks for it (see readpool.run_jobs)."""
+    if jobs:
+        pil_module()  # imported once here, not inside the first timed read
+        run_jobs(
+            jobs,
+            _job,
+            apply,
+            tick,
+            workers,
+            probe=_PROBE,
+            slow_s=_SLOW_READ_S,
+            pool=_IO_WORKERS,
+            chunk=_CHUNK,
+        )
 
 
-@dataclass
-class _Failed:
-    exc: BaseException
-
-
-def scan(data_root: str | os.PathLike, *, cache: bool = True, workers: int | None = None) -> ScanResult:
+def scan(
+    data_root: str | os.PathLike,
+    *,
+    cache: bool = True,
+    workers: int | None = None,
+    kohya_repeats: bool = False,
+) -> ScanResult:
     """Walk data_root and collect images, captions, sizes, per-folder values and every problem found.
 
     Never raises for problems in the data: they are returned (see ScanResult.raise_for_errors).
     Image headers and captions the manifest does not already hold are read in this thread while that is fast,
     and by a pool of threads when the storage is slow per file (network drives); workers=1 reads them all in
     this thread, workers=n >= 2 always uses n threads. The result is the same either way.
+    kohya_repeats: a folder named the kohya way (10_alice) without a multiply.txt of its own gets the number as
+    its multiplier; otherwise the scan only says what the name would mean.
     """
     root = Path(data_root).expanduser().resolve()
     if not root.is_dir():
@@ -418,13 +388,43 @@ def scan(data_root: str | os.PathLike, *, cache: bool = True, workers: int | Non
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _scan(root, cache, workers)
+        return _scan(root, cache, workers, kohya_repeats)
     finally:
         if collecting:
             gc.enable()
 
 
-def _scan(root: Path, cache: bool, workers: int | None) -> ScanResult:
+def _kohya_multiplier(rel: str, repeats: int, n: int, apply: bool, problems: list, log: list) -> float:
+    """The multiplier a kohya folder name (10_alice) gives a folder without multiply.txt: the repeats when
+    apply (logged like an applied file; 0 or too many for an epoch is an error), else 1 with a word on the name."""
+    if not apply:
+        if repeats == 0:
+            message = (
+                f"folder '{rel}' is named the kohya way (0 repeats: kohya leaves it out); edtools trains its "
+                "images once per epoch: to leave it out, move it out of data_root"
+            )
+        elif n * repeats <= MAX_IMAGES_PER_EPOCH:
+            message = (
+                f"folder '{rel}' is named the kohya way ({repeats} repeats); edtools reads {MULTIPLY_FILE}: "
+                f"write {repeats} into {rel}/{MULTIPLY_FILE}, or train with kohya_repeats"
+            )
+        else:
+            return 1.0  # a date or a serial number, not repeats
+        problems.append(Problem("warning", rel, message))
+        return 1.0
+    name = f"kohya folder name '{rel}'"
+    fix = f"; write a {MULTIPLY_FILE} into '{rel}' (it wins over the name) or rename the folder"
+    if repeats == 0:
+        problems.append(Problem("error", rel, f"{name} = 0: 0 repeats is not > 0{fix}"))
+    elif n * repeats > MAX_IMAGES_PER_EPOCH:
+        problems.append(Problem("error", rel, _too_many(name, repeats, n) + fix))
+    else:
+        log.append(f"{name} = {repeats}: {n} images -> {n * repeats} per epoch")
+        return float(repeats)
+    return 1.0
+
+
+def _scan(root: Path, cache: bool, workers: int | None, kohya_repeats: bool) -> ScanResult:
     problems: list[Problem] = []
     log: list[str] = []
     manifest = Manifest(root / MANIFEST_NAME if cache else None)
@@ -439,13 +439,19 @@ def _scan(root: Path, cache: bool, workers: int | None) -> ScanResult:
     captions: list[str | None] = []
     caption_rels: list[str | None] = []
     failed: dict[int, str] = {}
+    truncated: list[int] = []  # skipped, but their manifest entries stay: a re-scan skips them unread
+    notes: dict[int, tuple] = {}  # image number -> ((path, warning), ...) about its caption file
+    linked: list[tuple[int, str]] = []  # (image number, real path) of images reached through a link
     jobs: list[tuple] = []
 
-    for folder, folder_rel, by_name, images, sidecars, odd in _walk(str(root)):
+    for folder in walk(str(root)):
+        folder_rel, by_name, sidecars = folder.rel, folder.files, folder.sidecars
         prefix = folder_rel + "/" if folder_rel else ""
         folder_rel = folder_rel or ROOT_CONCEPT
-        folder_problems: list[Problem] = []
-        for name in odd:
+        folder_problems = [Problem("warning", path, message) for path, message in folder.notes]
+        if folder.untrained:
+            folder_problems.append(Problem("warning", folder_rel, untrained_message(folder.untrained)))
+        for name in folder.odd:
             target = _misnamed_target(name)
             if target:
                 folder_problems.append(
@@ -455,13 +461,18 @@ def _scan(root: Path, cache: bool, workers: int | None) -> ScanResult:
                         f"looks like a misnamed {target} and is IGNORED; rename it to '{target}'",
                     )
                 )
-        values = _folder_values(folder, prefix, by_name, folder_problems)
+        values = _folder_values(folder.path, prefix, by_name, folder_problems)
         first = len(rels)
-        for entry in images:
+        through, links = folder.through_link, folder.linked
+        for entry in folder.images:
             name = entry.name
             rel = prefix + name
             i = len(rels)
             rels.append(rel)
+            if through or links:
+                real = links.get(name) or (folder.real + os.sep + name if through else None)
+                if real:
+                    linked.append((i, real))
             cached = entries_get(rel)
             if cached is None:  # never seen: read it (its stat is taken when it is opened)
                 need = _STAT_ON_OPEN
@@ -475,6 +486,14 @@ def _scan(root: Path, cache: bool, workers: int | None) -> ScanResult:
                     )
                 except OSError as exc:
                     message = f"cannot read this image ({exc}); it is skipped"
+                if message is None:
+                    if cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
+                        need = None
+                        if not cached[4]:  # unchanged since the end check found it truncated
+                            message = _TRUNCATED
+                            truncated.append(i)
+                    else:
+                        need = stat
                 if message is not None:
                     failed[i] = message
                     widths.append(0)
@@ -482,7 +501,6 @@ def _scan(root: Path, cache: bool, workers: int | None) -> ScanResult:
                     captions.append(None)
                     caption_rels.append(None)
                     continue
-                need = None if cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns else stat
             if need is None:
                 widths.append(cached[2])
                 heights.append(cached[3])
@@ -512,6 +530,11 @@ def _scan(root: Path, cache: bool, workers: int | None) -> ScanResult:
                                 hit = None
                         except OSError:
                             hit = None
+                    if hit is not None and len(hit) > 3:  # read in a fallback encoding: warn again
+                        if len(candidates) > 1:
+                            hit = None  # unless the other caption file is UTF-8: the job decides
+                        else:
+                            notes[i] = ((crel, encoding_note(hit[3], hit[2])),)
                 if hit is not None:
                     captions.append(hit[2])
                     caption_rels.append(crel)
@@ -525,22 +548,36 @@ def _scan(root: Path, cache: bool, workers: int | None) -> ScanResult:
             if need is not None or candidates:
                 jobs.append((i, entry, need, candidates, manifest))
         value_files = tuple(n for n in (MULTIPLY_FILE, LOSS_SCALE_FILE) if n in by_name)
-        folders.append((folder_rel, value_files, folder_problems, values, first, len(rels)))
+        folders.append((folder_rel, prefix, value_files, folder_problems, values, first, len(rels)))
+
+    if linked:  # a second way to an image through a link: the image trains once
+        duplicates = duplicate_links(linked, {rel: i for i, rel in enumerate(rels)}, str(root), rels)
+        if duplicates:
+            for i, message in duplicates.items():
+                failed.setdefault(i, message)
+                notes.pop(i, None)
+            jobs = [job for job in jobs if job[0] not in duplicates]
 
     saver = Saver(manifest)
     entries = manifest.entries
 
     def apply(result: tuple) -> None:
-        i, size, caption, stat = result
+        i, size, caption, stat, whole = result
         if isinstance(size, BaseException):
             failed[i] = f"cannot read this image ({size}); it is skipped"
             return
         if size is not None:
-            entries[rels[i]] = [stat.st_size, stat.st_mtime_ns, size[0], size[1]]
+            entries[rels[i]] = [stat.st_size, stat.st_mtime_ns, size[0], size[1], 1 if whole else 0]
             manifest.dirty = True
+            if not whole:
+                failed[i] = _TRUNCATED
+                truncated.append(i)
+                return
             widths[i], heights[i] = size
         if caption is not None:
-            text, crel, to_cache = caption
+            text, crel, to_cache, caption_notes = caption
+            if caption_notes:
+                notes[i] = caption_notes
             if text is not None:
                 captions[i], caption_rels[i] = text, crel
                 if to_cache is not None:
@@ -558,16 +595,27 @@ def _scan(root: Path, cache: bool, workers: int | None) -> ScanResult:
     # Assemble in walk order: concepts, problems and log lines exactly as a one-image-at-a-time scan gives them.
     concepts: list[Concept] = []
     counts: list[int] = []
-    for folder_rel, value_files, folder_problems, values, first, end in folders:
+    for folder_rel, prefix, value_files, folder_problems, values, first, end in folders:
         problems.extend(folder_problems)
         multiplier, loss_scale, multiply_file, loss_file = values
         n_ok = end - first
-        if failed:
+        if failed or notes:
             for i in range(first, end):
+                if i in notes:
+                    problems.extend(Problem("warning", path, message) for path, message in notes[i])
                 if i in failed:
                     problems.append(Problem("warning", rels[i], failed[i]))
                     n_ok -= 1
         if n_ok:
+            if multiply_file and n_ok * multiplier > MAX_IMAGES_PER_EPOCH:
+                where = f"{MULTIPLY_FILE} in '{folder_rel}'"
+                problems.append(Problem("error", prefix + MULTIPLY_FILE, _too_many(where, multiplier, n_ok)))
+                multiplier, multiply_file = 1.0, False
+            elif MULTIPLY_FILE not in value_files:
+                kohya = _KOHYA_NAME.fullmatch(folder_rel.rsplit("/", 1)[-1])
+                if kohya:
+                    repeats = int(kohya[1])
+                    multiplier = _kohya_multiplier(folder_rel, repeats, n_ok, kohya_repeats, problems, log)
             concepts.append(Concept(folder_rel, n_ok, multiplier, loss_scale, multiply_file, loss_file))
             counts.append(n_ok)
             if multiply_file:
@@ -590,7 +638,11 @@ def _scan(root: Path, cache: bool, workers: int | None) -> ScanResult:
                     "file does not cascade into subfolders; move it into the folder(s) with the images",
                 )
             )
+    too_large = _epoch_too_large(concepts)
+    if too_large:
+        problems.append(Problem("error", ROOT_CONCEPT, too_large))
 
+    keep_entries = [rels[i] for i in truncated]
     if failed:
         keep = [i for i in range(len(rels)) if i not in failed]
         rels = [rels[i] for i in keep]
@@ -599,7 +651,7 @@ def _scan(root: Path, cache: bool, workers: int | None) -> ScanResult:
         heights = [heights[i] for i in keep]
         caption_rels = [caption_rels[i] for i in keep]
     if manifest.file is not None:
-        manifest.save(rels, caption_rels)
+        manifest.save(rels + keep_entries if keep_entries else rels, caption_rels)
     if not rels:
         problems.append(
             Problem(
@@ -620,9 +672,9 @@ def _scan(root: Path, cache: bool, workers: int | None) -> ScanResult:
     return ScanResult(dataset, tuple(problems), tuple(log))
 
 
-def load_dataset(data_root: str | os.PathLike, *, cache: bool = True) -> Dataset:
+def load_dataset(data_root: str | os.PathLike, *, cache: bool = True, kohya_repeats: bool = False) -> Dataset:
     """Scan and return the dataset, raising DatasetError (with every error listed) if anything is wrong."""
-    return scan(data_root, cache=cache).raise_for_errors()
+    return scan(data_root, cache=cache, kohya_repeats=kohya_repeats).raise_for_errors()
 
 
 def synthetic_dataset(
@@ -638,8 +690,9 @@ def synthetic_dataset(
     concepts = []
     for path, values in spec.items():
         n, multiplier, *rest = values
-        _check_multiplier(float(multiplier), path)
+        _check_multiplier(float(multiplier), path, int(n))
         concepts.append(Concept(path, int(n), float(multiplier), float(rest[0]) if rest else 1.0))
+    _check_epoch(concepts)
     counts = np.array([c.n_images for c in concepts], dtype=np.int64)
     concept_index = np.repeat(np.arange(len(concepts), dtype=np.int32), counts)
     within = np.arange(len(concept_index)) - np.repeat(np.cumsum(counts) - counts, counts)

@@ -9,7 +9,15 @@ import re
 import struct
 import zlib
 
-__all__ = ["ImageFile", "header_size", "image_size", "pil_image_size", "pil_module"]
+__all__ = [
+    "ImageFile",
+    "ends_whole",
+    "header_size",
+    "image_complete",
+    "image_size",
+    "pil_image_size",
+    "pil_module",
+]
 
 #
 # Width, height and EXIF orientation straight from the bytes of JPEG and PNG files, several times faster than
@@ -352,12 +360,13 @@ def _png_header(fd: int, data: bytes, whole: bool) -> tuple[int, int, int]:
 
 class ImageFile:
     """An image to read once (os.PathLike; .name for people and tests): the header reader stores the file's
-    fstat, taken right after opening and before reading, so a first scan needs no separate stat per image."""
+    fstat, taken right after opening and before reading, so a first scan needs no separate stat per image, and
+    the verdict of its end check (`complete`: None until checked), so image_complete opens it no second time."""
 
-    __slots__ = ("name", "path", "stat")
+    __slots__ = ("name", "path", "stat", "complete")
 
     def __init__(self, entry: os.DirEntry):
-        self.path, self.name, self.stat = entry.path, entry.name, None
+        self.path, self.name, self.stat, self.complete = entry.path, entry.name, None, None
 
     def __fspath__(self) -> str:
         return self.path
@@ -377,7 +386,8 @@ def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
     except OSError:
         return None
     try:
-        if type(path) is ImageFile:
+        keep = type(path) is ImageFile
+        if keep:
             path.stat = os.fstat(fd)
         data = os.read(fd, _FIRST_READ)
         if data.startswith(b"\xff\xd8\xff"):
@@ -385,7 +395,11 @@ def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
         elif data.startswith(_PNG_SIGNATURE):
             width, height, orientation = _png_header(fd, data, len(data) < _FIRST_READ)
         else:
+            if keep:
+                path.complete = True  # no end check for other formats
             return None if data else _EMPTY
+        if keep:
+            path.complete = _ends_whole(fd, data, path.stat.st_size)
     except Exception:  # _Unsure, short reads, anything unexpected: PIL decides
         return None
     finally:
@@ -393,6 +407,85 @@ def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
     if orientation in (5, 6, 7, 8):  # EXIF rotations by 90 degrees: the trained picture is transposed
         return height, width
     return width, height
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Is the file whole? A copy or download that stopped early leaves a file whose header reads fine but whose end
+# is missing. A JPEG ends with the EOI marker FF D9 (cameras may pad it with zero bytes), a PNG with its IEND
+# chunk; checking the last bytes costs one small read. A file that fails this cheap check may still be whole
+# (data after the image: Samsung trailers, motion photos; a PNG that lost only IEND): PIL decodes those few, and
+# only a file PIL cannot decode to its end is called truncated.
+
+_JPEG_EOI = b"\xff\xd9"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_TAIL = 4096  # bytes read from the end
+_MAX_PADDING = 1 << 20  # zero padding beyond this: PIL decides
+
+
+def _read_at(fd: int, offset: int, n: int) -> bytes:
+    if hasattr(os, "pread"):  # one system call
+        return os.pread(fd, n, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.read(fd, n)
+
+
+def _ends_whole(fd: int, data: bytes, size: int) -> bool:
+    """The cheap end check of an open JPEG or PNG (data: its first bytes): True when it ends as one should."""
+    tail = data if len(data) >= size else _read_at(fd, max(0, size - _TAIL), _TAIL)  # data: the whole file
+    if data.startswith(_PNG_SIGNATURE):
+        return tail.endswith(_PNG_IEND)
+    if tail.endswith(_JPEG_EOI):
+        return True
+    tail = tail[-_TAIL:]
+    end = size
+    while True:
+        stripped = tail.rstrip(b"\x00")
+        if stripped:
+            return stripped.endswith(_JPEG_EOI)
+        end -= len(tail)
+        if end <= 0 or size - end > _MAX_PADDING:
+            return False
+        tail = _read_at(fd, max(0, end - 65536), min(65536, end))
+        if not tail:
+            return False
+
+
+def ends_whole(path: str | os.PathLike) -> bool:
+    """The cheap end check alone: False when a JPEG or PNG file does not end as the format says (cut short, or
+    data after the image); True for other formats. Raises OSError if the file cannot be read."""
+    if type(path) is ImageFile and path.complete is not None:
+        return path.complete
+    fd = os.open(path, os.O_RDONLY | _O_BINARY)
+    try:
+        data = os.read(fd, 8)
+        if not (data.startswith(b"\xff\xd8\xff") or data.startswith(_PNG_SIGNATURE)):
+            return True
+        return _ends_whole(fd, data, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def _pil_decodes(path: str | os.PathLike) -> bool:
+    """True when PIL decodes the whole image (a JPEG at 1/8 scale: every byte of the scan is still read)."""
+    Image = pil_module()
+    from PIL import ImageFile as PILImageFile
+
+    if PILImageFile.LOAD_TRUNCATED_IMAGES:
+        return False  # PIL would fill a cut image with grey: the end check stands
+    try:
+        with Image.open(os.fspath(path)) as im:
+            if im.format == "JPEG":
+                im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except Exception:
+        return False
+    return True
+
+
+def image_complete(path: str | os.PathLike) -> bool:
+    """False when a JPEG or PNG file is cut short (an interrupted copy or download): its end is not where the
+    format puts it and PIL cannot decode it to the end. Other formats: True. Raises OSError if unreadable."""
+    return ends_whole(path) or _pil_decodes(path)
 
 
 def pil_image_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import Dataset
+from .dataset import MAX_IMAGES_PER_EPOCH, Dataset
 
 __all__ = [
     "EpochSchedule",
@@ -136,12 +136,34 @@ class _CycleOrders:
 _CYCLES = _CycleOrders()
 
 
+def _check_epoch_size(dataset: Dataset, multipliers: list[tuple[int, Fraction]], epoch: int) -> None:
+    """Raise ValueError before anything is allocated when the epoch holds more than MAX_IMAGES_PER_EPOCH images
+    (exact integer count): the schedule never allocates more than the epoch it describes, so an absurd
+    multiplier that got this far (a Dataset built by hand) must not become gigabytes of image numbers."""
+    sizes = [
+        whole * c.n_images
+        + _cumulative_picks(c.n_images, fraction, epoch + 1)
+        - _cumulative_picks(c.n_images, fraction, epoch)
+        for c, (whole, fraction) in zip(dataset.concepts, multipliers, strict=True)
+    ]
+    total = sum(sizes)
+    if total > MAX_IMAGES_PER_EPOCH:
+        big = max(range(len(sizes)), key=sizes.__getitem__)
+        c = dataset.concepts[big]
+        raise ValueError(
+            f"epoch {epoch} would hold {total:,} images, more than the limit of {MAX_IMAGES_PER_EPOCH:,} images "
+            f"per epoch (the most from '{c.path}': {c.n_images} images x multiplier {c.multiplier:g} = "
+            f"{sizes[big]:,}); lower the multipliers"
+        )
+
+
 def epoch_images(dataset: Dataset, seed: int, epoch: int) -> np.ndarray:
     """The epoch's multiset of image numbers (unshuffled): k whole repeats of every image of a concept with
     multiplier k+f, plus its fractional picks for this epoch. int64."""
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
     multipliers = [_split_multiplier(c.multiplier) for c in dataset.concepts]
+    _check_epoch_size(dataset, multipliers, epoch)
     whole = np.array([w for w, _ in multipliers], dtype=np.int64)
     parts = [np.repeat(np.arange(len(dataset), dtype=np.int64), whole[dataset.concept_index])]
     starts = np.searchsorted(dataset.concept_index, np.arange(len(dataset.concepts)))

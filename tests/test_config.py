@@ -74,6 +74,7 @@ def full_config() -> TrainConfig:
         validate_every_epochs=2,
         validate_every_steps=10,
         live_balance=True,
+        kohya_repeats=True,
         center_crop=False,
         flip_p=0.5,
         write_schedule=True,

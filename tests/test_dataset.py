@@ -310,7 +310,7 @@ def every_case_tree(root):
     (root / "people" / "a" / "a_001.caption").write_text("from a .caption file")
     (root / "people" / "a" / "a_002.txt").write_bytes(b"\xff\xfe not utf-8")
     (root / "people" / "a" / "a_002.caption").write_text("the .txt is unreadable, so this one")
-    (root / "people" / "a" / "a_003.txt").write_bytes(b"\xff\xfe not utf-8 and no .caption")
+    (root / "people" / "a" / "a_003.txt").write_bytes("café, no .caption".encode("cp1252"))
     make_image(root / "people" / "b" / "multiply.png")
     (root / "people" / "b" / "multiply.txt").write_text("2")
     (root / "style" / "loss_scale.txt").write_text("0.5")
@@ -356,10 +356,12 @@ def test_parallel_sequential_and_cached_scans_agree_on_every_case(tmp_path):
     assert captions["people/a/a_000.png"] == "a caption\nwith two lines"
     assert captions["people/a/a_001.png"] == "from a .caption file"
     assert captions["people/a/a_002.png"] == "the .txt is unreadable, so this one"
-    assert captions["people/a/a_003.png"] == "a"
+    assert captions["people/a/a_003.png"] == "café, no .caption"  # not UTF-8: read as cp1252, with a warning
     assert captions["people/b/multiply.png"] == "multiply"  # multiply.txt is a value, not its caption
     problems = {p.path: p.message for p in sequential.problems}
     assert set(problems) == {
+        "people/a/a_002.txt",
+        "people/a/a_003.txt",
         "style/truncated.png",
         "style/garbage.jpg",
         "style/empty.png",
@@ -369,6 +371,10 @@ def test_parallel_sequential_and_cached_scans_agree_on_every_case(tmp_path):
     assert (
         problems["style/empty.png"] == "cannot read this image (the file is empty (0 bytes)); it is skipped"
     )
+    assert problems["people/a/a_002.txt"] == (
+        "this caption file is not UTF-8, so the caption comes from 'a_002.caption'; save it as UTF-8 to use it"
+    )
+    assert "read as cp1252" in problems["people/a/a_003.txt"]
     assert concept(d, "people/b").multiplier == 2.0 and concept(d, "style").loss_scale == 0.5
 
 

@@ -206,3 +206,15 @@ def test_disk_cache_serves_a_second_run_without_decoding_or_encoding(tree, tiny_
     elsewhere = tmp_path / "cache"
     train(dataclasses.replace(config, out=str(tmp_path / "third"), cache_dir=str(elsewhere)))
     assert list(elsewhere.rglob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_kohya_folder_names_repeat_only_when_asked(tree, tiny_model, tmp_path):
+    root = tree({"3_alice": 2, "bob": 2})
+    counts = {}
+    for on in (False, True):
+        events = []
+        train(make_config(root, tiny_model, tmp_path / f"kohya-{on}", kohya_repeats=on), events.append)
+        (epoch,) = [e for e in events if e.kind == "epoch"]
+        counts[on] = epoch.images_per_concept
+    assert counts == {False: {"3_alice": 2, "bob": 2}, True: {"3_alice": 6, "bob": 2}}

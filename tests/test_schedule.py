@@ -345,3 +345,35 @@ def test_an_epoch_with_no_images_is_empty_not_an_error():
     assert sizes == [0, 0, 0, 0, 1, 0, 0, 0, 0, 0]  # 0.1 of one image: once in ten epochs
     empty = build_epoch(dataset, epoch=0, seed=0, batch_size=2, resolution=512)
     assert [shard(empty, r, 2).n_batches for r in range(2)] == [0, 0]
+
+
+def test_an_epoch_beyond_the_limit_is_refused_before_anything_is_allocated():
+    import dataclasses
+    import tracemalloc
+
+    from edtools.dataset import MAX_IMAGES_PER_EPOCH
+
+    dataset = synthetic_dataset({"people/bob": (6, 1), "style": (3, 0.5)})
+    bob = dataclasses.replace(dataset.concepts[0], multiplier=1e9)  # past the checks of scan and with_values
+    huge = dataclasses.replace(dataset, concepts=(bob, dataset.concepts[1]))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as info:
+            build_epoch(huge, epoch=0, seed=0, batch_size=2, resolution=512)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(info.value) == (
+        "epoch 0 would hold 6,000,000,002 images, more than the limit of 10,000,000 images per epoch (the most "
+        "from 'people/bob': 6 images x multiplier 1e+09 = 6,000,000,000); lower the multipliers"
+    )
+    assert peak < 1 << 20  # refused from the counts alone: not one array of the epoch was made
+    with pytest.raises(ValueError, match="more than the limit"):
+        epoch_images(huge, seed=0, epoch=3)
+
+    # exactly at the limit is allowed (counted exactly, fractional picks included)
+    at_limit = synthetic_dataset({"a": (4, MAX_IMAGES_PER_EPOCH / 8), "b": (2, MAX_IMAGES_PER_EPOCH / 4)})
+    assert sum(c.images_per_epoch for c in at_limit.concepts) == MAX_IMAGES_PER_EPOCH
+    schedule_module._check_epoch_size(
+        at_limit, [schedule_module._split_multiplier(c.multiplier) for c in at_limit.concepts], 0
+    )

@@ -23,7 +23,7 @@ BalanceSource = Callable[[int], tuple[Mapping[str, float], Mapping[str, float]]]
 def file_values(config: TrainConfig) -> tuple[dict[str, float], dict[str, float]]:
     """The values in the data root's files now, with the config's overrides on top. A scan that finds errors
     (a multiply.txt being edited, say) raises DatasetError."""
-    result = scan(config.data_root)
+    result = scan(config.data_root, kohya_repeats=config.kohya_repeats)
     dataset = result.raise_for_errors()
     multipliers = {c.path: c.multiplier for c in dataset.concepts}
     loss_scales = {c.path: c.loss_scale for c in dataset.concepts}

@@ -159,7 +159,7 @@ def load_data(config: TrainConfig, main: bool) -> tuple[Dataset, Dataset | None]
     from ..dataset import DatasetError
     from ..holdout import match_validation_root, split_validation
 
-    result = scan(config.data_root)
+    result = scan(config.data_root, kohya_repeats=config.kohya_repeats)
     for line in result.log:
         log.log(logging.INFO if main else logging.DEBUG, line)
     for problem in result.warnings:
