@@ -175,7 +175,8 @@ class TrainConfig:
         False, "re-read multiply.txt / loss_scale.txt at every epoch's start: edits apply from the next epoch"
     )
     kohya_repeats: bool = _opt(
-        False, "folders named the kohya way (10_alice) repeat their images N times where no multiply.txt exists"
+        False,
+        "folders named the kohya way (10_alice) repeat their images N times where no multiply.txt exists",
     )
     multipliers: tuple[tuple[str, float], ...] = _opt((), "override multiply.txt: concept=value ...")
     loss_scales: tuple[tuple[str, float], ...] = _opt((), "override loss_scale.txt: concept=value ...")
