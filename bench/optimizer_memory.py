@@ -10,7 +10,7 @@ import gc
 import logging
 import time
 
-from sd15 import SD15_UNET  # bench/ is on sys.path when a script runs
+from configs import SD15_UNET  # bench/ is on sys.path when a script runs
 
 
 def state_bytes(optimizer) -> int:
