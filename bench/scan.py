@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 import edtools.dataset as ds
+import edtools.scanimages as scanimages
 
 SIZES = ((64, 48), (48, 64), (64, 64), (80, 48), (48, 80), (72, 56), (56, 72), (96, 64))
 
@@ -210,13 +211,13 @@ def main() -> None:
             )
             slow_root = base / "slow"
             build_tree(slow_root, args.slow_images, n_folders=10)
-            real = ds.image_size
+            real = scanimages.image_size
 
             def slow_image_size(path):
                 time.sleep(args.latency_ms / 1000)
                 return real(path)
 
-            ds.image_size = slow_image_size
+            scanimages.image_size = slow_image_size
             try:
                 slow = rounds(
                     {
@@ -227,7 +228,7 @@ def main() -> None:
                     before=lambda name: drop_manifest(slow_root),
                 )
             finally:
-                ds.image_size = real
+                scanimages.image_size = real
             show(slow, cpu=False)
             ratio(
                 "this thread / thread pool",

@@ -19,11 +19,10 @@ import numpy as np
 
 from .atomic import write_text
 from .errors import EdtoolsError
-from .imageheader import ImageFile, ends_whole, image_complete, image_size, pil_module
-from .manifest import Manifest, Saver, encoding_note, read_caption
-from .readpool import run_jobs
+from .manifest import Manifest
+from .scanimages import ImageTable
 from .walk import CAPTION_EXTENSIONS as CAPTION_EXTENSIONS  # re-exported: scan's names stay where they were
-from .walk import IMAGE_EXTENSIONS, duplicate_links, untrained_message, walk
+from .walk import IMAGE_EXTENSIONS, untrained_message, walk
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -252,11 +251,6 @@ def _misnamed_target(name: str) -> str | None:
 # ---------------------------------------------------------------------------------------------------------
 # Scanning
 
-_IO_WORKERS = 16  # header reads in parallel on slow storage (network drives: latency per file)
-_SLOW_READ_S = 0.0003  # mean seconds per image above which reads go to the thread pool
-_PROBE = 32  # images read in this thread between speed checks
-_CHUNK = 8  # images per pool task
-
 
 def _read_value(folder: str, prefix: str, name, parse, allowed: str, problems: list[Problem]) -> float | None:
     """The number in folder/name, or None with an error added to problems (file, value, what is allowed)."""
@@ -309,57 +303,6 @@ def _folder_values(folder: str, prefix: str, names, problems: list[Problem]) -> 
                     )
                 )
     return multiplier, loss_scale, multiply_file, loss_file
-
-
-_STAT_ON_OPEN = object()  # a job's stat: not taken yet; the header reader takes it when it opens the file
-
-
-_TRUNCATED = (
-    "cannot read this image (the file is truncated: its end is missing, as after an interrupted copy or "
-    "download); it is skipped: copy it again from the original"
-)
-
-
-def _job(job: tuple) -> tuple:
-    """Read what the manifest did not have for one image: its header and end (unless cached), then its caption.
-    Returns (image number, size or the exception, caption result or None, the image's stat, whole)."""
-    i, entry, stat, candidates, manifest = job
-    size = None
-    if stat is not None:
-        target = ImageFile(entry) if stat is _STAT_ON_OPEN else entry
-        try:
-            try:
-                size = image_size(target)
-                whole = image_complete(target)
-            except Exception:
-                if ends_whole(target):
-                    raise
-                size, whole = (0, 0), False  # a JPEG or PNG that does not open and whose end is missing
-            if stat is _STAT_ON_OPEN:
-                stat = target.stat or os.stat(target.path)
-            if not whole:
-                return i, size, None, stat, False
-        except Exception as exc:  # any unreadable image is reported and skipped, never fatal
-            return i, exc, None, None, False
-    return i, size, read_caption(candidates, manifest) if candidates else None, stat, True
-
-
-def _run_jobs(jobs: list, apply, tick, workers: int | None) -> None:
-    """_job for every job, in this thread while reads are fast, in a thread pool when they are slow (network
-    storage) or workers >= 2 asks for it (see readpool.run_jobs)."""
-    if jobs:
-        pil_module()  # imported once here, not inside the first timed read
-        run_jobs(
-            jobs,
-            _job,
-            apply,
-            tick,
-            workers,
-            probe=_PROBE,
-            slow_s=_SLOW_READ_S,
-            pool=_IO_WORKERS,
-            chunk=_CHUNK,
-        )
 
 
 def scan(
@@ -427,27 +370,14 @@ def _kohya_multiplier(rel: str, repeats: int, n: int, apply: bool, problems: lis
 def _scan(root: Path, cache: bool, workers: int | None, kohya_repeats: bool) -> ScanResult:
     problems: list[Problem] = []
     log: list[str] = []
-    manifest = Manifest(root / MANIFEST_NAME if cache else None)
-    entries_get, captions_get = manifest.entries.get, manifest.captions.get
+    images = ImageTable(Manifest(root / MANIFEST_NAME if cache else None), _VALUE_STEMS)
 
-    # One pass over the tree: stats, cache look-ups, folder values. Images the manifest cannot answer for become
-    # jobs; everything is assembled in walk order afterwards, so the result never depends on read timing.
+    # One pass over the tree: folder values here, each image's size and caption answered by the manifest or
+    # queued to be read; everything is assembled in walk order afterwards.
     folders: list[tuple] = []
-    rels: list[str] = []
-    widths: list[int] = []
-    heights: list[int] = []
-    captions: list[str | None] = []
-    caption_rels: list[str | None] = []
-    failed: dict[int, str] = {}
-    truncated: list[int] = []  # skipped, but their manifest entries stay: a re-scan skips them unread
-    notes: dict[int, tuple] = {}  # image number -> ((path, warning), ...) about its caption file
-    linked: list[tuple[int, str]] = []  # (image number, real path) of images reached through a link
-    jobs: list[tuple] = []
-
     for folder in walk(str(root)):
-        folder_rel, by_name, sidecars = folder.rel, folder.files, folder.sidecars
-        prefix = folder_rel + "/" if folder_rel else ""
-        folder_rel = folder_rel or ROOT_CONCEPT
+        prefix = folder.rel + "/" if folder.rel else ""
+        folder_rel = folder.rel or ROOT_CONCEPT
         folder_problems = [Problem("warning", path, message) for path, message in folder.notes]
         if folder.untrained:
             folder_problems.append(Problem("warning", folder_rel, untrained_message(folder.untrained)))
@@ -461,151 +391,22 @@ def _scan(root: Path, cache: bool, workers: int | None, kohya_repeats: bool) -> 
                         f"looks like a misnamed {target} and is IGNORED; rename it to '{target}'",
                     )
                 )
-        values = _folder_values(folder.path, prefix, by_name, folder_problems)
-        first = len(rels)
-        through, links = folder.through_link, folder.linked
-        for entry in folder.images:
-            name = entry.name
-            rel = prefix + name
-            i = len(rels)
-            rels.append(rel)
-            if through or links:
-                real = links.get(name) or (folder.real + os.sep + name if through else None)
-                if real:
-                    linked.append((i, real))
-            cached = entries_get(rel)
-            if cached is None:  # never seen: read it (its stat is taken when it is opened)
-                need = _STAT_ON_OPEN
-            else:
-                try:
-                    stat = entry.stat()
-                    message = (
-                        None
-                        if stat.st_size
-                        else "cannot read this image (the file is empty (0 bytes)); it is skipped"
-                    )
-                except OSError as exc:
-                    message = f"cannot read this image ({exc}); it is skipped"
-                if message is None:
-                    if cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
-                        need = None
-                        if not cached[4]:  # unchanged since the end check found it truncated
-                            message = _TRUNCATED
-                            truncated.append(i)
-                    else:
-                        need = stat
-                if message is not None:
-                    failed[i] = message
-                    widths.append(0)
-                    heights.append(0)
-                    captions.append(None)
-                    caption_rels.append(None)
-                    continue
-            if need is None:
-                widths.append(cached[2])
-                heights.append(cached[3])
-            else:
-                widths.append(0)
-                heights.append(0)
-            stem = name[: name.rfind(".")]
-            candidates = None
-            if stem not in sidecars:
-                captions.append(stem.split("_", 1)[0].strip())
-                caption_rels.append(None)
-            else:
-                txt = by_name.get(stem + ".txt")
-                other = by_name.get(stem + ".caption")
-                candidates = [] if txt is None or stem in _VALUE_STEMS else [(prefix + txt.name, txt)]
-                if other is not None:
-                    candidates.append((prefix + other.name, other))
-                hit = None
-                if candidates:
-                    # The usual case, a cached caption whose file did not change, is answered here.
-                    crel, centry = candidates[0]
-                    hit = captions_get(crel)
-                    if hit is not None:
-                        try:
-                            cstat = centry.stat()
-                            if hit[0] != cstat.st_size or hit[1] != cstat.st_mtime_ns:
-                                hit = None
-                        except OSError:
-                            hit = None
-                    if hit is not None and len(hit) > 3:  # read in a fallback encoding: warn again
-                        if len(candidates) > 1:
-                            hit = None  # unless the other caption file is UTF-8: the job decides
-                        else:
-                            notes[i] = ((crel, encoding_note(hit[3], hit[2])),)
-                if hit is not None:
-                    captions.append(hit[2])
-                    caption_rels.append(crel)
-                    candidates = None
-                elif candidates:
-                    captions.append(None)  # read by the job
-                    caption_rels.append(None)
-                else:
-                    captions.append(stem.split("_", 1)[0].strip())
-                    caption_rels.append(None)
-            if need is not None or candidates:
-                jobs.append((i, entry, need, candidates, manifest))
-        value_files = tuple(n for n in (MULTIPLY_FILE, LOSS_SCALE_FILE) if n in by_name)
-        folders.append((folder_rel, prefix, value_files, folder_problems, values, first, len(rels)))
+        values = _folder_values(folder.path, prefix, folder.files, folder_problems)
+        first = len(images)
+        images.add_folder(folder, prefix)
+        value_files = tuple(n for n in (MULTIPLY_FILE, LOSS_SCALE_FILE) if n in folder.files)
+        folders.append((folder_rel, prefix, value_files, folder_problems, values, first, len(images)))
+    images.drop_duplicate_links(str(root))
+    images.read(workers)
 
-    if linked:  # a second way to an image through a link: the image trains once
-        duplicates = duplicate_links(linked, {rel: i for i, rel in enumerate(rels)}, str(root), rels)
-        if duplicates:
-            for i, message in duplicates.items():
-                failed.setdefault(i, message)
-                notes.pop(i, None)
-            jobs = [job for job in jobs if job[0] not in duplicates]
-
-    saver = Saver(manifest)
-    entries = manifest.entries
-
-    def apply(result: tuple) -> None:
-        i, size, caption, stat, whole = result
-        if isinstance(size, BaseException):
-            failed[i] = f"cannot read this image ({size}); it is skipped"
-            return
-        if size is not None:
-            entries[rels[i]] = [stat.st_size, stat.st_mtime_ns, size[0], size[1], 1 if whole else 0]
-            manifest.dirty = True
-            if not whole:
-                failed[i] = _TRUNCATED
-                truncated.append(i)
-                return
-            widths[i], heights[i] = size
-        if caption is not None:
-            text, crel, to_cache, caption_notes = caption
-            if caption_notes:
-                notes[i] = caption_notes
-            if text is not None:
-                captions[i], caption_rels[i] = text, crel
-                if to_cache is not None:
-                    manifest.put_caption(crel, *to_cache)
-            else:  # no readable sidecar: the file name up to the first '_'
-                name = rels[i].rsplit("/", 1)[-1]
-                captions[i] = name[: name.rfind(".")].split("_", 1)[0].strip()
-
-    try:
-        _run_jobs(jobs, apply, saver.tick, workers)
-    except BaseException:
-        manifest.write()  # interrupted: keep every header read so far for the next scan
-        raise
-
-    # Assemble in walk order: concepts, problems and log lines exactly as a one-image-at-a-time scan gives them.
+    # Concepts, problems and log lines exactly as a one-image-at-a-time scan gives them.
     concepts: list[Concept] = []
-    counts: list[int] = []
     for folder_rel, prefix, value_files, folder_problems, values, first, end in folders:
         problems.extend(folder_problems)
         multiplier, loss_scale, multiply_file, loss_file = values
-        n_ok = end - first
-        if failed or notes:
-            for i in range(first, end):
-                if i in notes:
-                    problems.extend(Problem("warning", path, message) for path, message in notes[i])
-                if i in failed:
-                    problems.append(Problem("warning", rels[i], failed[i]))
-                    n_ok -= 1
+        said, n_skipped = images.skipped(first, end)
+        problems.extend(Problem("warning", path, message) for path, message in said)
+        n_ok = end - first - n_skipped
         if n_ok:
             if multiply_file and n_ok * multiplier > MAX_IMAGES_PER_EPOCH:
                 where = f"{MULTIPLY_FILE} in '{folder_rel}'"
@@ -617,7 +418,6 @@ def _scan(root: Path, cache: bool, workers: int | None, kohya_repeats: bool) -> 
                     repeats = int(kohya[1])
                     multiplier = _kohya_multiplier(folder_rel, repeats, n_ok, kohya_repeats, problems, log)
             concepts.append(Concept(folder_rel, n_ok, multiplier, loss_scale, multiply_file, loss_file))
-            counts.append(n_ok)
             if multiply_file:
                 log.append(
                     f"{MULTIPLY_FILE} in '{folder_rel}' = {multiplier:g}: "
@@ -642,16 +442,7 @@ def _scan(root: Path, cache: bool, workers: int | None, kohya_repeats: bool) -> 
     if too_large:
         problems.append(Problem("error", ROOT_CONCEPT, too_large))
 
-    keep_entries = [rels[i] for i in truncated]
-    if failed:
-        keep = [i for i in range(len(rels)) if i not in failed]
-        rels = [rels[i] for i in keep]
-        captions = [captions[i] for i in keep]
-        widths = [widths[i] for i in keep]
-        heights = [heights[i] for i in keep]
-        caption_rels = [caption_rels[i] for i in keep]
-    if manifest.file is not None:
-        manifest.save(rels + keep_entries if keep_entries else rels, caption_rels)
+    rels, captions, widths, heights = images.finish()
     if not rels:
         problems.append(
             Problem(
@@ -660,6 +451,7 @@ def _scan(root: Path, cache: bool, workers: int | None, kohya_repeats: bool) -> 
                 f"no images found (looked for {', '.join(IMAGE_EXTENSIONS)} in every subfolder of {root})",
             )
         )
+    counts = [c.n_images for c in concepts]
     dataset = Dataset(
         root=root,
         concepts=tuple(concepts),

@@ -91,7 +91,7 @@ def test_manifest_cache_is_used_and_invalidated(tree, monkeypatch):
     manifest = json.loads((root / MANIFEST_NAME).read_text())
     assert len(manifest["entries"]) == 3
 
-    import edtools.dataset as ds
+    import edtools.scanimages as ds
 
     calls = []
     real = ds.image_size
@@ -444,7 +444,7 @@ def test_header_reader_tables_match_pil():
 def test_interrupted_scan_keeps_the_headers_it_read(tree, monkeypatch, workers):
     import threading
 
-    import edtools.dataset as ds
+    import edtools.scanimages as ds
 
     root = tree({"a": 12, "b": 12})
     (root / "a" / "a_000.txt").write_text("a caption")
@@ -475,7 +475,7 @@ def test_interrupted_scan_keeps_the_headers_it_read(tree, monkeypatch, workers):
 
 def test_manifest_is_written_during_a_scan(tree, monkeypatch):
     """A scan killed outright (no chance to save at the end) leaves the manifest of its last periodic save."""
-    import edtools.dataset as ds
+    import edtools.scanimages as ds
 
     root = tree({"a": 30})
     monkeypatch.setattr("edtools.manifest._SAVE_EVERY_S", 0.0)
@@ -505,7 +505,7 @@ def test_manifest_is_written_during_a_scan(tree, monkeypatch):
 
 
 def test_headers_read_after_a_periodic_save_are_saved_too(tree, monkeypatch):
-    import edtools.dataset as ds
+    import edtools.scanimages as ds
 
     root = tree({"a": 20, "b": 20})
     (root / "b" / "b_003.txt").write_text("a caption")
@@ -524,7 +524,7 @@ def test_slow_storage_moves_header_reads_to_threads(tree, monkeypatch):
     import threading
     import time
 
-    import edtools.dataset as ds
+    import edtools.scanimages as ds
 
     root = tree({"a": 40, "b": 40}, sizes=((64, 48), (30, 50)))
     reference = scan(root, workers=1, cache=False)
@@ -544,7 +544,7 @@ def test_slow_storage_moves_header_reads_to_threads(tree, monkeypatch):
 def test_fast_storage_reads_in_this_thread(tree, monkeypatch):
     import threading
 
-    import edtools.dataset as ds
+    import edtools.scanimages as ds
 
     root = tree({"a": 80})
     monkeypatch.setattr(

@@ -15,6 +15,7 @@ import pytest
 from conftest import make_image, make_tree
 
 import edtools.dataset as ds
+import edtools.scanimages as scanimages
 from edtools.dataset import (
     MANIFEST_NAME,
     MAX_IMAGES_PER_EPOCH,
@@ -263,8 +264,8 @@ def test_a_warm_rescan_keeps_the_end_check_verdict_without_reading(tmp_path, mon
     real_open = os.open
     monkeypatch.setattr(imageheader.os, "open", lambda path, *a: opened.append(path) or real_open(path, *a))
     checked = []
-    real_complete = ds.image_complete
-    monkeypatch.setattr(ds, "image_complete", lambda p: checked.append(p.name) or real_complete(p))
+    real_complete = scanimages.image_complete
+    monkeypatch.setattr(scanimages, "image_complete", lambda p: checked.append(p.name) or real_complete(p))
     assert summary(scan(root)) == summary(first)
     assert opened == [] and checked == []  # no image opened, no end checked: the manifest answered
 
@@ -293,8 +294,8 @@ def test_images_of_an_older_manifest_are_read_once_for_the_end_check(tmp_path, m
     manifest["entries"] = {rel: entry[:4] for rel, entry in manifest["entries"].items()}
     (root / MANIFEST_NAME).write_text(json.dumps(manifest))
     read, captions_read = [], []
-    real_size, real_bytes = ds.image_size, manifest_module.read_bytes
-    monkeypatch.setattr(ds, "image_size", lambda p: read.append(p.name) or real_size(p))
+    real_size, real_bytes = scanimages.image_size, manifest_module.read_bytes
+    monkeypatch.setattr(scanimages, "image_size", lambda p: read.append(p.name) or real_size(p))
     monkeypatch.setattr(manifest_module, "read_bytes", lambda p: captions_read.append(p) or real_bytes(p))
     assert summary(scan(root)) == summary(reference)
     assert len(read) == 9 and captions_read == []  # every image once, its end checked too; captions kept
