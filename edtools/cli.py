@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .errors import EdtoolsError
+from .errors import EdtoolsError, quiet_harmless_warnings
 
 __all__ = ["main"]
 
@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("PIL", "matplotlib", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_harmless_warnings()
     try:
         return int(args.func(args) or 0)
     except EdtoolsError as exc:  # bad data, setting, model or path: the message alone, no traceback

@@ -6,9 +6,10 @@ The CLI prints an EdtoolsError's message alone and exits 2; any other exception 
 from __future__ import annotations
 
 import importlib
+import logging
 from types import ModuleType
 
-__all__ = ["EdtoolsError", "MissingDependency", "ModelError", "require"]
+__all__ = ["EdtoolsError", "MissingDependency", "ModelError", "quiet_harmless_warnings", "require"]
 
 # pyproject extras; an error names the one to install.
 _EXTRA_OF = {
@@ -46,3 +47,18 @@ def require(module: str, *, feature: str = "edtools training") -> ModuleType:
             f"{feature} needs {package}: pip install '{package}' "
             f"(or install edtools with its [{extra}] extra: pip install 'edtools[{extra}]')"
         ) from exc
+
+
+class _DropTorchvisionFallback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def quiet_harmless_warnings() -> None:
+    """Silence two warnings every model load printed that need no action: bitsandbytes' import warns about a
+    4-bit CPU kernel that 8-bit AdamW never uses, and transformers about image processors (torchvision is left
+    out on purpose: no image processor is used). Other warnings of those libraries still show."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    imports = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _DropTorchvisionFallback) for f in imports.filters):
+        imports.addFilter(_DropTorchvisionFallback())

@@ -71,6 +71,19 @@ def test_python_dash_m_entry_point(tree):
     assert "total" in done.stdout
 
 
+def test_loading_a_model_prints_no_warning_that_needs_no_action(tmp_path):
+    """bitsandbytes' 4-bit CPU kernel and transformers' torchvision fallback: said on every model load, and
+    nothing for a user to do (a fresh process: both libraries warn once per process)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "edtools", "make-tiny-model", str(tmp_path / "model")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "written to" in done.stdout
+    assert "torchvision" not in done.stderr and "kernels-community" not in done.stderr, done.stderr
+
+
 def test_train_refuses_resume_without_checkpoint(tree, tmp_path, capsys):
     root = tree({"a": 2})
     args = [

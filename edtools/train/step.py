@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import TrainConfig
-from ..errors import MissingDependency, require
+from ..errors import MissingDependency, quiet_harmless_warnings, require
 
 if TYPE_CHECKING:
     import torch
@@ -62,15 +62,9 @@ def step_generator(seed: int, epoch: int, rank: int, batch: int) -> torch.Genera
     return generator
 
 
-def quiet_bitsandbytes() -> None:
-    """bitsandbytes' import (ours, or diffusers' while loading a model) warns about a 4-bit CPU kernel that
-    8-bit AdamW never uses; that one logger is silenced below errors."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-
 def _import_bitsandbytes() -> Any:
     """bitsandbytes >= 0.50 (its 8-bit AdamW runs on CPU and GPU), or an error that says what to do."""
-    quiet_bitsandbytes()
+    quiet_harmless_warnings()
     try:
         import bitsandbytes
     except ImportError as exc:
