@@ -272,6 +272,29 @@ def test_data_panel_shows_every_warning_and_error(tree):
     assert "training refuses until fixed" in balance.status.value
 
 
+def test_kohya_switch_applies_folder_names_to_the_sliders_and_the_training_config(tree, tmp_path):
+    root = tree({"10_alice": 2, "5_carl": 1, "bob": 3, "2_style": 1})
+    (root / "2_style" / "multiply.txt").write_text("0.5")  # a file wins over the folder name
+    data = ew.DataPanel(root)
+    balance = ew.BalancePanel(data, debounce_s=0)
+    training = ew.TrainingPanel(balance, smoke=False)
+    assert "named the kohya way (10 repeats)" in data.report.value
+    assert balance.multipliers == {"10_alice": 1.0, "5_carl": 1.0, "bob": 1.0, "2_style": 0.5}
+    assert training.config().kohya_repeats is False
+
+    data.kohya_repeats.value = True  # rescans: the name gives 10_alice its multiplier
+    assert "kohya folder name &#x27;10_alice&#x27; = 10: 2 images -&gt; 20 per epoch" in data.report.value
+    assert balance.multipliers == {"10_alice": 10.0, "5_carl": 5.0, "bob": 1.0, "2_style": 0.5}
+    assert balance.changes() == {} and balance.save() == []  # nothing to write: the name already says 10
+    training.model.value, training.out.value = str(tmp_path / "model"), str(tmp_path / "run")
+    assert training.config().kohya_repeats is True
+
+    balance.set_multiplier("10_alice", 3.0)
+    assert [p.name for p in balance.save()] == ["multiply.txt"]  # the rescan keeps the switch: the file wins
+    assert (root / "10_alice" / "multiply.txt").read_text().strip() == "3"
+    assert balance.multipliers == {"10_alice": 3.0, "5_carl": 5.0, "bob": 1.0, "2_style": 0.5}
+
+
 def test_data_panel_reports_a_missing_folder(tmp_path):
     data = ew.DataPanel(tmp_path / "nowhere")
     assert data.result is None

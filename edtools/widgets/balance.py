@@ -470,9 +470,14 @@ class BalancePanel(_Panel):
         self.say(f"Saved {len(written)} file(s) in {html.escape(str(root))}: " + "; ".join(lines))
         return written
 
+    @property
+    def kohya_repeats(self) -> bool:
+        """Whether this panel's scans apply kohya folder names (the data panel's switch; off without one)."""
+        return self.data_panel is not None and bool(self.data_panel.kohya_repeats.value)
+
     def _rescan(self) -> None:
         """Read the files again; the data panel's table shows the same scan."""
-        result = scan(self.disk.root)
+        result = scan(self.disk.root, kohya_repeats=self.kohya_repeats)
         if self.data_panel is not None:
             self.data_panel.show(result)
         self.load(result)

@@ -72,7 +72,13 @@ class DataPanel(_Panel):
     The demo data root is written first when it is the chosen folder and does not exist yet.
     """
 
-    def __init__(self, data_root: str | os.PathLike | None = None, *, scan_now: bool = True) -> None:
+    def __init__(
+        self,
+        data_root: str | os.PathLike | None = None,
+        *,
+        scan_now: bool = True,
+        kohya_repeats: bool = False,
+    ) -> None:
         self.result: ScanResult | None = None
         self._listeners: list[Callable[[ScanResult], None]] = []
         self.root_text = widgets.Text(
@@ -82,9 +88,19 @@ class DataPanel(_Panel):
         )
         self.scan_button = widgets.Button(description="Scan", icon="search", button_style="primary")
         self.scan_button.on_click(lambda _: self.scan())
+        # kohya's folder names (10_alice): the number as the folder's multiplier where it has no multiply.txt
+        self.kohya_repeats = widgets.Checkbox(
+            value=kohya_repeats,
+            description="kohya folder names repeat (10_alice: 10 per epoch)",
+            indent=False,
+            layout=widgets.Layout(width="auto"),
+        )
+        self.kohya_repeats.observe(lambda _: self.scan(), names="value")
         self.report = widgets.HTML(layout=widgets.Layout(max_height=ROWS_HEIGHT, overflow="auto"))
         self.report.add_class("edtools-scan")
-        self.widget = widgets.VBox([widgets.HBox([self.root_text, self.scan_button]), self.report])
+        self.widget = widgets.VBox(
+            [widgets.HBox([self.root_text, self.scan_button]), self.kohya_repeats, self.report]
+        )
         if scan_now:
             self.scan()
 
@@ -103,7 +119,7 @@ class DataPanel(_Panel):
 
             make_demo_dataset(root)
         try:
-            result = scan(root)
+            result = scan(root, kohya_repeats=self.kohya_repeats.value)
         except DatasetError as exc:
             self.report.value = f"<b style='color:#b00020'>{html.escape(str(exc))}</b>"
             return None

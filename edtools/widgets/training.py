@@ -329,6 +329,7 @@ class TrainingPanel(_Panel):
         changes = self.balance.changes()
         values = {
             "data_root": str(self.balance.disk.root if self.balance.disk else ""),
+            "kohya_repeats": self.balance.kohya_repeats,
             "model": self.model.value.strip(),
             "model_config": self.model_config.value.strip() or None,
             "preset": self.preset.value or None,
