@@ -31,7 +31,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from .dataset import scan
     from .report import format_table
 
-    result = scan(args.data_root, cache=not args.no_cache)
+    result = scan(args.data_root, cache=not args.no_cache, kohya_repeats=args.kohya_repeats)
     _print_scan(result)
     if result.dataset.concepts:
         print()
@@ -47,7 +47,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     from .report import format_table, plot_balance
     from .schedule import build_epoch, make_buckets, write_schedule
 
-    result = scan(args.data_root)
+    result = scan(args.data_root, kohya_repeats=args.kohya_repeats)
     _print_scan(result)
     if result.errors:
         print(f"\n{len(result.errors)} error(s): no schedule written.", file=sys.stderr)
@@ -185,6 +185,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+KOHYA_HELP = "folders named the kohya way (10_alice) without a multiply.txt: the number is their multiplier"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edtools", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -194,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_root")
     p.add_argument("--batch-size", type=int, default=4, help="for the steps column (default 4)")
     p.add_argument("--no-cache", action="store_true", help="ignore and do not write the image size manifest")
+    p.add_argument("--kohya-repeats", action="store_true", help=KOHYA_HELP)
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("schedule", help="write ep{N}_batch_schedule.txt files and balance.png")
@@ -203,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--out", required=True, help="folder for the schedule files and balance.png")
+    p.add_argument("--kohya-repeats", action="store_true", help=KOHYA_HELP)
     p.set_defaults(func=cmd_schedule)
 
     p = sub.add_parser("make-demo", help="write the demo data root (drawn with PIL, no downloads)")

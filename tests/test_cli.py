@@ -43,6 +43,18 @@ def test_scan_exit_code_2_on_errors(tree, capsys):
     assert "error" in captured.err
 
 
+def test_scan_and_schedule_apply_kohya_folder_names_when_asked(tree, tmp_path, capsys):
+    root = tree({"10_alice": 2, "bob": 3})
+    assert main(["scan", str(root)]) == 0
+    assert "named the kohya way (10 repeats)" in capsys.readouterr().out
+    assert main(["scan", str(root), "--kohya-repeats"]) == 0
+    assert "kohya folder name '10_alice' = 10: 2 images -> 20 per epoch" in capsys.readouterr().out
+    out = tmp_path / "schedule"
+    assert main(["schedule", str(root), "--kohya-repeats", "--out", str(out), "--batch-size", "1"]) == 0
+    lines = (out / "ep0_batch_schedule.txt").read_text().splitlines()
+    assert sum("10_alice/" in line for line in lines) == 20 and sum("bob/" in line for line in lines) == 3
+
+
 def test_schedule_writes_files_and_histogram(tree, tmp_path, capsys):
     root = tree({"people/a": 6, "people/b": 2}, sizes=((64, 64), (48, 96)))
     (root / "people" / "b" / "multiply.txt").write_text("3")
