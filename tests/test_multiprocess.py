@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from edtools.config import TrainConfig
-from edtools.dataset import load_dataset
+from edtools.dataset import load_dataset, scan
 from edtools.models import load_components, make_tiny_model
 from edtools.schedule import build_epoch
 
@@ -73,22 +74,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_cover_each_batch_once(tree, tmp_path):
-    root = tree({"a": 5, "b": 3})
-    (root / "b" / "multiply.txt").write_text("1.5")
-    model = make_tiny_model(tmp_path / "model")
-    config = TrainConfig(
-        data_root=str(root),
-        model=str(model),
-        out=str(tmp_path / "out"),
-        epochs=2,
-        batch_size=2,
-        resolution=64,
-        lr=1e-3,
-        device="cpu",
-        progress_bar=False,
-    )
+def launch_two_ranks(config: TrainConfig, tmp_path: Path, timeout: float = 300) -> list[dict]:
+    """Train config in 2 gloo processes under `accelerate launch`; each rank's record (see WORKER)."""
     config_file = config.to_file(tmp_path / "run.json")
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
@@ -109,10 +96,37 @@ def test_two_processes_cover_each_batch_once(tree, tmp_path):
         str(records),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # its own process group: on a timeout the launcher and both ranks go, none is left waiting
+    launcher = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        stdout, stderr = launcher.communicate()
+        pytest.fail(f"the ranks did not finish in {timeout} s:\n{stderr[-3000:]}")
+    assert launcher.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return [json.loads((records / f"rank{r}.json").read_text()) for r in (0, 1)]
 
-    ranks = [json.loads((records / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+@pytest.mark.slow
+def test_two_processes_cover_each_batch_once(tree, tmp_path):
+    root = tree({"a": 5, "b": 3})
+    (root / "b" / "multiply.txt").write_text("1.5")
+    model = make_tiny_model(tmp_path / "model")
+    config = TrainConfig(
+        data_root=str(root),
+        model=str(model),
+        out=str(tmp_path / "out"),
+        epochs=2,
+        batch_size=2,
+        resolution=64,
+        lr=1e-3,
+        device="cpu",
+        progress_bar=False,
+    )
+    ranks = launch_two_ranks(config, tmp_path)
     assert [r["rank"] for r in ranks] == [0, 1]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert len(ranks[0]["steps"]) == len(ranks[1]["steps"])  # lockstep: a short rank trains a filler batch
@@ -143,3 +157,33 @@ def test_two_processes_cover_each_batch_once(tree, tmp_path):
     checkpoint = load_components(ranks[0]["result"]["checkpoint"])
     assert weights_digest(checkpoint) == ranks[0]["weights"]
     assert weights_digest(load_components(str(model))) != ranks[0]["weights"]
+
+
+@pytest.mark.slow
+def test_a_batch_whose_every_image_fails_to_decode_keeps_the_ranks_in_step(tree, tmp_path):
+    """Batch size 1: the rank whose image fails to decode has an empty batch, yet the other rank's step
+    all-reduces gradients; the empty rank joins with a zero-weight stand-in, so neither waits forever."""
+    root = tree({"a": 3, "b": 2})
+    scan(root)  # the manifest knows the image now: the scan does not read it again
+    bad = root / "a" / "a_001.png"
+    stat = bad.stat()
+    bad.write_bytes(b"\0" * stat.st_size)  # damaged after the scan, same size and time
+    os.utime(bad, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    config = TrainConfig(
+        data_root=str(root),
+        model=str(make_tiny_model(tmp_path / "model")),
+        out=str(tmp_path / "out"),
+        epochs=1,
+        batch_size=1,
+        resolution=64,
+        lr=1e-3,
+        device="cpu",
+        progress_bar=False,
+    )
+    ranks = launch_two_ranks(config, tmp_path, timeout=150)  # a rank left waiting would hang until then
+    assert len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == 3  # 5 images, 1 per batch, 2 ranks
+    trained = sorted(i for r in ranks for step in r["steps"] for i in step["images"])
+    dataset = load_dataset(root)
+    assert trained == [i for i in range(5) if dataset.paths[i] != "a/a_001.png"]
+    assert "a/a_001.png" in (tmp_path / "out" / "skipped_images.txt").read_text()
+    assert ranks[0]["weights"] == ranks[1]["weights"]

@@ -247,6 +247,33 @@ def prepare_modules(components: SDComponents, config: TrainConfig, device: Any) 
     return params
 
 
+def _stand_in_batch(components: SDComponents, batch: dict, text_cache: Any) -> dict:
+    """A batch of weight 0 in place of one whose every image failed to decode, for a rank under DDP: its
+    forward and backward join the gradient all-reduce of the other ranks' step and add nothing to it.
+    One zero latent of the batch's size, the empty caption, the image's own size as SDXL time ids."""
+    torch = require("torch")
+    from ..data import token_ids
+
+    height, width = batch["pixel_values"].shape[-2:]
+    vae = components.vae
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    latents = torch.zeros(1, vae.config.latent_channels, height // scale, width // scale, device=vae.device)
+    if text_cache is not None:
+        text_cache.fill(components, [""])
+    stand_in = {
+        "latents": latents,
+        "captions": [""],
+        "time_ids": torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.int64),
+        "loss_scale": torch.zeros(1),
+        "concept": torch.zeros(1, dtype=torch.int64),
+        "image_index": torch.zeros(1, dtype=torch.int64),
+        "batch_weight": 0.0,
+    }
+    for n, tokenizer in enumerate(components.tokenizers):
+        stand_in["input_ids" if n == 0 else f"input_ids_{n + 1}"] = token_ids(tokenizer, [""])
+    return {**batch, **stand_in}
+
+
 def train_step(
     components: SDComponents,
     optimizer: Any,
@@ -283,6 +310,9 @@ def train_step(
     fp16 = scaler is not None and scaler.is_enabled()
     device = vae.device
     distributed = _distributed()
+    stand_in = len(batch["image_index"]) == 0 and distributed
+    if stand_in:  # every image failed to decode, but the other ranks' backward all-reduces: join it
+        batch = _stand_in_batch(components, batch, text_cache)
     if len(batch["image_index"]) == 0:  # every image of the batch failed to decode: nothing to learn here
         per_sample, loss_value, nonfinite = torch.zeros(0), 0.0, False
     else:
@@ -295,7 +325,11 @@ def train_step(
                 for module in (unet, *encoders):
                     if isinstance(module, torch.nn.parallel.DistributedDataParallel):
                         stack.enter_context(module.no_sync())
-            latents = latent_cache.latents(batch, vae, vae.config.scaling_factor, generator=generator).float()
+            if stand_in:
+                latents = batch["latents"]
+            else:
+                latents = latent_cache.latents(batch, vae, vae.config.scaling_factor, generator=generator)
+            latents = latents.float()
             n = latents.shape[0]
             noise = training_noise(
                 tuple(latents.shape),
@@ -347,6 +381,8 @@ def train_step(
             if not nonfinite or (distributed and sync):
                 scaled = loss / config.grad_accum
                 (scaler.scale(scaled) if fp16 else scaled).backward()
+    if stand_in:
+        per_sample = per_sample[:0]  # the stand-in is no image: nothing to count
     result = StepResult(loss=loss_value, per_sample=per_sample.detach().float().cpu(), nonfinite=nonfinite)
     if not sync:
         return result
