@@ -50,10 +50,11 @@ ADAPTER_NAME = "edtools"
 # - proj_in / proj_out are 1x1 Conv2d in SD 1.x and nn.Linear in SD 2.x / SDXL. peft adapts both; a 1x1 conv
 #   LoRA is written with 4-d weights ([rank, in, 1, 1] / [out, rank, 1, 1]) exactly as kohya writes it, which
 #   A1111 requires (it builds a 1x1 Conv2d for 4-d weights on a Conv2d layer) and ComfyUI and diffusers read.
-# - Names: every target sits in down_blocks.N/up_blocks.N/mid_block .attentions.N, which A1111 maps to the
-#   LDM input/middle/output blocks (convert_diffusers_name_to_compvis), ComfyUI maps through unet_to_diffusers,
-#   and diffusers' load_lora_weights reads directly. ResNet 3x3 convs (kohya's optional conv_dim, "LoCon")
-#   are not targeted.
+# - Names: every target sits in down_blocks.N/up_blocks.N/mid_block .attentions.N. SD 1.x/2.x files spell
+#   that path the diffusers way, SDXL files the SGM way (input_blocks.N.1/middle_block.1/output_blocks.N.1),
+#   each as kohya's scripts write and read it; A1111 (convert_diffusers_name_to_compvis), ComfyUI (its map of
+#   both spellings) and diffusers' load_lora_weights read both. ResNet 3x3 convs (kohya's optional conv_dim,
+#   "LoCon") are not targeted.
 # Text encoders: kohya's CLIPAttention + CLIPMLP linears, q/k/v/out_proj and mlp.fc1/fc2. All four attention
 # projections are always adapted together: A1111 applies q/k/v/out LoRAs to OpenCLIP's fused attention
 # (SD 2.x, SDXL's second encoder) only when all four are present.
@@ -364,10 +365,11 @@ def kohya_state_dict(
     """The adapter in kohya-ss / A1111 / ComfyUI format: for each adapted module "<name>.lora_down.weight"
     ([rank, in] or [rank, in, 1, 1] for a 1x1 conv), "<name>.lora_up.weight" ([out, rank] / [out, rank, 1, 1])
     in `dtype`, and "<name>.alpha" (a float32 scalar: loaders read it with .item(), and fp32 keeps any alpha
-    exact). <name> is "lora_unet_" + the diffusers module path with "_" for "." (kohya's names for SD 1.x/2.x;
-    kohya's own SDXL files spell the UNet the LDM way, "input_blocks_4_1_...", but A1111, ComfyUI and diffusers
-    map the diffusers spelling for SDXL too, kohya's SDXL scripts do not), text encoders "lora_te_" (SD 1.x/2.x)
-    or "lora_te1_" / "lora_te2_" (SDXL) + "text_model_encoder_layers_N_...", exactly as kohya writes them."""
+    exact). <name> is, exactly as kohya writes it: "lora_unet_" + the UNet module path with "_" for ".", the
+    diffusers path for SD 1.x/2.x ("down_blocks_1_attentions_0_...") and the original SGM path for SDXL
+    ("input_blocks_4_1_...": kohya's SDXL scripts resume and merge only that spelling; A1111, ComfyUI and
+    diffusers read both); text encoders "lora_te_" (SD 1.x/2.x) or "lora_te1_" / "lora_te2_" (SDXL) +
+    "text_model_encoder_layers_N_..."."""
     torch = require("torch")
     state_dict_utils = require("diffusers.utils.state_dict_utils", feature="LoRA export")
     config = _config(components)
@@ -377,6 +379,16 @@ def kohya_state_dict(
     peft_named = {
         name: parameter.detach().to("cpu", dtype) for name, parameter in _named_lora_parameters(components)
     }
+    if components.architecture == "sdxl":
+        from .single_file_layout import original_unet_module
+
+        renamed = {}
+        for name, value in peft_named.items():
+            if name.startswith("unet."):  # unet.<module path>.lora_A.weight
+                module, part, weight = name.removeprefix("unet.").rsplit(".", 2)
+                name = f"unet.{original_unet_module(components.unet.config, module)}.{part}.{weight}"
+            renamed[name] = value
+        peft_named = renamed
     converted = state_dict_utils.convert_state_dict_to_kohya(peft_named)
     single_text_encoder = components.architecture != "sdxl"
     alpha = torch.tensor(float(config.lora_alpha), dtype=torch.float32)
@@ -469,7 +481,7 @@ def save_lora_file(
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write the adapter as a kohya-format LoRA .safetensors (see kohya_state_dict) that A1111, ComfyUI,
-    diffusers' load_lora_weights and kohya's SD 1.x/2.x scripts read. dtype: "fp16" (default), "bf16", "fp32".
+    diffusers' load_lora_weights and kohya's scripts read. dtype: "fp16" (default), "bf16", "fp32".
 
     Metadata: kohya's ss_network_module "networks.lora", ss_network_dim, ss_network_alpha, ss_network_dropout,
     ss_base_model_version ("sd_v1", "sd_v2", "sdxl_base_v1-0", ...), ss_v2, and ModelSpec modelspec.*

@@ -23,7 +23,7 @@ from .single_file import _TEXT, _UNET, _VAE, SAVE_DTYPES
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["original_keys", "original_state_dict", "save_single_file"]
+__all__ = ["original_keys", "original_state_dict", "original_unet_module", "save_single_file"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,6 +163,14 @@ def _unet_rules(config: Mapping[str, Any]) -> dict[str, tuple[str, Callable]]:
                 rules[f"up_blocks.{i}.upsamplers.0.conv"] = (upsampler, leaf)
             n += 1
     return rules
+
+
+def original_unet_module(config: Mapping[str, Any], path: str) -> str:
+    """A UNet module's path in the original (LDM / SGM) layout, e.g. for SDXL "down_blocks.1.attentions.0.
+    transformer_blocks.0.attn1.to_q" -> "input_blocks.4.1.transformer_blocks.0.attn1.to_q": the names kohya's
+    SDXL LoRA files use. A path no rule maps is a ModelError."""
+    (entry,) = _map_by_rules([f"{path}.weight"], _unet_rules(config), "UNet")
+    return entry.original.removesuffix(".weight")
 
 
 def _vae_rules(config: Mapping[str, Any]) -> dict[str, tuple[str, Callable]]:
