@@ -86,3 +86,18 @@ def train_config(root: Path, model: Path, out: Path, **values):
 
     settings = dict(epochs=2, batch_size=2, resolution=64, lr=1e-3, progress_bar=False, device="cpu")
     return TrainConfig(data_root=str(root), model=str(model), out=str(out), **{**settings, **values})
+
+
+def scan_summary(result) -> tuple:
+    """Everything a scan returns, comparable with ==: two scans that agree on this found the same."""
+    d = result.dataset
+    return (
+        d.paths,
+        d.captions,
+        d.widths.tolist(),
+        d.heights.tolist(),
+        d.concept_index.tolist(),
+        d.concepts,
+        result.problems,
+        result.log,
+    )

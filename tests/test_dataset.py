@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_image, make_tree
+from conftest import make_image, make_tree, scan_summary
 from PIL import Image
 
 from edtools.dataset import (
@@ -318,20 +318,6 @@ def every_case_tree(root):
     (root / "people" / "loss_scale.txt").write_text("2")
     make_image(root / ".hidden" / "x.png")
     return root
-
-
-def scan_summary(result):
-    d = result.dataset
-    return (
-        d.paths,
-        d.captions,
-        d.widths.tolist(),
-        d.heights.tolist(),
-        d.concept_index.tolist(),
-        d.concepts,
-        result.problems,
-        result.log,
-    )
 
 
 def test_parallel_sequential_and_cached_scans_agree_on_every_case(tmp_path):

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import train_config
 
 from edtools.config import TrainConfig
 from edtools.dataset import load_dataset, scan
@@ -115,17 +116,7 @@ def test_two_processes_cover_each_batch_once(tree, tmp_path):
     root = tree({"a": 5, "b": 3})
     (root / "b" / "multiply.txt").write_text("1.5")
     model = make_tiny_model(tmp_path / "model")
-    config = TrainConfig(
-        data_root=str(root),
-        model=str(model),
-        out=str(tmp_path / "out"),
-        epochs=2,
-        batch_size=2,
-        resolution=64,
-        lr=1e-3,
-        device="cpu",
-        progress_bar=False,
-    )
+    config = train_config(root, model, tmp_path / "out")
     ranks = launch_two_ranks(config, tmp_path)
     assert [r["rank"] for r in ranks] == [0, 1]
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -169,17 +160,7 @@ def test_a_batch_whose_every_image_fails_to_decode_keeps_the_ranks_in_step(tree,
     stat = bad.stat()
     bad.write_bytes(b"\0" * stat.st_size)  # damaged after the scan, same size and time
     os.utime(bad, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    config = TrainConfig(
-        data_root=str(root),
-        model=str(make_tiny_model(tmp_path / "model")),
-        out=str(tmp_path / "out"),
-        epochs=1,
-        batch_size=1,
-        resolution=64,
-        lr=1e-3,
-        device="cpu",
-        progress_bar=False,
-    )
+    config = train_config(root, make_tiny_model(tmp_path / "model"), tmp_path / "out", epochs=1, batch_size=1)
     ranks = launch_two_ranks(config, tmp_path, timeout=150)  # a rank left waiting would hang until then
     assert len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == 3  # 5 images, 1 per batch, 2 ranks
     trained = sorted(i for r in ranks for step in r["steps"] for i in step["images"])

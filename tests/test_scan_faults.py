@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_image, make_tree
+from conftest import make_image, make_tree, scan_summary
 
 import edtools.dataset as ds
 import edtools.scanimages as scanimages
@@ -36,19 +36,6 @@ def warnings_by_path(result):
         assert p.path not in out, f"two warnings for {p.path}"
         out[p.path] = p.message
     return out
-
-
-def summary(result):
-    d = result.dataset
-    return (
-        d.paths,
-        d.captions,
-        d.widths.tolist(),
-        d.heights.tolist(),
-        d.concepts,
-        result.problems,
-        result.log,
-    )
 
 
 @pytest.fixture
@@ -102,7 +89,7 @@ def test_link_loops_are_not_followed_and_a_linked_folder_scans_once(tmp_path, sy
         "people/loop": "is a link to the data root, a folder that holds this link (a loop); not followed",
         "people/bob/up": "is a link to 'people', a folder that holds this link (a loop); not followed",
     }
-    assert summary(scan(root)) == summary(result)  # the same from the manifest
+    assert scan_summary(scan(root)) == scan_summary(result)  # the same from the manifest
 
 
 def test_a_link_to_an_ancestor_of_the_data_root_is_a_loop(tmp_path, symlinks):
@@ -248,7 +235,7 @@ def test_truncated_jpeg_and_png_are_skipped_with_a_warning(tmp_path):
         "a/small_cut.jpg": TRUNCATED,
     }
     for workers in (1, 4):
-        assert summary(scan(root, workers=workers, cache=False)) == summary(result)
+        assert scan_summary(scan(root, workers=workers, cache=False)) == scan_summary(result)
 
 
 def test_a_warm_rescan_keeps_the_end_check_verdict_without_reading(tmp_path, monkeypatch):
@@ -266,7 +253,7 @@ def test_a_warm_rescan_keeps_the_end_check_verdict_without_reading(tmp_path, mon
     checked = []
     real_complete = scanimages.image_complete
     monkeypatch.setattr(scanimages, "image_complete", lambda p: checked.append(p.name) or real_complete(p))
-    assert summary(scan(root)) == summary(first)
+    assert scan_summary(scan(root)) == scan_summary(first)
     assert opened == [] and checked == []  # no image opened, no end checked: the manifest answered
 
     data = (root / "a" / "big.jpg").read_bytes()
@@ -297,10 +284,10 @@ def test_images_of_an_older_manifest_are_read_once_for_the_end_check(tmp_path, m
     real_size, real_bytes = scanimages.image_size, manifest_module.read_bytes
     monkeypatch.setattr(scanimages, "image_size", lambda p: read.append(p.name) or real_size(p))
     monkeypatch.setattr(manifest_module, "read_bytes", lambda p: captions_read.append(p) or real_bytes(p))
-    assert summary(scan(root)) == summary(reference)
+    assert scan_summary(scan(root)) == scan_summary(reference)
     assert len(read) == 9 and captions_read == []  # every image once, its end checked too; captions kept
     read.clear()
-    assert summary(scan(root)) == summary(reference) and read == []  # then from the manifest again
+    assert scan_summary(scan(root)) == scan_summary(reference) and read == []  # then from the manifest again
     assert json.loads((root / MANIFEST_NAME).read_text())["version"] == 3
 
 
@@ -333,7 +320,7 @@ def test_a_caption_that_is_not_utf8_is_read_as_cp1252_with_a_warning(tmp_path, m
     real = manifest_module.read_bytes
     monkeypatch.setattr(manifest_module, "read_bytes", lambda p: reads.append(p) or real(p))
     again = scan(root)  # from the manifest: the same captions and warnings, nothing read
-    assert summary(again) == summary(first) and reads == []
+    assert scan_summary(again) == scan_summary(first) and reads == []
     assert warnings_by_path(again) == expected_warnings
     assert json.loads((root / MANIFEST_NAME).read_text())["captions"]["a/a_000.txt"][3] == "cp1252"
 
@@ -547,6 +534,6 @@ def test_a_tree_with_every_fault_scans_alike_in_threads_and_from_the_manifest(tm
         "people/loop",
     ]
     for workers in (4, None):
-        assert summary(scan(root, workers=workers, cache=False)) == summary(reference)
-    assert summary(scan(root, workers=4)) == summary(reference)  # writes the manifest
-    assert summary(scan(root, workers=1)) == summary(reference)  # answered by it
+        assert scan_summary(scan(root, workers=workers, cache=False)) == scan_summary(reference)
+    assert scan_summary(scan(root, workers=4)) == scan_summary(reference)  # writes the manifest
+    assert scan_summary(scan(root, workers=1)) == scan_summary(reference)  # answered by it
