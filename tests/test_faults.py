@@ -92,6 +92,27 @@ def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume_exactly(tiny_mode
     assert same(unet(find_checkpoints(out)[-1]), final)
 
 
+def test_a_second_ctrl_c_aborts_at_once_and_the_run_still_resumes_exactly(
+    tiny_model, uninterrupted, tmp_path
+):
+    root, final = uninterrupted
+    out = tmp_path / "out"
+    process = start(*train_args(root, tiny_model, out))
+    wait_for(lambda: first_checkpoint(out), what="the first checkpoint")
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)  # the first asks for a step's end and a save; the second, meanwhile, aborts
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.rstrip().endswith("interrupted")
+    assert "To continue where it stopped" not in stdout
+    assert not (out / LOCK_FILE).exists()  # an aborted run does not leave its folder locked
+    resumed = edtools(*train_args(root, tiny_model, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+    assert same(unet(find_checkpoints(out)[-1]), final)
+
+
 def test_kill_9_mid_run_leaves_nothing_that_lingers_and_resumes_exactly(tiny_model, uninterrupted, tmp_path):
     root, final = uninterrupted
     out = tmp_path / "out"

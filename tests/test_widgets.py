@@ -5,6 +5,7 @@ Widgets work without a frontend, so setting a widget's value here is what a user
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -459,6 +460,43 @@ def test_stop_button_makes_the_callback_return_true(training_parts, monkeypatch)
     assert result.stop_reason == "callback" and result.global_step == 3
     assert training.earlier_run.value == "resume"  # pressing Train again continues the run
     assert "Stopped cleanly" in training.status.value
+
+
+def test_a_kernel_interrupt_while_waiting_stops_the_run_like_the_stop_button(training_parts, monkeypatch):
+    """The notebook's interrupt button raises KeyboardInterrupt in the cell that waits: the run stops after
+    its step with a resumable checkpoint instead of running on unseen in its thread."""
+    pytest.importorskip("edtools.train")
+    _, training = training_parts
+    fake = fake_train(events_per_epoch=10**6)
+    third_step = threading.Event()
+
+    def slow_train(config, callback, balance=None):
+        def wrapped(event):
+            if event.kind == "step" and event.global_step == 3:
+                third_step.set()
+                time.sleep(0.2)  # the interrupt comes while this step runs
+            return callback(event)
+
+        return fake(config, wrapped)
+
+    monkeypatch.setattr("edtools.train.train", slow_train)
+    training.start()
+    thread = training._thread
+
+    class InterruptedOnce:  # the kernel's SIGINT arriving while the cell waits in join()
+        def join(self, timeout=None):
+            if not hasattr(self, "raised"):
+                self.raised = third_step.wait(30)
+                raise KeyboardInterrupt
+            thread.join(timeout)
+
+        def is_alive(self):
+            return thread.is_alive()
+
+    training._thread = InterruptedOnce()
+    result = training.wait(timeout=30)
+    assert result.stop_reason == "callback" and 3 <= result.global_step <= 4
+    assert training.earlier_run.value == "resume" and "Stopped cleanly" in training.status.value
 
 
 def test_a_training_error_shows_in_the_panel_and_wait_raises_it(training_parts, monkeypatch):
