@@ -83,7 +83,7 @@ bench: $(STAMP)
 
 # The README's settings table, generated from TrainConfig's fields.
 readme-settings: $(STAMP)
-	$(BIN)/python -c "import re, pathlib; from edtools.config import settings_table; \
+	$(BIN)/python -c "import re, pathlib; from edtools.flags import settings_table; \
 	p = pathlib.Path('README.md'); s = p.read_text(); \
 	p.write_text(re.sub(r'(?s)<!-- settings -->.*<!-- /settings -->', lambda m: '<!-- settings -->\n' + settings_table() + '\n<!-- /settings -->', s))"
 

@@ -167,12 +167,13 @@ def _run_data_root(run_dir: Path) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import ConfigError, TrainConfig, read_config_file
+    from .config import ConfigError, read_config_file
+    from .flags import from_args
     from .train import train
 
     try:
         base = read_config_file(args.config) if args.config else None
-        config = TrainConfig.from_args(args, base=base)
+        config = from_args(args, base=base)
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
@@ -250,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a Stable Diffusion model on a data root")
     p.add_argument("--config", help="YAML or JSON file with TrainConfig fields; flags given here override it")
     try:
-        from .config import add_arguments
+        from .flags import add_arguments
     except ImportError:  # the training extras are missing: the other subcommands still work
         add_arguments = None
     if add_arguments is not None:

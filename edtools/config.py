@@ -1,11 +1,10 @@
 """Training settings: one frozen, validated TrainConfig, filled alike from YAML/JSON, the CLI or widgets.
 
-Every field has a type, a default and a help line; the CLI options are generated from them, not listed twice.
+Every field has a type, a default and a help line; the CLI's flags are generated from them (edtools.flags).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -25,10 +24,7 @@ __all__ = [
     "LR_SCHEDULERS",
     "OPTIMIZERS",
     "TrainConfig",
-    "add_arguments",
-    "from_args",
     "read_config_file",
-    "settings_table",
     "with_preset",
 ]
 
@@ -188,7 +184,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), _hints()[f.name]))
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), field_types()[f.name]))
         _check_ranges(self)
 
     # ---- conversions
@@ -229,7 +225,7 @@ class TrainConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in _PAIR_FIELDS:
+            if f.name in PAIR_FIELDS:
                 value = dict(value)
             elif isinstance(value, tuple):
                 value = list(value)
@@ -252,29 +248,6 @@ class TrainConfig:
         path.write_text(text, encoding="utf-8")
         return path
 
-    def to_args(self) -> list[str]:
-        """Command line options that give this config back through add_arguments / from_args."""
-        args: list[str] = []
-        for f in dataclasses.fields(self):
-            flag = _flag(f.name)
-            value = getattr(self, f.name)
-            if isinstance(value, bool):
-                args.append(flag if value else "--no-" + flag[2:])
-            elif value is None and (
-                _is_optional(_hints()[f.name])[1] is bool
-                or typing.get_origin(_is_optional(_hints()[f.name])[1]) is Literal
-            ):
-                continue  # none is these options' default: leaving the flag out gives it
-            elif value is None:
-                args += [flag, "none"]
-            elif f.name in _PAIR_FIELDS:
-                args += [flag, *(f"{k}={v!r}" for k, v in value)]
-            elif isinstance(value, tuple):
-                args += [flag, *value]
-            else:
-                args += [flag, repr(value) if isinstance(value, float) else str(value)]
-        return args
-
     @property
     def multiplier_overrides(self) -> dict[str, float]:
         return dict(self.multipliers)
@@ -283,34 +256,22 @@ class TrainConfig:
     def loss_scale_overrides(self) -> dict[str, float]:
         return dict(self.loss_scales)
 
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        """Same as the module's add_arguments."""
-        return add_arguments(parser)
-
-    @classmethod
-    def from_args(
-        cls, namespace: argparse.Namespace, base: TrainConfig | Mapping[str, Any] | None = None
-    ) -> TrainConfig:
-        """Same as the module's from_args."""
-        return from_args(namespace, base=base)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Types: each field's annotation decides what it accepts (no silent conversions beyond int -> float and
 # list -> tuple).
 
-_PAIR_FIELDS = ("multipliers", "loss_scales")
+PAIR_FIELDS = ("multipliers", "loss_scales")
 _HINTS: dict[str, Any] = {}
 
 
-def _hints() -> dict[str, Any]:
+def field_types() -> dict[str, Any]:
     if not _HINTS:
         _HINTS.update(typing.get_type_hints(TrainConfig))
     return _HINTS
 
 
-def _is_optional(hint: Any) -> tuple[bool, Any]:
+def split_optional(hint: Any) -> tuple[bool, Any]:
     """(True, X) for `X | None`, else (False, hint)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -324,7 +285,7 @@ def _describe(value: Any) -> str:
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
-    optional, hint = _is_optional(hint)
+    optional, hint = split_optional(hint)
     if value is None:
         if optional:
             return None
@@ -354,7 +315,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if value not in choices:
             raise ConfigError(f"{name} is {value!r}; allowed: {', '.join(choices)}")
         return value
-    if name in _PAIR_FIELDS:
+    if name in PAIR_FIELDS:
         return _coerce_pairs(name, value)
     if origin is tuple:  # tuple[str, ...]
         if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
@@ -544,79 +505,6 @@ def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Command line: one option per field, named --field-name; only options given on the command line override.
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _optional_type(inner: Any, name: str) -> Any:
-    def parse(text: str) -> Any:
-        if text.strip().lower() in ("none", "null", ""):
-            return None
-        return inner(text)
-
-    parse.__name__ = name  # argparse names the type in its error message
-    return parse
-
-
-def _pair(text: str) -> tuple[str, float]:
-    concept, sep, number = text.rpartition("=")
-    if not sep or not concept:
-        raise argparse.ArgumentTypeError(f"'{text}' is not concept=value, e.g. people/alice=2")
-    try:
-        return concept, float(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{number}' in '{text}' is not a number") from None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add --data-root, --epochs, ... (one per TrainConfig field). Defaults are left out on purpose, so
-    from_args can tell the options given on the command line from those that a --config file sets."""
-    hints = _hints()
-    group = parser.add_argument_group("training settings (also accepted in a --config YAML/JSON file)")
-    for f in dataclasses.fields(TrainConfig):
-        optional, hint = _is_optional(hints[f.name])
-        default = "" if f.default is dataclasses.MISSING else f" (default {_show_default(f.default)})"
-        kwargs: dict[str, Any] = {
-            "dest": f.name,
-            "default": argparse.SUPPRESS,
-            "help": f.metadata["help"] + default,
-        }
-        if hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(hint) is Literal:
-            kwargs["choices"] = typing.get_args(hint)
-        elif f.name in _PAIR_FIELDS:
-            kwargs.update(nargs="*", type=_pair, metavar="CONCEPT=VALUE")
-        elif typing.get_origin(hint) is tuple:
-            kwargs.update(nargs="*", metavar="TEXT")
-        else:
-            kwargs["type"] = _optional_type(hint, hint.__name__) if optional else hint
-        group.add_argument(_flag(f.name), **kwargs)
-    return parser
-
-
-def _show_default(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, tuple):
-        return "empty" if not value else " ".join(map(str, value))
-    return str(value)
-
-
-def settings_table() -> str:
-    """Every setting as a Markdown table (flag, YAML key, default, meaning): the README's list, generated."""
-    rows = ["| flag | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(TrainConfig):
-        default = "required" if f.default is dataclasses.MISSING else _show_default(f.default)
-        help_text = f.metadata["help"].replace("|", "\\|")
-        rows.append(f"| `{_flag(f.name)}` | {default} | {help_text} |")
-    return "\n".join(rows)
-
-
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The settings in a .yaml/.yml or .json file as a plain mapping (not yet checked: see from_dict)."""
     path = Path(path)
@@ -636,29 +524,3 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, Mapping):
         raise ConfigError(f"config file {path} must hold a mapping of setting: value")
     return dict(values)
-
-
-def from_args(
-    namespace: argparse.Namespace, base: TrainConfig | Mapping[str, Any] | None = None
-) -> TrainConfig:
-    """The config from parsed options over `base` (a TrainConfig, or the values of a --config file, which
-    may leave out settings the options give); options not given keep base's values (or the defaults).
-    Other attributes of the namespace are ignored."""
-    given = {
-        f.name: getattr(namespace, f.name)
-        for f in dataclasses.fields(TrainConfig)
-        if hasattr(namespace, f.name)
-    }
-    values = base.to_dict() if isinstance(base, TrainConfig) else dict(base or {})
-    values.update(given)
-    missing = [
-        f.name
-        for f in dataclasses.fields(TrainConfig)
-        if f.default is dataclasses.MISSING and f.name not in values
-    ]
-    if missing:
-        raise ConfigError(
-            f"missing required setting(s): {', '.join(_flag(m) for m in missing)} "
-            "(give them as options or in --config)"
-        )
-    return TrainConfig.from_dict(values)

@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from edtools.config import ConfigError, TrainConfig, add_arguments, from_args
+from edtools.config import ConfigError, TrainConfig
+from edtools.flags import add_arguments, from_args
 from edtools.presets import PRESETS, auto_settings, choose_preset
 
 REQUIRED = {"data_root": "data", "model": "model", "out": "out"}
