@@ -396,7 +396,7 @@ def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
             width, height, orientation = _png_header(fd, data, len(data) < _FIRST_READ)
         else:
             if keep:
-                path.complete = True  # no end check for other formats
+                path.complete = _ends_whole(fd, data, path.stat.st_size) if _has_end_check(data) else True
             return None if data else _EMPTY
         if keep:
             path.complete = _ends_whole(fd, data, path.stat.st_size)
@@ -412,7 +412,7 @@ def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
 # ---------------------------------------------------------------------------------------------------------
 # Is the file whole? A copy or download that stopped early leaves a file whose header reads fine but whose end
 # is missing. A JPEG ends with the EOI marker FF D9 (cameras may pad it with zero bytes), a PNG with its IEND
-# chunk; checking the last bytes costs one small read. A file that fails this cheap check may still be whole
+# chunk; checking the last bytes costs one small read. WebP (RIFF) and BMP headers state the file's length. A file that fails this cheap check may still be whole
 # (data after the image: Samsung trailers, motion photos; a PNG that lost only IEND): PIL decodes those few, and
 # only a file PIL cannot decode to its end is called truncated.
 
@@ -429,8 +429,20 @@ def _read_at(fd: int, offset: int, n: int) -> bytes:
     return os.read(fd, n)
 
 
+def _has_end_check(data: bytes) -> bool:
+    """Whether the file starting with data (12 bytes or more) is a format the end check knows."""
+    return data.startswith((b"\xff\xd8\xff", _PNG_SIGNATURE, b"BM")) or (
+        data.startswith(b"RIFF") and data[8:12] == b"WEBP"
+    )
+
+
 def _ends_whole(fd: int, data: bytes, size: int) -> bool:
-    """The cheap end check of an open JPEG or PNG (data: its first bytes): True when it ends as one should."""
+    """The cheap end check of an open JPEG, PNG, WebP or BMP (data: its first bytes, 12 or more): True when
+    it ends as one should. WebP and BMP headers state the file's size: a shorter file is cut."""
+    if data.startswith(b"RIFF"):
+        return size >= 8 + int.from_bytes(data[4:8], "little")
+    if data.startswith(b"BM"):
+        return size >= int.from_bytes(data[2:6], "little")
     tail = data if len(data) >= size else _read_at(fd, max(0, size - _TAIL), _TAIL)  # data: the whole file
     if data.startswith(_PNG_SIGNATURE):
         return tail.endswith(_PNG_IEND)
@@ -451,14 +463,14 @@ def _ends_whole(fd: int, data: bytes, size: int) -> bool:
 
 
 def ends_whole(path: str | os.PathLike) -> bool:
-    """The cheap end check alone: False when a JPEG or PNG file does not end as the format says (cut short, or
-    data after the image); True for other formats. Raises OSError if the file cannot be read."""
+    """The cheap end check alone: False when a JPEG, PNG, WebP or BMP file does not end as the format says (cut
+    short, or a JPEG/PNG with data after the image); True for other formats. Raises OSError if unreadable."""
     if type(path) is ImageFile and path.complete is not None:
         return path.complete
     fd = os.open(path, os.O_RDONLY | _O_BINARY)
     try:
-        data = os.read(fd, 8)
-        if not (data.startswith(b"\xff\xd8\xff") or data.startswith(_PNG_SIGNATURE)):
+        data = os.read(fd, 12)
+        if not _has_end_check(data):
             return True
         return _ends_whole(fd, data, os.fstat(fd).st_size)
     finally:
@@ -483,8 +495,8 @@ def _pil_decodes(path: str | os.PathLike) -> bool:
 
 
 def image_complete(path: str | os.PathLike) -> bool:
-    """False when a JPEG or PNG file is cut short (an interrupted copy or download): its end is not where the
-    format puts it and PIL cannot decode it to the end. Other formats: True. Raises OSError if unreadable."""
+    """False when a JPEG, PNG, WebP or BMP file is cut short (an interrupted copy or download): its end is not
+    where the format puts it and PIL cannot decode it to the end. Other formats: True. Raises if unreadable."""
     return ends_whole(path) or _pil_decodes(path)
 
 

@@ -238,6 +238,27 @@ def test_truncated_jpeg_and_png_are_skipped_with_a_warning(tmp_path):
         assert scan_summary(scan(root, workers=workers, cache=False)) == scan_summary(result)
 
 
+def test_truncated_webp_and_bmp_are_skipped_with_a_warning(tmp_path):
+    """WebP (RIFF) and BMP headers state the file's size: a shorter file is cut, caught at scan like a JPEG."""
+    from PIL import Image
+
+    root = tmp_path / "root"
+    noise_jpeg(root / "a" / "source.jpg", 256, 192)
+    with Image.open(root / "a" / "source.jpg") as im:
+        im.save(root / "a" / "pic.webp", quality=80)
+        im.save(root / "a" / "pic.bmp")
+    (root / "a" / "source.jpg").unlink()
+    for name in ("pic.webp", "pic.bmp"):
+        data = (root / "a" / name).read_bytes()
+        stem, ext = name.split(".")
+        (root / "a" / f"{stem}_cut.{ext}").write_bytes(data[: len(data) * 2 // 3])
+        (root / "a" / f"{stem}_trailer.{ext}").write_bytes(data + b"more bytes than the header says")
+    result = scan(root)
+    assert result.dataset.paths == ("a/pic.bmp", "a/pic.webp", "a/pic_trailer.bmp", "a/pic_trailer.webp")
+    assert warnings_by_path(result) == {"a/pic_cut.bmp": TRUNCATED, "a/pic_cut.webp": TRUNCATED}
+    assert scan_summary(scan(root)) == scan_summary(result)  # the verdicts kept in the manifest
+
+
 def test_a_warm_rescan_keeps_the_end_check_verdict_without_reading(tmp_path, monkeypatch):
     root = truncated_tree(tmp_path / "root")
     first = scan(root)
