@@ -89,7 +89,10 @@ def train(
     `balance` (epoch -> (multipliers, loss_scales), the notebook's sliders) or else from the data root's files.
     Under `accelerate launch` each process trains its shard of every epoch's batches.
     """
-    with interrupts() as signals:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    # log lines go above the progress bar (tqdm.write) instead of being written into it
+    with interrupts() as signals, logging_redirect_tqdm():
         run = _start(config, callback, balance)
         run.signals = signals
         try:
