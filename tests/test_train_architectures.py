@@ -181,3 +181,69 @@ def test_lora_stop_and_resume_equals_the_uninterrupted_run(tree, tiny_model, tmp
     state_a = torch.load(Path(whole.checkpoint) / "resume" / "state.pt", weights_only=True)["lora"]
     state_b = torch.load(Path(last.checkpoint) / "resume" / "state.pt", weights_only=True)["lora"]
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+@pytest.mark.parametrize("cached_text", [False, True], ids=["text-encoders-train", "cached-text"])
+def test_an_empty_batch_under_ddp_runs_a_stand_in_that_adds_nothing(
+    tree, sdxl_model, tmp_path, monkeypatch, cached_text
+):
+    """A rank whose every image failed to decode must still run the model forward and backward (the other
+    ranks' backward all-reduces gradients): an SDXL stand-in (time ids, both tokenizers, the text cache) whose
+    gradients are all zero and which counts no image."""
+    import os
+
+    import edtools.train.step as step_module
+    from edtools.data import ScheduleBatches
+    from edtools.dataset import load_dataset, scan
+    from edtools.models.conditioning import TextEmbeddingCache
+    from edtools.schedule import build_epoch
+    from edtools.train import make_lr_scheduler, make_optimizer, prepare_modules, step_generator, train_step
+    from edtools.train.setup import make_latent_cache
+
+    root = tree({"a": 2})
+    scan(root)  # the manifest knows the images: one fails only when its batch decodes it
+    image = root / "a" / "a_000.png"
+    stat = image.stat()
+    image.write_bytes(b"\0" * stat.st_size)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    config = make_config(root, sdxl_model, tmp_path / "out", batch_size=1, train_text_encoder=not cached_text)
+    components = load_components(str(sdxl_model))
+    params = prepare_modules(components, config, "cpu")
+    optimizer = make_optimizer(config, params)
+    dataset = load_dataset(root)
+    schedule = build_epoch(dataset, epoch=0, seed=config.seed, batch_size=1, resolution=64)
+    batches = ScheduleBatches(dataset, schedule, components.tokenizers, seed=config.seed)
+    empty, good = sorted((batches[0], batches[1]), key=lambda batch: len(batch["image_index"]))
+    assert len(empty["image_index"]) == 0 and empty["skipped_images"][0][0] == "a/a_000.png"
+    text_cache = None
+    if cached_text:
+        text_cache = TextEmbeddingCache()
+        text_cache.fill(components, good["captions"])
+
+    def step(batch: dict):
+        return train_step(
+            components,
+            optimizer,
+            batch,
+            config=config,
+            lr_scheduler=make_lr_scheduler(config, optimizer, 10),
+            scaler=None,
+            latent_cache=make_latent_cache(config, components),
+            generator=step_generator(0, 0, 0, 0),
+            sync=False,  # the group's gradients are kept, not stepped: they can be looked at
+            text_cache=text_cache,
+        )
+
+    monkeypatch.setattr(step_module, "_distributed", lambda: True)  # one rank among several
+    step(good)
+    reached = [p.grad is not None for p in params]  # a real image's backward reaches these
+    assert sum(reached) > len(params) // 2
+    optimizer.zero_grad(set_to_none=True)
+    result = step(empty)
+    assert result.per_sample.numel() == 0 and result.loss == 0.0 and not result.nonfinite
+    assert [p.grad is not None for p in params] == reached  # the stand-in reaches every one of them too
+    assert all(torch.count_nonzero(p.grad) == 0 for p in params if p.grad is not None)
+    trained_text = any(p.requires_grad for p in components.text_encoder.parameters())
+    assert trained_text is not cached_text
+    if cached_text:
+        assert "" in text_cache._store  # the stand-in's empty caption, encoded once by the frozen encoders
