@@ -28,9 +28,9 @@ _TRUNCATED = (
 )
 
 
-def _file_name_caption(name: str) -> str:
-    """The caption of an image without a readable sidecar: its file name up to the first '_'."""
-    return name[: name.rfind(".")].split("_", 1)[0].strip()
+def _name_caption(stem: str) -> str:
+    """The caption of an image without a readable sidecar: its file name (stem) up to the first '_'."""
+    return stem.split("_", 1)[0].strip()
 
 
 def _job(job: tuple) -> tuple:
@@ -136,7 +136,7 @@ class ImageTable:
             stem = name[: name.rfind(".")]
             candidates = None
             if stem not in sidecars:
-                captions.append(stem.split("_", 1)[0].strip())
+                captions.append(_name_caption(stem))
                 caption_rels.append(None)
             else:
                 txt = by_name.get(stem + ".txt")
@@ -169,7 +169,7 @@ class ImageTable:
                     captions.append(None)  # read by the job
                     caption_rels.append(None)
                 else:
-                    captions.append(stem.split("_", 1)[0].strip())
+                    captions.append(_name_caption(stem))
                     caption_rels.append(None)
             if need is not None or candidates:
                 jobs.append((i, entry, need, candidates, self.manifest))
@@ -249,7 +249,8 @@ class ImageTable:
                     if to_cache is not None:
                         manifest.put_caption(crel, *to_cache)
                 else:  # no readable sidecar
-                    captions[i] = _file_name_caption(rels[i].rsplit("/", 1)[-1])
+                    name = rels[i].rsplit("/", 1)[-1]
+                    captions[i] = _name_caption(name[: name.rfind(".")])
 
         return apply
 

@@ -101,3 +101,8 @@ def scan_summary(result) -> tuple:
         result.problems,
         result.log,
     )
+
+
+def concept(dataset, path: str):
+    """The Concept of a dataset with this folder path."""
+    return next(c for c in dataset.concepts if c.path == path)

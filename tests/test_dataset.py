@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_image, make_tree, scan_summary
+from conftest import concept, make_image, make_tree, scan_summary
 from PIL import Image
 
 from edtools.dataset import (
@@ -20,10 +20,6 @@ from edtools.dataset import (
     scan,
     write_concept_values,
 )
-
-
-def concept(dataset, path):
-    return next(c for c in dataset.concepts if c.path == path)
 
 
 def test_recursive_walk_finds_every_image_once_with_default_multiplier(tree):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_image, make_tree, scan_summary
+from conftest import concept, make_image, make_tree, scan_summary
 
 import edtools.dataset as ds
 import edtools.scanimages as scanimages
@@ -24,10 +24,6 @@ from edtools.dataset import (
     scan,
     synthetic_dataset,
 )
-
-
-def concept(dataset, path):
-    return next(c for c in dataset.concepts if c.path == path)
 
 
 def warnings_by_path(result):
