@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .errors import EdtoolsError, quiet_harmless_warnings
+from .errors import EdtoolsError
 
 __all__ = ["main"]
 
@@ -266,7 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("PIL", "matplotlib", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    quiet_harmless_warnings()
     try:
         return int(args.func(args) or 0)
     except EdtoolsError as exc:  # bad data, setting, model or path: the message alone, no traceback

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..config import ConfigError, TrainConfig
-from ..errors import quiet_harmless_warnings, require
+from ..errors import require
 from ..schedule import (
     expected_images_per_epoch,
     make_buckets,
@@ -119,7 +119,6 @@ def _start(
     """Lock the out folder, check it and the resume settings, load the model, scan the data and hold out the
     validation images, build the optimizer and the LR / fp16 loss-scale schedules, restore a checkpoint's state."""
     started = time.monotonic()
-    quiet_harmless_warnings()
     runtime = make_runtime(config)
     out = Path(config.out).expanduser()
     lock = OutLock(out)
