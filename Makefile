@@ -1,6 +1,7 @@
 # edtools: `make demo` (the main job on the bundled demo data) and `make test` (the whole suite).
-# Both create .venv on first use. torch is installed first, pinned to the local CPU wheel, so nothing
-# pulls a multi-GB CUDA build here; on Colab the notebook's install cell keeps the preinstalled torch.
+# Both create .venv on first use with the versions the suite passed with (constraints/tested.txt). torch is
+# installed first, pinned to the local CPU wheel, so nothing pulls a multi-GB CUDA build here; on Colab the
+# notebook's install cell keeps the preinstalled torch.
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,17 +10,24 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 DEMO := demo
 PYTEST_ARGS ?=
+# The tested versions: every package of the extras and their dependencies, torch aside, as `make lock` froze
+# them after the suite passed. LOCKED= (empty) resolves the newest versions within pyproject's ranges instead.
+LOCK := constraints/tested.txt
+COLAB_LOCK := constraints/colab-tested.txt
+LOCKED ?= -c $(LOCK)
+COLAB_LOCKED ?= -c $(COLAB_LOCK)
 
-.PHONY: demo test test-colab test-quick lint format bench browser-deps screenshots readme-settings clean venv
+.PHONY: demo test test-colab test-quick test-latest lock lint format bench browser-deps screenshots readme-settings clean venv
 
 venv: $(STAMP)
 
-# pyproject.toml is the one list of dependencies: extras train, notebook and dev.
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+# pyproject.toml is the one list of dependencies (extras train, notebook and dev); the lock pins their versions.
+# A changed list or lock builds the environment afresh, so it holds exactly the locked set and nothing older.
+$(STAMP): pyproject.toml $(LOCK)
+	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[train,notebook,dev]"
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet $(LOCKED) -e ".[train,notebook,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -53,24 +61,51 @@ format: $(STAMP)
 	$(BIN)/ruff format edtools tests bench notebooks
 
 test: $(STAMP) browser-deps lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(if $(LOCKED),EDTOOLS_LOCK=$(LOCK)) $(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) test-colab
 
 # Colab's own package stack (constraints/colab.txt: ipywidgets 7.7.1, numpy 2.0, transformers 4.57, the oldest
 # diffusers/accelerate/peft edtools declares) in a second environment: the panels and the notebook headless.
 COLAB_VENV := .venv-colab
-$(COLAB_VENV)/.installed: pyproject.toml constraints/colab.txt
-	test -x $(COLAB_VENV)/bin/python || $(PYTHON) -m venv $(COLAB_VENV)
+$(COLAB_VENV)/.installed: pyproject.toml constraints/colab.txt $(COLAB_LOCK)
+	rm -rf $(COLAB_VENV) && $(PYTHON) -m venv $(COLAB_VENV)
 	$(COLAB_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(COLAB_VENV)/bin/python -c "import torch" 2>/dev/null || $(COLAB_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(COLAB_VENV)/bin/python -m pip install --quiet -c constraints/colab.txt -e ".[train,notebook,dev]"
+	$(COLAB_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(COLAB_VENV)/bin/python -m pip install --quiet -c constraints/colab.txt $(COLAB_LOCKED) -e ".[train,notebook,dev]"
 	touch $@
 
-test-colab: $(COLAB_VENV)/.installed
-	$(COLAB_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_widgets.py tests/test_notebook.py tests/test_install.py
+test-colab: $(STAMP) $(COLAB_VENV)/.installed
+	$(if $(COLAB_LOCKED),EDTOOLS_LOCK=$(COLAB_LOCK)) $(COLAB_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_widgets.py tests/test_notebook.py tests/test_install.py
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not notebook and not browser" $(PYTEST_ARGS)
+
+# The newest releases within pyproject's ranges, in their own environment, through the quick suite: a breaking
+# upstream release shows here before it reaches users. Not part of `make test` (CI stays on the tested set).
+LATEST_VENV := .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV) && $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python -m pip install --quiet -e ".[train,notebook,dev]"
+	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -Ei '^(diffusers|transformers|accelerate|peft|bitsandbytes|huggingface.hub|ipywidgets|numpy)=='
+	$(LATEST_VENV)/bin/python -m pytest -p no:cacheprovider -m "not slow and not notebook and not browser" $(PYTEST_ARGS)
+
+# pip freeze less torch (the local CPU wheel here, Colab's CUDA build there), under a line saying what it is.
+freeze = { echo "\# The versions $(2) passed with, written by make lock on $$(date -u +%F) (Python \
+$$($(1) -c 'import platform; print(platform.python_version())'), $$(uname -m)). torch is left out."; \
+	$(1) -m pip freeze --exclude-editable | grep -v '^torch=='; }
+
+# Refresh the tested versions: both environments built afresh from the newest releases (Colab's from what Colab
+# keeps, constraints/colab.txt), the whole of `make test` run, and only when it passes both locks written.
+lock:
+	rm -f $(STAMP) $(COLAB_VENV)/.installed
+	$(MAKE) test LOCKED= COLAB_LOCKED=
+	$(call freeze,$(BIN)/python,the suite (make test)) > $(LOCK).new
+	$(call freeze,$(COLAB_VENV)/bin/python,the Colab leg (make test-colab on constraints/colab.txt)) > $(COLAB_LOCK).new
+	mv $(LOCK).new $(LOCK) && mv $(COLAB_LOCK).new $(COLAB_LOCK)
+	touch $(STAMP) $(COLAB_VENV)/.installed
+	@echo "lock: $(LOCK) and $(COLAB_LOCK) hold the versions the suite passed with; commit them"
 
 # Real screenshots of the notebook panels in chromium, written to docs/.
 screenshots: $(STAMP) browser-deps

@@ -29,6 +29,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["MPLBACKEND"] = "Agg"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every process the tests start (the CLI, other users' runs, kernels, JupyterLab, DDP ranks) imports edtools
+# from this checkout by path, whatever the state of the environment's editable install and of the cwd.
+_REPO = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
