@@ -115,16 +115,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if destination.resolve() == Path(args.src).expanduser().resolve():
         raise ModelError(f"{destination} is the source itself: choose another destination")
     dtype = args.dtype or ("fp16" if single else "fp32")
-    components = load_components(args.src, model_config=args.config)
+    import torch
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    # read in the dtype written: an SDXL file converts within a free Colab's RAM (never a float32 copy)
+    components = load_components(args.src, model_config=args.config, dtype=torch_dtype)
     if single:
         path = save_single_file(components, destination, dtype=dtype)
         print(f"{components.architecture.upper()} single file ({dtype}) written to {path}")
     else:
-        import torch
-
-        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-        for module in (components.unet, components.vae, *components.text_encoders):
-            module.to(torch_dtype)
+        components.vae.to(torch_dtype)  # the one part loaded in float32 when its config asks (force_upcast)
         path = save_components(components, destination)
         print(f"{components.architecture.upper()} diffusers folder ({dtype}) written to {path}")
     return 0
@@ -177,6 +177,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        from .train.plan import check_run, format_plan
+
+        print(format_plan(check_run(config)))
+        return 0
     result = train(config)  # it logs its own summary; expected failures reach main's error boundary
     if result.stop_reason == "interrupted":
         argv = [a for a in getattr(args, "argv", []) if a not in ("--resume", "--overwrite")]
@@ -250,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a Stable Diffusion model on a data root")
     p.add_argument("--config", help="YAML or JSON file with TrainConfig fields; flags given here override it")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="do everything before the first step (load the model as kept, scan, hold out, plan, make the "
+        "optimizer), print the plan with the host memory measured, write nothing",
+    )
     try:
         from .flags import add_arguments
     except ImportError:  # the training extras are missing: the other subcommands still work

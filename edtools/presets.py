@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-__all__ = ["PRESETS", "PRESET_NAMES", "Preset", "auto_settings", "choose_preset"]
+__all__ = ["PRESETS", "PRESET_NAMES", "Preset", "auto_precision", "auto_settings", "choose_preset"]
 
 # A "T4-sized" GPU: at most this much memory (Colab's T4 reports 15 GiB), and no bfloat16.
 SMALL_GPU_GIB = 16.0
@@ -29,10 +29,20 @@ class Preset:
     gpu_gib: float  # the GPU memory it is sized for
     summary: str  # what it trains and why these settings, for a person
     settings: Mapping[str, Any]
+    # GPU memory at the peak (GiB) of a training step and of the caching pass before it: estimates of
+    # bench/memory.py (exact byte counts and a traced step of the real configs), not GPU measurements
+    estimated_gib: tuple[float, float] = (0.0, 0.0)
 
 
-def _preset(name: str, architecture: str, gpu_gib: float, summary: str, **settings: Any) -> Preset:
-    return Preset(name, architecture, gpu_gib, summary, MappingProxyType(settings))
+def _preset(
+    name: str,
+    architecture: str,
+    gpu_gib: float,
+    estimated_gib: tuple[float, float],
+    summary: str,
+    **settings: Any,
+) -> Preset:
+    return Preset(name, architecture, gpu_gib, summary, MappingProxyType(settings), estimated_gib)
 
 
 # Every preset keeps the frozen parts out of the way: cached latents (the VAE encodes each image once) and,
@@ -49,6 +59,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "sd15-full-t4",
                 "sd",
                 16,
+                (11.2, 5.54),
                 "SD 1.x/2.x full fine-tune on a 16 GB T4: UNet and text encoder, 512 px, batch 4, fp16 with "
                 "gradient checkpointing and 8-bit AdamW (EveryDream2 trains SD 1.x fully on a T4 this way)",
                 resolution=512,
@@ -62,6 +73,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "sd15-lora-t4",
                 "sd",
                 16,
+                (4.29, 3.59),
                 "SD 1.x/2.x LoRA (rank 32) on a 16 GB T4: 512 px, batch 4, frozen text encoder with cached "
                 "caption embeddings, fp16 with gradient checkpointing",
                 resolution=512,
@@ -76,6 +88,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "sdxl-lora-t4",
                 "sdxl",
                 16,
+                (7.35, 11.22),
                 "SDXL LoRA (rank 16, UNet only) on a 16 GB T4: 1024 px, batch 1, frozen fp16 base weights, "
                 "cached latents and text-encoder outputs, gradient checkpointing (kohya trains SDXL LoRA in 8-10 GB "
                 "this way)",
@@ -91,6 +104,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "sd15-full-24gb",
                 "sd",
                 24,
+                (11.84, 5.54),
                 "SD 1.x/2.x full fine-tune on a 24 GB GPU: UNet and text encoder, 512 px, batch 8, bf16 with "
                 "gradient checkpointing (without it batch 8 needs about 20 of the 22 usable GB)",
                 resolution=512,
@@ -105,6 +119,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "sdxl-lora-24gb",
                 "sdxl",
                 24,
+                (10.11, 11.39),
                 "SDXL LoRA (rank 32) on a 24 GB GPU: 1024 px, batch 4, bf16, gradient checkpointing, cached "
                 "text-encoder outputs",
                 resolution=1024,
@@ -120,6 +135,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "sdxl-full-40gb",
                 "sdxl",
                 40,
+                (28.05, 16.3),
                 "SDXL full UNet fine-tune on a 40 GB or larger GPU: 1024 px, batch 2, bf16, gradient checkpointing, "
                 "8-bit AdamW, frozen text encoders with cached outputs (float32 weights and gradients alone take "
                 "19 GB: on 24 GB train SDXL as LoRA)",
@@ -169,6 +185,16 @@ def _fits(preset: Preset, gpu_gib: float) -> bool:
     return gpu_gib >= preset.gpu_gib * 0.9
 
 
+def auto_precision(mixed_precision: str, device_type: str, bf16_supported: bool) -> str:
+    """mixed_precision with auto decided: bf16 where the GPU has it, fp16 on other GPUs, no on the CPU. It
+    depends on the device alone, so a model can be loaded in the dtype it will be kept in."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    if device_type == "cpu":
+        return "no"
+    return "bf16" if bf16_supported else "fp16"
+
+
 def auto_settings(
     config: TrainConfig,
     *,
@@ -188,10 +214,7 @@ def auto_settings(
     if config.resolution is None:
         changes["resolution"] = native_resolution
     if config.mixed_precision == "auto":
-        if device_type == "cpu":
-            changes["mixed_precision"] = "no"
-        else:
-            changes["mixed_precision"] = "bf16" if bf16_supported else "fp16"
+        changes["mixed_precision"] = auto_precision(config.mixed_precision, device_type, bf16_supported)
     if config.gradient_checkpointing is None:
         small = device_type == "cuda" and gpu_gib is not None and gpu_gib <= SMALL_GPU_GIB
         changes["gradient_checkpointing"] = architecture == "sdxl" or (config.lora_rank == 0 and small)

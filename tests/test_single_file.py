@@ -23,7 +23,7 @@ hub_constants = pytest.importorskip("huggingface_hub.constants")
 from single_file_cases import OpensAFile, differing, fake_hub_snapshot, module_names  # noqa: E402
 
 from edtools.errors import ModelError  # noqa: E402
-from edtools.models import load_components, make_tiny_model  # noqa: E402
+from edtools.models import Keep, load_components, make_tiny_model  # noqa: E402
 from edtools.models.single_file import detect_architecture, load_single_file, read_state_dict  # noqa: E402
 from edtools.models.single_file_layout import original_state_dict, save_single_file  # noqa: E402
 
@@ -232,7 +232,7 @@ def test_a_file_lacking_a_weight_the_configs_describe_is_refused(models, tmp_pat
 
 def test_dtype_argument(models):
     loaded = load_single_file(
-        models["sd1"]["file"], model_config=models["sd1"]["folder"], dtype=torch.bfloat16
+        models["sd1"]["file"], model_config=models["sd1"]["folder"], keep=Keep(torch.bfloat16)
     )
     for name in module_names("sd1"):
         assert {p.dtype for p in getattr(loaded, name).parameters()} == {torch.bfloat16}, name

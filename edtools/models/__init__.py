@@ -6,6 +6,7 @@ them; `conditioning` is where SD and SDXL differ; `lora` adds and saves adapters
 
 from .sd import (
     PREDICTION_TYPES,
+    Keep,
     SDComponents,
     guess_architecture,
     load_components,
@@ -18,6 +19,7 @@ from .tiny import make_tiny_model, tiny_components, tiny_tokenizer
 
 __all__ = [
     "PREDICTION_TYPES",
+    "Keep",
     "SDComponents",
     "guess_architecture",
     "load_components",

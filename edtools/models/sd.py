@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PREDICTION_TYPES",
     "SINGLE_FILE_SUFFIXES",
+    "Keep",
     "SDComponents",
     "guess_architecture",
     "load_components",
@@ -72,6 +73,30 @@ class SDComponents:
 
 # ---------------------------------------------------------------------------------------------------------
 # Loading
+
+
+@dataclass(frozen=True)
+class Keep:
+    """How each part is kept, so that it is loaded that way and never through a float32 copy: frozen parts in
+    `dtype` (None: float32), the parts named in `float32` (those that train fully) in float32, a VAE whose
+    config asks for float32 (SDXL's force_upcast) in float32; each moved to `device` (a GPU) as soon as it is
+    loaded, so that host memory holds one part at a time."""
+
+    dtype: Any = None  # torch.float16 / torch.bfloat16 / None
+    float32: frozenset[str] = frozenset()  # of "unet", "text_encoder", "text_encoder_2"
+    device: Any = None
+
+    def dtype_of(self, part: str, *, force_upcast: bool = False) -> torch.dtype:
+        torch = require("torch")
+        if self.dtype is None or part in self.float32 or (part == "vae" and force_upcast):
+            return torch.float32
+        return self.dtype
+
+    def place(self, module: Any) -> Any:
+        torch = require("torch")
+        if self.device is not None and torch.device(self.device).type != "cpu":
+            torch.nn.Module.to(module, self.device)  # torch's own: diffusers' override warns on every move
+        return module
 
 
 @contextmanager
@@ -143,23 +168,22 @@ def load_components(
     *,
     model_config: str | None = None,
     dtype: torch.dtype | None = None,
+    keep: Keep | None = None,
     local_files_only: bool | None = None,
 ) -> SDComponents:
     """Load a Stable Diffusion 1.x/2.x or SDXL model: a diffusers folder (always offline), a single
     .safetensors/.ckpt file (see models.single_file; model_config gives its component configs), or a
     Hugging Face hub id (local_files_only=None leaves the HF_HUB_OFFLINE setting in charge).
 
-    dtype: torch dtype for the weights (None = float32).
+    keep: each part's dtype and device (see Keep). dtype alone is Keep(dtype): every part in it (None: float32)
+    but a VAE that asks for float32.
     """
-    torch = require("torch")
-
+    keep = Keep(dtype) if keep is None else keep
     path = Path(model).expanduser()
     if path.is_file() or (not path.is_dir() and path.suffix.lower() in SINGLE_FILE_SUFFIXES):
         from .single_file import load_single_file
 
-        return load_single_file(
-            path, model_config=model_config, dtype=dtype, local_files_only=local_files_only
-        )
+        return load_single_file(path, model_config=model_config, keep=keep, local_files_only=local_files_only)
     if path.is_dir():
         source, local_files_only = str(path), True
     elif model.count("/") != 1 or model.startswith(("/", ".", "~")):
@@ -179,10 +203,9 @@ def load_components(
                 f"{'SDXL' if architecture == 'sdxl' else 'Stable Diffusion'} folder needs all of "
                 f"{', '.join(s + '/' for s in _subfolders(architecture))}"
             )
-    dtype = torch.float32 if dtype is None else dtype
     try:
         with quiet_progress():
-            components = _load_parts(source, architecture, dtype, hub)
+            components = _load_parts(source, architecture, keep, hub)
     except (OSError, ValueError) as exc:
         if path.is_dir():
             hint = "the folder is incomplete or damaged; re-save or re-download it"
@@ -197,21 +220,43 @@ def load_components(
     return components
 
 
-def _load_parts(source: str, architecture: str, dtype: torch.dtype, hub: dict) -> SDComponents:
-    """Each part from its subfolder of a diffusers folder or hub id."""
+def vae_force_upcast(source: str, hub: dict) -> bool:
+    """Whether the VAE config of a diffusers folder or hub id asks to run in float32 (SDXL's)."""
+    diffusers = require("diffusers")
+    return bool(
+        diffusers.AutoencoderKL.load_config(source, subfolder="vae", **hub).get("force_upcast", False)
+    )
+
+
+def _load_parts(source: str, architecture: str, keep: Keep, hub: dict) -> SDComponents:
+    """Each part from its subfolder of a diffusers folder or hub id, loaded in the dtype it is kept in and
+    placed before the next one is read."""
     diffusers = require("diffusers")
     transformers = require("transformers")
-    unet = diffusers.UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **hub)
-    vae = diffusers.AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **hub)
-    text_encoder = transformers.CLIPTextModel.from_pretrained(
-        source, subfolder="text_encoder", dtype=dtype, **hub
+    upcast = vae_force_upcast(source, hub)
+    unet = keep.place(
+        diffusers.UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", torch_dtype=keep.dtype_of("unet"), **hub
+        )
+    )
+    vae = keep.place(
+        diffusers.AutoencoderKL.from_pretrained(
+            source, subfolder="vae", torch_dtype=keep.dtype_of("vae", force_upcast=upcast), **hub
+        )
+    )
+    text_encoder = keep.place(
+        transformers.CLIPTextModel.from_pretrained(
+            source, subfolder="text_encoder", dtype=keep.dtype_of("text_encoder"), **hub
+        )
     )
     tokenizer = transformers.CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub)
     noise_scheduler = diffusers.DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub)
     second = {}
     if architecture == "sdxl":
-        second["text_encoder_2"] = transformers.CLIPTextModelWithProjection.from_pretrained(
-            source, subfolder="text_encoder_2", dtype=dtype, **hub
+        second["text_encoder_2"] = keep.place(
+            transformers.CLIPTextModelWithProjection.from_pretrained(
+                source, subfolder="text_encoder_2", dtype=keep.dtype_of("text_encoder_2"), **hub
+            )
         )
         second["tokenizer_2"] = transformers.CLIPTokenizer.from_pretrained(
             source, subfolder="tokenizer_2", **hub

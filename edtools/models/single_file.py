@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelError, require
-from .sd import SDComponents, check_prediction_type
+from .sd import Keep, SDComponents, check_prediction_type, vae_force_upcast
 
 if TYPE_CHECKING:
     import torch
@@ -231,14 +231,16 @@ def load_single_file(
     path: str | os.PathLike,
     *,
     model_config: str | os.PathLike | None = None,
-    dtype: torch.dtype | None = None,
+    keep: Keep | None = None,
     local_files_only: bool | None = None,
 ) -> SDComponents:
     """Load a single-file SD 1.x/2.x or SDXL checkpoint with diffusers' converters.
 
     model_config: a diffusers folder or hub id whose component configs and tokenizers fit the file (no weights
     are read from it). None: diffusers' default repo for the detected type, from the Hugging Face cache or the
-    hub (local_files_only None = HF_HUB_OFFLINE decides). dtype: weights dtype (None = float32).
+    hub (local_files_only None = HF_HUB_OFFLINE decides). keep: each part's dtype and device (None: float32).
+    The file's tensors are memory-mapped: a part kept in the file's dtype is not copied, and each part's
+    tensors are let go once it is loaded and placed.
     Prediction type: model_config's scheduler when given, else the file's metadata (modelspec, kohya) or
     v_pred key, else a <stem>.yaml beside the file (A1111), else the inferred config's scheduler.
     """
@@ -271,32 +273,50 @@ def load_single_file(
     hub = {"local_files_only": offline}
     _check_config(path, architecture, source, explicit, hub)
 
-    try:  # dtype None: float32, the dtype the models are built in (an fp16 file is upcast)
-        unet = diffusers.UNet2DConditionModel.from_single_file(
-            state_dict, config=source, subfolder="unet", torch_dtype=dtype, **hub
+    keep = Keep() if keep is None else keep
+    in_file = frozenset(state_dict)  # the tensors go part by part below; the checks need only the names
+    try:
+        unet = keep.place(
+            diffusers.UNet2DConditionModel.from_single_file(
+                state_dict, config=source, subfolder="unet", torch_dtype=keep.dtype_of("unet"), **hub
+            )
         )
-        vae = diffusers.AutoencoderKL.from_single_file(
-            state_dict, config=source, subfolder="vae", torch_dtype=dtype, **hub
+        _let_go(state_dict, _UNET)
+        upcast = vae_force_upcast(source, hub)
+        vae = keep.place(
+            diffusers.AutoencoderKL.from_single_file(
+                state_dict,
+                config=source,
+                subfolder="vae",
+                torch_dtype=keep.dtype_of("vae", force_upcast=upcast),
+                **hub,
+            )
         )
-        text_encoder = utils.create_diffusers_clip_model_from_ldm(
-            transformers.CLIPTextModel,
-            state_dict,
-            subfolder="text_encoder",
-            config=source,
-            torch_dtype=dtype,
-            local_files_only=offline,
+        _let_go(state_dict, _VAE)
+        text_encoder = keep.place(
+            utils.create_diffusers_clip_model_from_ldm(
+                transformers.CLIPTextModel,
+                state_dict,
+                subfolder="text_encoder",
+                config=source,
+                torch_dtype=keep.dtype_of("text_encoder"),
+                local_files_only=offline,
+            )
         )
+        _let_go(state_dict, _TEXT[architecture][0])
         tokenizer = transformers.CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub)
         scheduler = diffusers.DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub)
         second: dict[str, Any] = {}
         if architecture == "sdxl":
-            second["text_encoder_2"] = utils.create_diffusers_clip_model_from_ldm(
-                transformers.CLIPTextModelWithProjection,
-                state_dict,
-                subfolder="text_encoder_2",
-                config=source,
-                torch_dtype=dtype,
-                local_files_only=offline,
+            second["text_encoder_2"] = keep.place(
+                utils.create_diffusers_clip_model_from_ldm(
+                    transformers.CLIPTextModelWithProjection,
+                    state_dict,
+                    subfolder="text_encoder_2",
+                    config=source,
+                    torch_dtype=keep.dtype_of("text_encoder_2"),
+                    local_files_only=offline,
+                )
             )
             second["tokenizer_2"] = transformers.CLIPTokenizer.from_pretrained(
                 source, subfolder="tokenizer_2", **hub
@@ -318,11 +338,17 @@ def load_single_file(
     for module in (unet, vae):  # from_single_file's one-device placement record; from_pretrained leaves none
         if len(getattr(module, "hf_device_map", None) or {}) == 1:
             del module.hf_device_map
-    scheduler = _with_sampling(scheduler, path, state_dict, metadata, explicit, source)
+    scheduler = _with_sampling(scheduler, path, in_file, metadata, explicit, source)
     components = SDComponents(unet, text_encoder, tokenizer, vae, scheduler, **second)
     check_prediction_type(components, str(path))
-    _check_loaded(components, state_dict, path, source)
+    _check_loaded(components, in_file, path, source)
     return components
+
+
+def _let_go(state_dict: dict[str, Any], prefix: str) -> None:
+    """Drop a loaded part's tensors: a part placed on the GPU then frees its host copy at once."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
 
 
 def _brief(exc: BaseException) -> str:
@@ -425,7 +451,7 @@ def _check_config(path: Path, architecture: str, source: str, explicit: bool, hu
 
 
 def _file_prediction_type(
-    path: Path, state_dict: Mapping[str, Any], metadata: Mapping[str, str]
+    path: Path, keys: Collection[str], metadata: Mapping[str, str]
 ) -> tuple[str, str] | None:
     """(prediction type, where it was read) from the file's metadata or keys, or the A1111 yaml beside it."""
     names = {"v": "v_prediction", "v_prediction": "v_prediction", "epsilon": "epsilon", "eps": "epsilon"}
@@ -437,7 +463,7 @@ def _file_prediction_type(
     if kohya in ("true", "false"):
         found = "v_prediction" if kohya == "true" else "epsilon"
         return found, f"kohya metadata ss_v_parameterization={kohya}"
-    if "v_pred" in state_dict:
+    if "v_pred" in keys:
         return "v_prediction", "the file's v_pred key (ComfyUI convention)"
     return _yaml_prediction_type(path)
 
@@ -467,7 +493,7 @@ def _yaml_prediction_type(path: Path) -> tuple[str, str] | None:
 def _with_sampling(
     scheduler: Any,
     path: Path,
-    state_dict: Mapping[str, Any],
+    keys: Collection[str],
     metadata: Mapping[str, str],
     explicit: bool,
     source: str,
@@ -476,7 +502,7 @@ def _with_sampling(
     explicit model_config's scheduler wins."""
     diffusers = require("diffusers")
     config = dict(scheduler.config)
-    found = _file_prediction_type(path, state_dict, metadata)
+    found = _file_prediction_type(path, keys, metadata)
     if explicit:
         if found and found[0] != config["prediction_type"]:
             logger.warning(
@@ -494,7 +520,7 @@ def _with_sampling(
         logger.info("%s: prediction type %s from %s", path, found[0], found[1])
     else:
         logger.info("%s: prediction type %s from %s's scheduler", path, config["prediction_type"], source)
-        if "cond_stage_model.model.token_embedding.weight" in state_dict:
+        if "cond_stage_model.model.token_embedding.weight" in keys:
             logger.warning(
                 "%s: SD 2.x files do not say whether they are v-prediction (768-v) or epsilon (512 base), and "
                 "this one has no metadata or .yaml that does; using %s (%s). If that is wrong, pass a "
@@ -503,7 +529,7 @@ def _with_sampling(
                 config["prediction_type"],
                 source,
             )
-    if "ztsnr" in state_dict and not config.get("rescale_betas_zero_snr"):
+    if "ztsnr" in keys and not config.get("rescale_betas_zero_snr"):
         config["rescale_betas_zero_snr"] = True
         logger.info("%s: zero terminal SNR betas (the file's ztsnr key)", path)
     if config == dict(scheduler.config):
@@ -511,7 +537,7 @@ def _with_sampling(
     return diffusers.DDPMScheduler.from_config(config)
 
 
-def _check_loaded(components: SDComponents, state_dict: Mapping[str, Any], path: Path, source: str) -> None:
+def _check_loaded(components: SDComponents, keys: Collection[str], path: Path, source: str) -> None:
     """Every weight the configs describe came from the file (none left uninitialised), and report file weights
     that went unused (a config smaller than the file)."""
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -524,7 +550,7 @@ def _check_loaded(components: SDComponents, state_dict: Mapping[str, Any], path:
     from .single_file_layout import original_keys
 
     required, synthetic = original_keys(components)
-    in_file = {key for key in state_dict if key.startswith(_PREFIXES)}
+    in_file = {key for key in keys if key.startswith(_PREFIXES)}
     missing = sorted(required - in_file)
     if missing:
         raise ModelError(

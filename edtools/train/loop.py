@@ -49,6 +49,7 @@ from .setup import (
     configure_noise,
     fill_text_cache,
     load_data,
+    load_model,
     make_latent_cache,
     planned_steps,
     resolve_config,
@@ -143,16 +144,11 @@ def _build(
     """_start's work once the out folder is locked."""
     from tqdm.auto import tqdm
 
-    from ..models import load_components
     from .validate import Validator
 
     resume_from = prepare_out(config, out, runtime)
     info = checkpoint_info(resume_from) if resume_from is not None else {}
-    # A full fine-tune resumes from the checkpoint's weights; LoRA from the base model plus its adapters.
-    if resume_from is not None and config.lora_rank == 0:
-        components = load_components(str(resume_from))
-    else:
-        components = load_components(config.model, model_config=config.model_config)
+    components = load_model(config, runtime, resume_from)
     config = resolve_config(config, components, runtime)
     configure_noise(components, config)
     if resume_from is not None:

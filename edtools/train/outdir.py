@@ -19,7 +19,7 @@ from .checkpoint import CHECKPOINTS_DIR, find_checkpoints
 from .runtime import Runtime
 from .sample import SAMPLES_DIR
 
-__all__ = ["LOCK_FILE", "OutLock", "damage", "prepare_out", "remove_unfinished_saves"]
+__all__ = ["LOCK_FILE", "OutLock", "damage", "prepare_out", "remove_unfinished_saves", "resume_point"]
 
 log = logging.getLogger("edtools.train")
 
@@ -159,6 +159,24 @@ def prepare_out(config: TrainConfig, out: Path, runtime: Runtime) -> Path | None
     if runtime.main:
         remove_unfinished_saves(out)
     runtime.barrier()
+    resume_from = resume_point(config, out)
+    if resume_from is not None:
+        return resume_from
+    checkpoints = find_checkpoints(out)
+    runtime.barrier()
+    if runtime.main:
+        if checkpoints:
+            shutil.rmtree(out / CHECKPOINTS_DIR)
+            shutil.rmtree(out / SAMPLES_DIR, ignore_errors=True)
+        for name in RECORDS:
+            (out / name).unlink(missing_ok=True)
+    runtime.barrier()
+    return None
+
+
+def resume_point(config: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint a run of config continues from (resume: the newest intact one, damaged newer ones named),
+    or None for a fresh run; an earlier run's checkpoints without resume or overwrite are refused. Reads only."""
     checkpoints = find_checkpoints(out)
     if config.resume:
         for checkpoint in reversed(checkpoints):
@@ -179,12 +197,4 @@ def prepare_out(config: TrainConfig, out: Path, runtime: Runtime) -> Path | None
             f"{checkpoints[-1].name}); set resume to continue it, overwrite to delete them and start "
             "afresh, or choose another out folder"
         )
-    runtime.barrier()
-    if runtime.main:
-        if checkpoints:
-            shutil.rmtree(out / CHECKPOINTS_DIR)
-            shutil.rmtree(out / SAMPLES_DIR, ignore_errors=True)
-        for name in RECORDS:
-            (out / name).unlink(missing_ok=True)
-    runtime.barrier()
     return None

@@ -20,7 +20,9 @@ from .step import autocast
 
 __all__ = [
     "fill_text_cache",
+    "kept_as",
     "load_data",
+    "load_model",
     "planned_steps",
     "resolve_config",
     "steps_in_epoch",
@@ -48,6 +50,40 @@ def planned_steps(
         )
         steps += steps_in_epoch(schedule.n_batches, world_size, config.grad_accum)
     return max(steps, 1)
+
+
+def kept_as(config: TrainConfig, runtime: Runtime) -> Any:
+    """How the run keeps each part (models.Keep), decided before loading so nothing is loaded in float32 only to
+    be cast down: frozen parts in the mixed-precision dtype, what trains fully (the UNet and the text encoders
+    asked for, never under LoRA, whose adapters are added later) in float32, each on the run's device."""
+    torch = require("torch")
+    from ..models import Keep
+    from ..presets import auto_precision
+
+    device = torch.device(runtime.device)
+    precision = auto_precision(
+        config.mixed_precision, device.type, device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    trained = set()
+    if config.lora_rank == 0:  # auto_settings' rule for train_text_encoder_2: as train_text_encoder
+        second = (
+            config.train_text_encoder if config.train_text_encoder_2 is None else config.train_text_encoder_2
+        )
+        wanted = {"unet": True, "text_encoder": config.train_text_encoder, "text_encoder_2": second}
+        trained = {part for part, train in wanted.items() if train}
+    frozen = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    return Keep(dtype=frozen, float32=frozenset(trained), device=runtime.device)
+
+
+def load_model(config: TrainConfig, runtime: Runtime, resume_from: Path | None = None) -> Any:
+    """The model as the run keeps it: a full fine-tune resumes from the checkpoint's own weights, LoRA from the
+    base model (its adapters come from the checkpoint)."""
+    from ..models import load_components
+
+    keep = kept_as(config, runtime)
+    if resume_from is not None and config.lora_rank == 0:
+        return load_components(str(resume_from), keep=keep)
+    return load_components(config.model, model_config=config.model_config, keep=keep)
 
 
 def resolve_config(config: TrainConfig, components: Any, runtime: Runtime) -> TrainConfig:
