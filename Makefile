@@ -57,7 +57,8 @@ test: $(STAMP) browser-deps lint
 	$(MAKE) test-colab
 
 # Colab's own package stack (constraints/colab.txt: ipywidgets 7.7.1, numpy 2.0, transformers 4.57, the oldest
-# diffusers/accelerate/peft edtools declares) in a second environment: the panels and the notebook headless.
+# diffusers/accelerate/peft edtools declares) in a second environment: the panels and the notebook headless, and
+# model folders written by either environment read by the other (test_folder_compat).
 COLAB_VENV := .venv-colab
 $(COLAB_VENV)/.installed: pyproject.toml constraints/colab.txt
 	test -x $(COLAB_VENV)/bin/python || $(PYTHON) -m venv $(COLAB_VENV)
@@ -67,7 +68,8 @@ $(COLAB_VENV)/.installed: pyproject.toml constraints/colab.txt
 	touch $@
 
 test-colab: $(COLAB_VENV)/.installed
-	$(COLAB_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_widgets.py tests/test_notebook.py tests/test_install.py
+	$(COLAB_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_widgets.py tests/test_notebook.py tests/test_install.py \
+		tests/test_folder_compat.py
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not notebook and not browser" $(PYTEST_ARGS)

@@ -289,14 +289,24 @@ def make_pipeline(components: SDComponents, *, device: str | torch.device | None
 
 
 def write_components(components: SDComponents, folder: str | os.PathLike) -> None:
-    """Write the diffusers pipeline files (safetensors) into folder (not atomically: see save_components), with
-    the text encoder's weights named as every transformers version reads them (see _prefix_text_model)."""
+    """Write the diffusers pipeline files (safetensors) into folder (not atomically: see save_components), in
+    the form the hub's SD folders have, which transformers 4.x and 5.x both read (5.x writes another)."""
+    folder = Path(folder)
     with quiet_progress():
         make_pipeline(components).save_pretrained(folder, safe_serialization=True)
-    _prefix_text_model(Path(folder) / "text_encoder")
+    _prefix_text_model(folder / "text_encoder")
+    for name, tokenizer in zip(("tokenizer", "tokenizer_2"), components.tokenizers, strict=False):
+        _write_vocab_files(tokenizer, folder / name)
 
 
-# transformers >= 5 saves a CLIPTextModel without its text_model. level, and 4.x (Colab's, kohya's) then loads
+def _write_vocab_files(tokenizer: Any, folder: Path) -> None:
+    """vocab.json and merges.txt of a CLIP tokenizer: transformers 5.x saves only tokenizer.json, which 4.x's
+    CLIPTokenizer (the class model_index.json names) cannot read, failing to load at all."""
+    if not (folder / "vocab.json").is_file():
+        tokenizer.backend_tokenizer.model.save(str(folder))
+
+
+# transformers 5.x saves a CLIPTextModel without its text_model. level, and 4.x (Colab's, kohya's) then loads
 # such an encoder with random weights and only a warning. Every version reads the prefixed names, the hub's own.
 _TEXT_MODEL = "text_model."
 
