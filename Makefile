@@ -61,11 +61,13 @@ format: $(STAMP)
 	$(BIN)/ruff format edtools tests bench notebooks
 
 test: $(STAMP) browser-deps lint
-	$(if $(LOCKED),EDTOOLS_LOCK=$(LOCK)) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	# the cross-environment folder test runs once, in the Colab leg (it starts this environment's python too)
+	$(if $(LOCKED),EDTOOLS_LOCK=$(LOCK)) $(BIN)/python -m pytest --ignore=tests/test_folder_compat.py $(PYTEST_ARGS)
 	$(MAKE) test-colab
 
 # Colab's own package stack (constraints/colab.txt: ipywidgets 7.7.1, numpy 2.0, transformers 4.57, the oldest
-# diffusers/accelerate/peft edtools declares) in a second environment: the panels and the notebook headless.
+# diffusers/accelerate/peft edtools declares) in a second environment: the panels and the notebook headless, and
+# model folders written by either environment read by the other (test_folder_compat).
 COLAB_VENV := .venv-colab
 $(COLAB_VENV)/.installed: pyproject.toml constraints/colab.txt $(COLAB_LOCK)
 	rm -rf $(COLAB_VENV) && $(PYTHON) -m venv $(COLAB_VENV)
@@ -75,7 +77,8 @@ $(COLAB_VENV)/.installed: pyproject.toml constraints/colab.txt $(COLAB_LOCK)
 	touch $@
 
 test-colab: $(STAMP) $(COLAB_VENV)/.installed
-	$(if $(COLAB_LOCKED),EDTOOLS_LOCK=$(COLAB_LOCK)) $(COLAB_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_widgets.py tests/test_notebook.py tests/test_install.py
+	$(if $(COLAB_LOCKED),EDTOOLS_LOCK=$(COLAB_LOCK)) $(COLAB_VENV)/bin/python -m pytest -p no:cacheprovider \
+		tests/test_widgets.py tests/test_notebook.py tests/test_install.py tests/test_folder_compat.py
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not notebook and not browser" $(PYTEST_ARGS)

@@ -14,7 +14,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
+safe_open = pytest.importorskip("safetensors").safe_open
+
+from single_file_cases import differing  # noqa: E402
 
 from edtools.errors import ModelError  # noqa: E402
 from edtools.models import (  # noqa: E402
@@ -25,6 +28,7 @@ from edtools.models import (  # noqa: E402
     save_components,
     tiny_components,
 )
+from edtools.models.sd import _prefix_text_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +164,40 @@ def test_save_replaces_an_existing_folder(tmp_path):
     assert_same_weights(newer, load_components(str(out)))
     assert not (out / "stale.txt").exists()
     assert leftovers(tmp_path, "checkpoint") == []
+
+
+def test_folders_have_the_hubs_file_layout_that_every_transformers_reads(tmp_path):
+    # transformers 5 alone writes CLIPTextModel weights without text_model. and only tokenizer.json: 4.x then
+    # loads random text encoder weights and no tokenizer (test_folder_compat loads folders in both versions).
+    components = tiny_components("sdxl", seed=10)
+    folder = save_components(components, tmp_path / "checkpoint")
+    for name, module in (
+        ("text_encoder", components.text_encoder),
+        ("text_encoder_2", components.text_encoder_2),
+    ):
+        expected = {k.removeprefix("text_model."): v for k, v in module.state_dict().items()}
+        with safe_open(str(folder / name / "model.safetensors"), framework="pt") as file:
+            assert file.metadata() == {"format": "pt"}
+            assert all(k.startswith("text_model.") for k in file.keys() if k != "text_projection.weight")  # noqa: SIM118
+            written = {k.removeprefix("text_model."): file.get_tensor(k) for k in file.keys()}  # noqa: SIM118
+        assert differing(expected, written) == [], name
+    for name in ("tokenizer", "tokenizer_2"):
+        assert (folder / name / "vocab.json").is_file() and (folder / name / "merges.txt").is_file(), name
+    assert_same_weights(components, load_components(str(folder)))
+    assert leftovers(folder / "text_encoder", "model.safetensors") == []
+
+
+def test_a_sharded_text_encoder_is_renamed_in_each_file_and_the_index(tmp_path):
+    text_encoder = tiny_components(seed=11).text_encoder
+    text_encoder.save_pretrained(tmp_path, max_shard_size="50KB")
+    _prefix_text_model(tmp_path)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert all(name.startswith("text_model.") for name in index["weight_map"])
+    for path in tmp_path.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as file:
+            assert all(name.startswith("text_model.") for name in file.keys())  # noqa: SIM118
+    assert differing(text_encoder, transformers.CLIPTextModel.from_pretrained(tmp_path)) == []
 
 
 def test_failed_save_leaves_no_partial_folder(tmp_path, monkeypatch):

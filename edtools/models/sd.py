@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..atomic import atomic_folder
+from ..atomic import atomic_file, atomic_folder, write_text
 from ..errors import ModelError, require
 
 if TYPE_CHECKING:
@@ -333,9 +334,60 @@ def make_pipeline(components: SDComponents, *, device: str | torch.device | None
 
 
 def write_components(components: SDComponents, folder: str | os.PathLike) -> None:
-    """Write the diffusers pipeline files (safetensors) into folder (not atomically: see save_components)."""
+    """Write the diffusers pipeline files (safetensors) into folder (not atomically: see save_components), in
+    the form the hub's SD folders have, which transformers 4.x and 5.x both read (5.x writes another)."""
+    folder = Path(folder)
     with quiet_progress():
         make_pipeline(components).save_pretrained(folder, safe_serialization=True)
+    _prefix_text_model(folder / "text_encoder")
+    for name, tokenizer in zip(("tokenizer", "tokenizer_2"), components.tokenizers, strict=False):
+        _write_vocab_files(tokenizer, folder / name)
+
+
+def _write_vocab_files(tokenizer: Any, folder: Path) -> None:
+    """vocab.json and merges.txt of a CLIP tokenizer: transformers 5.x saves only tokenizer.json, which 4.x's
+    CLIPTokenizer (the class model_index.json names) cannot read, failing to load at all."""
+    if not (folder / "vocab.json").is_file():
+        tokenizer.backend_tokenizer.model.save(str(folder))
+
+
+# transformers 5.x saves a CLIPTextModel without its text_model. level, and 4.x (Colab's, kohya's) then loads
+# such an encoder with random weights and only a warning. Every version reads the prefixed names, the hub's own.
+_TEXT_MODEL = "text_model."
+
+
+def _prefixed(name: str) -> str:
+    return name if name.startswith(_TEXT_MODEL) else _TEXT_MODEL + name
+
+
+def _prefix_text_model(folder: Path) -> None:
+    """Name a saved CLIPTextModel's weights text_model.*: in each safetensors file and a sharded model's index.
+    Files already named so (written by transformers 4.x) are left as they are."""
+    for path in sorted(folder.glob("*.safetensors")):
+        _rename_tensors(path, _prefixed)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        content = json.loads(index.read_text(encoding="utf-8"))
+        weight_map = {_prefixed(name): file for name, file in content["weight_map"].items()}
+        if weight_map != content["weight_map"]:
+            write_text(
+                index, json.dumps({**content, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n"
+            )
+
+
+def _rename_tensors(path: Path, rename: Callable[[str], str]) -> None:
+    """Rename the tensors of a safetensors file in place (atomically). Only the JSON header changes (an 8-byte
+    little-endian length, then the header): the tensor bytes are copied as they are, never held in memory."""
+    with open(path, "rb") as file:
+        header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+        renamed = {name if name == "__metadata__" else rename(name): entry for name, entry in header.items()}
+        if list(renamed) == list(header):
+            return
+        text = json.dumps(renamed, separators=(",", ":")).encode("utf-8")
+        text += b" " * (-len(text) % 8)  # padded like safetensors' own, so the tensors stay 8-byte aligned
+        with atomic_file(path) as tmp, open(tmp, "wb") as out:
+            out.write(len(text).to_bytes(8, "little") + text)
+            shutil.copyfileobj(file, out)
 
 
 def save_components(components: SDComponents, out_dir: str | os.PathLike) -> Path:
