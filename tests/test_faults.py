@@ -279,7 +279,10 @@ def test_an_out_folder_that_goes_away_stops_the_run_and_resumes_once_back(
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     what = "was removed or replaced during the run" if replaced else "disappeared during the run"
     assert f"error: the out folder {out} {what}" in done.stderr
-    assert "The run stopped at step 7 (epoch 1, batch 2) and did not recreate the folder" in done.stderr
+    assert (
+        "The run stopped at step 7 (epoch 1, batch 2), writing nothing more there and not recreating it"
+        in done.stderr
+    )
     assert f"The last checkpoint saved is {out / 'checkpoints' / 'step-00000005'} (step 5)" in done.stderr
     assert not out.exists() or not any(out.iterdir())  # nothing written into a stand-in
     assert [c.name for c in find_checkpoints(away)] == ["step-00000005"]

@@ -129,7 +129,7 @@ class OutLock:
             lock = os.stat(self.path)
         except OSError:
             lock = None
-        if lock is not None and (folder.st_ino, lock.st_ino) == (folder_then.st_ino, lock_then.st_ino):
+        if folder.st_ino == folder_then.st_ino and lock is not None and _same_file(lock, lock_then):
             return None
         # Some network drives number files anew after a while: the lock's content decides, read only then.
         if lock is not None and self._read() == self._mine:
@@ -144,6 +144,11 @@ class OutLock:
             with contextlib.suppress(OSError):  # a folder on a drive that went away: nothing to remove
                 if self._mine is None or self._read() in (None, self._mine):
                     self.path.unlink(missing_ok=True)
+
+
+def _same_file(now: os.stat_result, then: os.stat_result) -> bool:
+    """The lock file is written once: another file (even one given a freed inode's number) differs in time or size."""
+    return (now.st_ino, now.st_mtime_ns, now.st_size) == (then.st_ino, then.st_mtime_ns, then.st_size)
 
 
 def _refuse_unmounted(out: Path) -> None:

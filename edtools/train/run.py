@@ -329,9 +329,7 @@ def guard_out(run: Run) -> None:
     if problem is None:
         return
     state, checkpoint = run.state, run.last_checkpoint
-    where = f"step {state.global_step} (epoch {state.epoch}" + (
-        f", batch {state.batch})" if state.batch else ")"
-    )
+    where = f"step {state.global_step} (epoch {state.epoch}{f', batch {state.batch}' if state.batch else ''})"
     if checkpoint is None:
         after = "No checkpoint had been saved yet: once the drive is back, start the run again"
     else:
@@ -341,8 +339,8 @@ def guard_out(run: Run) -> None:
             "the notebook, resume)"
         )
     raise OutFolderGone(
-        f"the out folder {run.out} {problem}. The run stopped at {where} and did not recreate the folder: new "
-        f"checkpoints there would sit on the local disk, lost at a disconnect. {after}",
+        f"the out folder {run.out} {problem}. The run stopped at {where}, writing nothing more there and not "
+        f"recreating it (after an unmount that path is the local disk, which a disconnect wipes). {after}",
         checkpoint,
     )
 
