@@ -1,6 +1,7 @@
 """Faults through the command line, as a person meets them: Ctrl-C and kill -9 mid-run, two runs into one
-folder, damaged checkpoints, a full drive, unreadable files, a drive that goes away mid-run. Each ends in a clear message or a correct run: no
-traceback, nothing silently lost, and a resume that reaches the weights of an uninterrupted run."""
+folder, damaged checkpoints, a full drive, unreadable files, a drive that goes away mid-run. Each ends in a
+clear message or a correct run: no traceback, nothing silently lost, and a resume that reaches the weights of
+an uninterrupted run."""
 
 from __future__ import annotations
 
