@@ -182,13 +182,38 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(format_plan(check_run(config)))
         return 0
-    result = train(config)  # it logs its own summary; expected failures reach main's error boundary
+    from .train.outdir import OutFolderGone
+
+    try:
+        result = train(config)  # it logs its own summary; expected failures reach main's error boundary
+    except OutFolderGone as exc:  # the drive went away: once it is back, the run resumes from its checkpoint
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.checkpoint is not None:
+            print(
+                f"\nOnce the out folder is back, continue from {exc.checkpoint}:\n  {_resume_command(args)}"
+            )
+        return 2
     if result.stop_reason == "interrupted":
-        argv = [a for a in getattr(args, "argv", []) if a not in ("--resume", "--overwrite")]
-        command = " ".join(["edtools", *map(shlex.quote, argv), "--resume"])
-        print(f"\ninterrupted: checkpoint {result.checkpoint}. To continue where it stopped:\n  {command}")
+        print(
+            f"\ninterrupted: checkpoint {result.checkpoint}. To continue where it stopped:\n"
+            f"  {_resume_command(args)}"
+        )
         return 130
+    if result.stop_reason == "data_root_gone":
+        print(
+            f"error: the data root {config.data_root} disappeared during the run (a Drive that was unmounted?); "
+            f"the run stopped with checkpoint {result.checkpoint}",
+            file=sys.stderr,
+        )
+        print(f"\nOnce the data root is back, continue where it stopped:\n  {_resume_command(args)}")
+        return 2
     return 0
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command line of this run, to continue it from its newest checkpoint."""
+    argv = [a for a in getattr(args, "argv", []) if a not in ("--resume", "--overwrite")]
+    return " ".join(["edtools", *map(shlex.quote, argv), "--resume"])
 
 
 KOHYA_HELP = "folders named the kohya way (10_alice) without a multiply.txt: the number is their multiplier"

@@ -314,26 +314,23 @@ class ScheduleBatches(_TorchDataset):
 
         if not 0 <= b < len(self):
             raise IndexError(f"batch {b} out of range: this epoch has {len(self)} batches")
-        images = self.schedule.batch(b).tolist()
-        crops = self.crops(b)
-        keys = [latent_key(self.root, self.dataset.paths[i], c) for i, c in zip(images, crops, strict=True)]
-        cached = (
-            [self.latent_store.get(k) for k in keys] if self.latent_store is not None else [None] * len(keys)
-        )
-        pixels, kept, skipped = [], [], []
-        for position, (i, crop, latent) in enumerate(zip(images, crops, cached, strict=True)):
-            if latent is None:
-                try:
+        images, crops = self.schedule.batch(b).tolist(), self.crops(b)
+        pixels, positions, keys, cached, skipped = [], [], [], [], []
+        for position, (i, crop) in enumerate(zip(images, crops, strict=True)):
+            try:
+                key = latent_key(self.root, self.dataset.paths[i], crop)  # reads the file's size and time
+                latent = self.latent_store.get(key) if self.latent_store is not None else None
+                if latent is None:
                     pixels.append(decode_image(self.root / self.dataset.paths[i], crop))
-                except ValueError as exc:  # one bad file never ends a long run: it is skipped and listed
-                    skipped.append((self.dataset.paths[i], str(exc)))
-                    continue
-            kept.append(position)
+            except (ValueError, OSError) as exc:
+                # one bad file, or one that vanished (a synced drive), never ends a long run: skipped, listed
+                skipped.append((self.dataset.paths[i], _skip_reason(self.root / self.dataset.paths[i], exc)))
+                continue
+            positions.append(position)
+            keys.append(key)
+            cached.append(latent)
         if skipped:
-            images, crops, keys, cached = ([seq[p] for p in kept] for seq in (images, crops, keys, cached))
-            positions = kept
-        else:
-            positions = list(range(len(images)))
+            images, crops = [images[p] for p in positions], [crops[p] for p in positions]
         width, height = self.schedule.batch_size_of(b)
         captions = [self.caption(b, position, i) for position, i in zip(positions, images, strict=True)]
         index = np.asarray(images, dtype=np.int64)
@@ -347,7 +344,7 @@ class ScheduleBatches(_TorchDataset):
             "epoch": int(self.schedule.epoch),
             "batch": int(b),
             "captions": captions,
-            "skipped_images": skipped,  # (path, why) of images that could not be decoded
+            "skipped_images": skipped,  # (path, why) of images that could not be read or decoded
         }
         if self.latent_keys:
             batch["latent_keys"] = keys
@@ -355,6 +352,16 @@ class ScheduleBatches(_TorchDataset):
         for n, tokenizer in enumerate(self.tokenizers):
             batch["input_ids" if n == 0 else f"input_ids_{n + 1}"] = token_ids(tokenizer, captions)
         return batch
+
+
+def _skip_reason(path: Path, exc: Exception) -> str:
+    """Why an image was left out of its batch, for the warning and skipped_images.txt."""
+    missing = exc if isinstance(exc, OSError) else exc.__cause__  # decode_image wraps what PIL raised
+    if isinstance(missing, FileNotFoundError):
+        return "the file disappeared during the run (deleted, or on a synced drive that went away)"
+    if isinstance(exc, OSError):
+        return f"cannot read image {path}: {exc.strerror or exc}"
+    return str(exc)
 
 
 def caption_variant(

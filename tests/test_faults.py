@@ -1,6 +1,7 @@
 """Faults through the command line, as a person meets them: Ctrl-C and kill -9 mid-run, two runs into one
-folder, damaged checkpoints, a full drive, unreadable files. Each ends in a clear message or a correct run: no
-traceback, nothing silently lost, and a resume that reaches the weights of an uninterrupted run."""
+folder, damaged checkpoints, a full drive, unreadable files, a drive that goes away mid-run. Each ends in a
+clear message or a correct run: no traceback, nothing silently lost, and a resume that reaches the weights of
+an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -245,3 +246,94 @@ def test_unreadable_files_are_messages(tiny_model, tmp_path):
     )  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert str(locked) in done.stderr and "ermission" in done.stderr
+
+
+# A drive that goes away mid-run. The fault is injected right after an optimizer step, in the CLI's own
+# process: the step event is where a notebook's callback would act, so the run meets it at a known point.
+
+
+def edtools_with_fault(step: int, fault: str, *args: str) -> subprocess.CompletedProcess:
+    """edtools with the Python statement `fault` run right after optimizer step `step`."""
+    code = f"""
+import os, sys
+import edtools.train.loop as loop
+from edtools.cli import main
+emit = loop.emit
+def faulty_emit(run, event):
+    emit(run, event)
+    if event.kind == "step" and event.global_step == {step}:
+        {fault}
+loop.emit = faulty_emit
+sys.exit(main(sys.argv[1:]))
+"""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("replaced", [False, True], ids=["unmounted", "replaced-by-an-empty-folder"])
+def test_an_out_folder_that_goes_away_stops_the_run_and_resumes_once_back(
+    tiny_model, uninterrupted, tmp_path, replaced
+):
+    root, final = uninterrupted
+    out, away = tmp_path / "out", tmp_path / "away"
+    fault = f"os.rename({str(out)!r}, {str(away)!r})" + (f"; os.mkdir({str(out)!r})" if replaced else "")
+    done = edtools_with_fault(7, fault, *train_args(root, tiny_model, out))  # mid epoch 1; epoch 0 saved
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    what = "was removed or replaced during the run" if replaced else "disappeared during the run"
+    assert f"error: the out folder {out} {what}" in done.stderr
+    assert (
+        "The run stopped at step 7 (epoch 1, batch 2), writing nothing more there and not recreating it"
+        in done.stderr
+    )
+    assert f"The last checkpoint saved is {out / 'checkpoints' / 'step-00000005'} (step 5)" in done.stderr
+    assert not out.exists() or not any(out.iterdir())  # nothing written into a stand-in
+    assert [c.name for c in find_checkpoints(away)] == ["step-00000005"]
+    command = done.stdout.split("continue from", 1)[1].split(":\n", 1)[1].strip()
+    assert command.startswith("edtools train ") and command.endswith("--resume")
+
+    if replaced:
+        out.rmdir()
+    away.rename(out)  # the drive is back
+    resumed = edtools(*shlex.split(command)[1:])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {out / 'checkpoints' / 'step-00000005'}" in resumed.stderr
+    assert same(unet(find_checkpoints(out)[-1]), final)
+
+
+@pytest.mark.parametrize("num_workers", ["0", "1"])
+def test_an_image_that_vanishes_mid_run_is_skipped_and_listed(
+    tiny_model, uninterrupted, tmp_path, num_workers
+):
+    root = shutil.copytree(uninterrupted[0], tmp_path / "root")
+    out, gone = tmp_path / "out", root / "a" / "a_003.png"
+    done = edtools_with_fault(
+        2,
+        f"os.remove({str(gone)!r})",
+        *train_args(root, tiny_model, out, "--cache-latents", "memory", "--num-workers", num_workers),
+    )  # cached latents need the file's size and time: that is where a vanished image used to end the run
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "skipped a/a_003.png (the file disappeared during the run" in done.stderr
+    lines = [line.split("\t") for line in (out / "skipped_images.txt").read_text().splitlines()]
+    assert {path for _, path, _ in lines} == {"a/a_003.png"}
+    assert {"epoch 1", "epoch 2", "epoch 3"} <= {epoch for epoch, _, _ in lines}  # every epoch after it
+    assert find_checkpoints(out)[-1].name == "step-00000020"  # 4 epochs, none cut short
+
+
+def test_a_data_root_that_goes_away_stops_with_a_checkpoint_and_resumes_exactly(
+    tiny_model, uninterrupted, tmp_path
+):
+    _, final = uninterrupted
+    root = shutil.copytree(uninterrupted[0], tmp_path / "root")
+    out, away = tmp_path / "out", tmp_path / "root-away"
+    done = edtools_with_fault(
+        7, f"os.rename({str(root)!r}, {str(away)!r})", *train_args(root, tiny_model, out)
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"the data root {root} disappeared during the run" in done.stderr
+    (checkpoint,) = find_checkpoints(out)[-1:]
+    assert checkpoint.name == "step-00000007" and damage(checkpoint) is None  # mid-epoch, resumable
+    assert not (out / "skipped_images.txt").exists()  # the images were not bad: the data root was away
+    command = done.stdout.split("continue where it stopped:\n", 1)[1].strip()
+    away.rename(root)
+    resumed = edtools(*shlex.split(command)[1:])
+    assert resumed.returncode == 0, resumed.stderr
+    assert same(unet(find_checkpoints(out)[-1]), final)

@@ -55,7 +55,11 @@ WORKER = textwrap.dedent(
         for name, tensor in sorted(module.state_dict().items()):
             digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
     record["weights"] = digest.hexdigest()
-    record["result"] = {"global_step": result.global_step, "checkpoint": result.checkpoint}
+    record["result"] = {
+        "global_step": result.global_step,
+        "checkpoint": result.checkpoint,
+        "stop_reason": result.stop_reason,
+    }
     Path(sys.argv[2], f"rank{record['rank']}.json").write_text(json.dumps(record))
     """
 )
@@ -75,11 +79,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_ranks(config: TrainConfig, tmp_path: Path, timeout: float = 300) -> list[dict]:
-    """Train config in 2 gloo processes under `accelerate launch`; each rank's record (see WORKER)."""
+def launch_two_ranks(
+    config: TrainConfig, tmp_path: Path, timeout: float = 300, before: str = ""
+) -> list[dict]:
+    """Train config in 2 gloo processes under `accelerate launch`; each rank's record (see WORKER). `before`:
+    Python each rank runs first (a fault to inject)."""
     config_file = config.to_file(tmp_path / "run.json")
     worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
+    worker.write_text(before + WORKER)
     records = tmp_path / "records"
     records.mkdir()
     command = [
@@ -167,4 +174,30 @@ def test_a_batch_whose_every_image_fails_to_decode_keeps_the_ranks_in_step(tree,
     dataset = load_dataset(root)
     assert trained == [i for i in range(5) if dataset.paths[i] != "a/a_001.png"]
     assert "a/a_001.png" in (tmp_path / "out" / "skipped_images.txt").read_text()
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
+@pytest.mark.slow
+def test_a_data_root_that_goes_away_stops_every_rank_at_the_same_batch(tree, tmp_path):
+    """Rank 0 finds the data root gone, rank 1 may have loaded its batch just before: they sum their answers,
+    so both stop after the same step with one checkpoint, and none waits forever for the other."""
+    root = tree({"a": 4, "b": 4})
+    fault = textwrap.dedent(
+        f"""
+        import os
+        import edtools.train.loop as loop
+        emit = loop.emit
+        def faulty_emit(run, event):
+            emit(run, event)
+            if event.kind == "step" and event.global_step == 3 and run.runtime.main:
+                os.rename({str(root)!r}, {str(root) + "-away"!r})
+        loop.emit = faulty_emit
+        """
+    )
+    config = train_config(root, make_tiny_model(tmp_path / "model"), tmp_path / "out", epochs=2, batch_size=1)
+    ranks = launch_two_ranks(config, tmp_path, timeout=150, before=fault)
+    assert ranks[0]["result"] == ranks[1]["result"]
+    assert ranks[0]["result"]["stop_reason"] == "data_root_gone"
+    assert ranks[0]["result"]["global_step"] == 3
+    assert ranks[0]["result"]["checkpoint"].endswith("step-00000003")
     assert ranks[0]["weights"] == ranks[1]["weights"]

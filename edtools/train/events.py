@@ -13,14 +13,15 @@ __all__ = ["TrainEvent", "TrainResult"]
 
 @dataclass(frozen=True)
 class TrainResult:
-    """How a train() call ended. stop_reason: finished, max_steps, callback (the callback or the notebook's Stop)
-    or interrupted (Ctrl-C / SIGTERM); all but finished leave a resumable checkpoint."""
+    """How a train() call ended. stop_reason: finished, max_steps, callback (the callback or the notebook's Stop),
+    interrupted (Ctrl-C / SIGTERM) or data_root_gone (its folder went away mid-run: resume once it is back); all
+    but finished leave a resumable checkpoint."""
 
     out: str
     global_step: int
     epoch: int  # epochs fully trained
     batch: int  # batches of the next epoch already trained (on each rank)
-    stop_reason: Literal["finished", "max_steps", "callback", "interrupted"]
+    stop_reason: Literal["finished", "max_steps", "callback", "interrupted", "data_root_gone"]
     checkpoint: str | None
     skipped_steps: int
     last_loss: float | None
@@ -33,6 +34,7 @@ class TrainResult:
             "max_steps": "stopped at max_steps",
             "callback": "stopped on request",
             "interrupted": "interrupted",
+            "data_root_gone": "stopped: the data root went away",
         }
         loss = "" if self.last_loss is None else f", last loss {self.last_loss:.4f}"
         skipped = f", {self.skipped_steps} step(s) skipped (non-finite)" if self.skipped_steps else ""

@@ -43,7 +43,16 @@ from .records import (
     trim_records,
     write_validation_images,
 )
-from .run import Run, checkpoint_now, emit, interrupts, sample_now, validate_now
+from .run import (
+    Run,
+    checkpoint_now,
+    data_root_gone,
+    emit,
+    guard_out,
+    interrupts,
+    sample_now,
+    validate_now,
+)
 from .runtime import Runtime, make_runtime
 from .setup import (
     configure_noise,
@@ -307,7 +316,11 @@ def _train_epoch(run: Run, epoch: int) -> str:
     sums, counts, images, nonfinite = np.zeros(len(concepts)), np.zeros(len(concepts)), [], False
     for batch in loader:
         b = int(batch["batch"])
+        # a Drive unmounted mid-run: stop with a checkpoint rather than train empty batches
+        if data_root_gone(run, batch):
+            return "data_root_gone"
         if batch["skipped_images"]:
+            guard_out(run)  # listing them must not recreate an out folder that went away
             for image, why in batch["skipped_images"]:
                 log.warning("epoch %d: skipped %s (%s); listed in %s", epoch, image, why, SKIPPED_IMAGES)
             append_skipped(run.out, epoch, batch["skipped_images"])
@@ -379,6 +392,7 @@ def _end_epoch(run: Run) -> str:
     dataset, concepts = run.dataset, run.dataset.concept_paths
     trained = run.schedule(epoch).images_per_concept(dataset)
     expected = expected_images_per_epoch(dataset)
+    guard_out(run)  # the records must not recreate an out folder that went away
     if run.runtime.main:
         append_balance_history(run.out, epoch, dataset, trained)
         append_training_loss(run.out, epoch, {c: (s, int(n)) for c, (s, n) in run.epoch_loss.items()})
@@ -408,6 +422,7 @@ def _after_step(run: Run, fingerprint: str | None) -> str | None:
     """After an optimizer step (or an epoch): samples and timed checkpoints when due. Returns why to stop
     (callback or max_steps; then a checkpoint is saved), else None. All ranks decide alike."""
     config, state = run.config, run.state
+    guard_out(run)  # once a step: an out folder that went away stops the run (it is never recreated)
     every = config.sample_every_steps
     if every and state.global_step % every == 0 and state.global_step != run.start_step:
         sample_now(run)
@@ -433,8 +448,8 @@ def _finish(run: Run, stop_reason: str) -> TrainResult:
     state = run.state
     mid_epoch = None if state.batch == 0 else schedule_fingerprint(run.schedule(state.epoch))
     checkpoint_now(run, mid_epoch)
-    if stop_reason not in ("callback", "interrupted") and state.global_step > run.start_step:
-        sample_now(run)
+    if stop_reason in ("finished", "max_steps") and state.global_step > run.start_step:
+        sample_now(run)  # not after a stop that was asked for or forced
     if run.runtime.main:
         plot_records(run.out, run.dataset)
     result = TrainResult(

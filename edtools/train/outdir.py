@@ -1,9 +1,10 @@
-"""The out folder a run owns: a lock so two runs never write into it at once, the removal of saves an earlier
-run never finished, and the newest checkpoint that is intact (a damaged one is named and skipped).
+"""The out folder a run owns: a lock so two runs never write into it at once (and that tells when the folder
+went away mid-run), the removal of saves an earlier run never finished, and the newest intact checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,22 +20,48 @@ from .checkpoint import CHECKPOINTS_DIR, find_checkpoints
 from .runtime import Runtime
 from .sample import SAMPLES_DIR
 
-__all__ = ["LOCK_FILE", "OutLock", "damage", "prepare_out", "remove_unfinished_saves", "resume_point"]
+__all__ = [
+    "LOCK_FILE",
+    "MOUNT_POINTS",
+    "OutFolderGone",
+    "OutLock",
+    "damage",
+    "prepare_out",
+    "remove_unfinished_saves",
+    "resume_point",
+]
 
 log = logging.getLogger("edtools.train")
 
 LOCK_FILE = ".edtools.lock"
 
+# Where notebooks mount a cloud drive (Colab's drive.mount). Unmounted, a path under one is a plain folder on the
+# local disk, which a disconnect wipes: a run refuses to start there.
+MOUNT_POINTS = ("/content/drive",)
+
+
+class OutFolderGone(EdtoolsError):
+    """The out folder went away mid-run (a Drive that was unmounted, a folder deleted or replaced): the run
+    stopped without recreating it. checkpoint: the last one saved there, to resume from once it is back."""
+
+    def __init__(self, message: str, checkpoint: Path | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
 
 class OutLock:
     """out/.edtools.lock holds the pid, host and start time of the run using the folder. A lock whose process
-    is gone (or is this very process, after a run that ended by an error) is taken over."""
+    is gone (or is this very process, after a run that ended by an error) is taken over. While held, problem()
+    tells whether the folder is still the one locked."""
 
     def __init__(self, out: Path) -> None:
         self.path = out / LOCK_FILE
         self.held = False
+        self._mine: dict | None = None
+        self._identity: tuple[os.stat_result, os.stat_result] | None = None  # (folder, lock file) at start
 
     def acquire(self) -> None:
+        _refuse_unmounted(self.path.parent)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         mine = {
             "pid": os.getpid(),
@@ -57,7 +84,8 @@ class OutLock:
                 continue
             with os.fdopen(fd, "w") as file:
                 json.dump(mine, file)
-            self.held = True
+            self.held, self._mine = True, mine
+            self._identity = (os.stat(self.path.parent), os.stat(self.path))
             return
         raise EdtoolsError(
             f"could not lock {self.path}: another run keeps taking it; choose another out folder"
@@ -84,10 +112,57 @@ class OutLock:
             return True
         return True
 
+    def problem(self) -> str | None:
+        """What happened to the locked folder, said as the end of a sentence about it (gone, on another drive,
+        replaced), or None while it is the one locked. Two stat calls; the lock is read only when numbers moved."""
+        if not self.held or self._identity is None:
+            return None
+        folder_then, lock_then = self._identity
+        try:
+            folder = os.stat(self.path.parent)
+        except FileNotFoundError:
+            return "disappeared during the run (a Drive that was unmounted?)"
+        except OSError as exc:  # a dead network mount: "Transport endpoint is not connected"
+            return f"cannot be reached any more ({exc.strerror or exc}: a Drive that was unmounted?)"
+        if folder.st_dev != folder_then.st_dev:
+            return "is now on another drive than when the run started (a Drive that was unmounted?)"
+        try:
+            lock = os.stat(self.path)
+        except OSError:
+            lock = None
+        if folder.st_ino == folder_then.st_ino and lock is not None and _same_file(lock, lock_then):
+            return None
+        # Some network drives number files anew after a while: the lock's content decides, read only then.
+        if lock is not None and self._read() == self._mine:
+            self._identity = (folder, lock)
+            return None
+        return f"was removed or replaced during the run (its lock file {LOCK_FILE} is gone or another run's)"
+
     def release(self) -> None:
+        """Remove the lock, if it is still this run's (a folder replaced mid-run may hold another's)."""
         if self.held:
-            self.path.unlink(missing_ok=True)
             self.held = False
+            with contextlib.suppress(OSError):  # a folder on a drive that went away: nothing to remove
+                if self._mine is None or self._read() in (None, self._mine):
+                    self.path.unlink(missing_ok=True)
+
+
+def _same_file(now: os.stat_result, then: os.stat_result) -> bool:
+    """The lock file is written once: another file (even one given a freed inode's number) differs in time or size."""
+    return (now.st_ino, now.st_mtime_ns, now.st_size) == (then.st_ino, then.st_mtime_ns, then.st_size)
+
+
+def _refuse_unmounted(out: Path) -> None:
+    """A drive's mount point that is not mounted (before drive.mount, after a disconnect) is refused: the run
+    would write to the local disk, lost at a disconnect, and not to the drive."""
+    out = Path(os.path.abspath(out))
+    for point in map(Path, MOUNT_POINTS):
+        if out.is_relative_to(point) and not os.path.ismount(point):
+            raise EdtoolsError(
+                f"out is {out}, under {point}, but no drive is mounted at {point}: the run would write to the "
+                f"local disk, which a disconnect wipes. Mount the drive first (Colab: from google.colab import "
+                f"drive; drive.mount('{point}')), or choose an out folder elsewhere"
+            )
 
 
 def remove_unfinished_saves(out: Path) -> list[Path]:

@@ -1,5 +1,6 @@
 """A run between its steps: the Run that holds its state, and what happens to it besides training: events to
-the callback and TensorBoard, checkpoints (a full drive said in words), validation, samples, interrupts.
+the callback and TensorBoard, checkpoints (a full drive said in words), validation, samples, interrupts, and
+an out folder or data root that went away.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import dataclasses
 import errno
 import json
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -25,12 +27,23 @@ from ..schedule import EpochSchedule, build_epoch
 from .checkpoint import CHECKPOINTS_DIR, TrainState, find_checkpoints, remove_checkpoint, save_checkpoint
 from .ema import ema_weights
 from .events import TrainEvent
+from .outdir import OutFolderGone
 from .rebalance import BalanceSource, saved_values
 from .records import append_validation
 from .runtime import Runtime
 from .sample import SAMPLES_DIR, save_samples
 
-__all__ = ["Run", "Signals", "checkpoint_now", "emit", "interrupts", "sample_now", "validate_now"]
+__all__ = [
+    "Run",
+    "Signals",
+    "checkpoint_now",
+    "data_root_gone",
+    "emit",
+    "guard_out",
+    "interrupts",
+    "sample_now",
+    "validate_now",
+]
 
 log = logging.getLogger("edtools.train")
 
@@ -150,6 +163,7 @@ def checkpoint_now(run: Run, fingerprint: str | None) -> None:
     folder = run.out / CHECKPOINTS_DIR
     path = folder / f"step-{state.global_step:08d}"
     if runtime.main:
+        guard_out(run)
         path = _save_or_say_why(run, folder, fingerprint)
         log.info("checkpoint saved: %s", path)
         if run.config.keep_checkpoints:
@@ -188,6 +202,7 @@ def _save_or_say_why(run: Run, folder: Path, fingerprint: str | None) -> Path:
             params=run.params,
         )
     except Exception as exc:
+        guard_out(run)  # the folder went away while saving: say that, not the error it caused
         if not _drive_full(exc):
             raise
         previous = find_checkpoints(run.out)
@@ -259,6 +274,7 @@ def validate_now(run: Run) -> None:
         results = run.validator.evaluate(
             run.components, runtime.device, text_frozen=not trained_text, text_cache=run.text_cache
         )
+        guard_out(run)
         append_validation(run.out, state.global_step, state.epoch, results)
         run.say(
             "validation at step %d: %s",
@@ -288,6 +304,7 @@ def sample_now(run: Run) -> None:
         return
     runtime.barrier()
     if runtime.main:
+        guard_out(run)
         with ema_weights(run.ema, run.params):  # samples show the averaged weights when there are any
             paths = save_samples(
                 run.components, run.config, run.out / SAMPLES_DIR, state.global_step, runtime.device
@@ -300,3 +317,56 @@ def sample_now(run: Run) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Data and output folder
+
+
+def guard_out(run: Run) -> None:
+    """Stop the run when its out folder went away (a Drive unmounted mid-run) or was replaced. It is never
+    recreated: its checkpoints would be gone and the new ones written to the local disk that a disconnect wipes.
+    Nor is a checkpoint written elsewhere: nothing here is known to outlast the session. So the run stops with
+    the last checkpoint saved there, to resume from once the drive is back. Checked on the main process (it
+    holds the lock) before each write and after each step; cheap (two stat calls)."""
+    problem = run.lock.problem() if run.runtime.main and run.lock is not None else None
+    if problem is None:
+        return
+    state, checkpoint = run.state, run.last_checkpoint
+    where = f"step {state.global_step} (epoch {state.epoch}{f', batch {state.batch}' if state.batch else ''})"
+    if checkpoint is None:
+        after = "No checkpoint had been saved yet: once the drive is back, start the run again"
+    else:
+        after = (
+            f"The last checkpoint saved is {checkpoint} (step {run.last_checkpoint_step}), in that folder: once "
+            "the drive is back (mounted again at the same path), resume from it (edtools train ... --resume; in "
+            "the notebook, resume)"
+        )
+    raise OutFolderGone(
+        f"the out folder {run.out} {problem}. The run stopped at {where}, writing nothing more there and not "
+        f"recreating it (after an unmount that path is the local disk, which a disconnect wipes). {after}",
+        checkpoint,
+    )
+
+
+def data_root_gone(run: Run, batch: dict) -> bool:
+    """Whether the data root itself went away (a Drive unmounted mid-run): it no longer exists or is empty.
+    Then every image would be skipped, epoch after epoch of empty steps; instead the run stops with a
+    checkpoint, to resume once the data is back (the schedule is the same, so it resumes exactly). Images that
+    vanish one by one are only skipped and listed. Looked at only when a batch lost an image; under several
+    processes every rank sums its answer on every batch, so all stop at the same batch."""
+    gone = bool(batch["skipped_images"]) and not _has_entries(Path(run.dataset.root))
+    if run.runtime.world_size > 1:
+        gone = run.runtime.sum([float(gone)])[0] > 0
+    if gone and run.runtime.main:
+        log.error(
+            "the data root %s disappeared during the run (a Drive that was unmounted?): stopping at step %d "
+            "with a checkpoint; once the data root is back, resume (edtools train ... --resume)",
+            run.dataset.root,
+            run.state.global_step,
+        )
+    return gone
+
+
+def _has_entries(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is not None
+    except OSError:  # gone, or a mount that no longer answers
+        return False

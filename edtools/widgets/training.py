@@ -436,6 +436,13 @@ class TrainingPanel(_Panel):
             if self.result.stop_reason == "callback":
                 self.earlier_run.value = "resume"
                 self._say(f"Stopped cleanly: {html.escape(str(self.result))}. Press Train to resume.")
+            elif self.result.stop_reason == "data_root_gone":  # a Drive unmounted mid-run
+                self.earlier_run.value = "resume"
+                self._say(
+                    f"{html.escape(str(self.result))}. Once the data root is back (mount the drive again), "
+                    "press Train to resume.",
+                    error=True,
+                )
             else:
                 self._say(f"Done: {html.escape(str(self.result))}")
         except BaseException as exc:  # shown in the panel; wait() re-raises it
