@@ -19,7 +19,15 @@ from .checkpoint import CHECKPOINTS_DIR, find_checkpoints
 from .runtime import Runtime
 from .sample import SAMPLES_DIR
 
-__all__ = ["LOCK_FILE", "OutLock", "damage", "prepare_out", "remove_unfinished_saves"]
+__all__ = [
+    "LOCK_FILE",
+    "OutLock",
+    "damage",
+    "lock_holder",
+    "prepare_out",
+    "remove_unfinished_saves",
+    "take_over_lock",
+]
 
 log = logging.getLogger("edtools.train")
 
@@ -88,6 +96,25 @@ class OutLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def lock_holder(out: Path) -> dict | None:
+    """The run whose lock would keep a new run out of this folder (pid, host, started), or None. A lock of
+    another machine counts: on a shared drive its run may still be going."""
+    lock = OutLock(out)
+    holder = lock._read()
+    return holder if holder is not None and lock._alive(holder) else None
+
+
+def take_over_lock(out: Path, holder: dict) -> bool:
+    """Remove the lock of a run a person says is gone (a Colab runtime that disconnected leaves its lock on
+    Drive, from a machine that no longer exists), if it is still exactly that lock. Returns whether it did."""
+    lock = OutLock(out)
+    if lock._read() != holder:
+        return False
+    log.warning("taking over the lock %s of %s (on %s)", lock.path, holder.get("pid"), holder.get("host"))
+    lock.path.unlink(missing_ok=True)
+    return True
 
 
 def remove_unfinished_saves(out: Path) -> list[Path]:
