@@ -38,7 +38,7 @@ TYPICAL_PARAMETERS = {
     },
     "sdxl": {
         "unet": 2_567_463_684,
-        "text": 817_720_321,
+        "text": 817_720_320,
         "vae": 83_653_863,
         "lora_unet": 2_659_840,
         "lora_text": 903_168,
@@ -203,7 +203,8 @@ def model_parameters(model: str) -> tuple[dict[str, int], str]:
 
 
 def _billions(counts: Mapping[str, int]) -> str:
-    return f"{(counts['unet'] + counts['text'] + counts['vae']) / 1e9:.2f} billion"
+    n = counts["unet"] + counts["text"] + counts["vae"]
+    return f"{n / 1e9:.2f} billion" if n >= 1e8 else f"{n / 1e6:.2f} million"
 
 
 def _header(path: Path) -> dict[str, Any]:
@@ -314,15 +315,18 @@ class SpaceCheck:
 
 
 def _size(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
-def space_check(out: str | os.PathLike, config: Mapping[str, Any]) -> SpaceCheck:
+def space_check(
+    out: str | os.PathLike, config: Mapping[str, Any], earlier: EarlierRun | None = None
+) -> SpaceCheck:
     """Whether the checkpoints of a run into `out` fit on its drive (shutil.disk_usage of the folder, or of its
     nearest existing parent). config: TrainConfig values (to_dict). A resumed run's checkpoints are counted from
-    its epoch on, next to those it keeps, each the size of its newest; a fresh run's size is estimated from the
-    model, and with overwrite the earlier checkpoints' space counts as free."""
-    from ..train.checkpoint import checkpoint_bytes, checkpoint_info, find_checkpoints
+    its epoch on, next to those it keeps, each the size of the one it resumes from (earlier, else
+    find_earlier_run); a fresh run's size is estimated from the model, and with overwrite the earlier
+    checkpoints' space counts as free."""
+    from ..train.checkpoint import checkpoint_bytes, find_checkpoints
 
     out = Path(out).expanduser()
     existing = find_checkpoints(out)
@@ -330,8 +334,10 @@ def space_check(out: str | os.PathLike, config: Mapping[str, Any]) -> SpaceCheck
     free = shutil.disk_usage(drive).free
     start_epoch = 0
     if config.get("resume") and existing:
-        each, how = checkpoint_bytes(existing[-1]), f"measured from {existing[-1].name}"
-        start_epoch = int(checkpoint_info(existing[-1]).get("epoch", 0))
+        earlier = earlier if earlier is not None and earlier.out == out else find_earlier_run(out)
+    if config.get("resume") and earlier is not None and earlier.checkpoint is not None:
+        each, how = checkpoint_bytes(earlier.checkpoint), f"measured from {earlier.checkpoint.name}"
+        start_epoch = int(earlier.info.get("epoch", 0))
     else:
         parameters, source = model_parameters(str(config.get("model") or ""))
         each, how = estimate_checkpoint_bytes(parameters, config), f"estimated from {source}"
@@ -344,7 +350,7 @@ def space_check(out: str | os.PathLike, config: Mapping[str, Any]) -> SpaceCheck
     needed = checkpoint_space(each=each, existing=len(existing), saves=saves, keep=keep)
     minutes = float(config.get("checkpoint_every_minutes") or 0)
     message = (
-        f"Checkpoints: {saves} more to save{f' plus one every {minutes:g} minutes' if minutes else ''} "
+        f"Checkpoints: {saves} more to save{f' plus one every {minutes:.3g} minutes' if minutes else ''} "
         f"({f'the newest {keep} kept' if keep else 'every one kept'}), about {_size(each)} each ({how}); "
         f"{_size(needed)} needed, {_size(free)} free on the drive of {out}."
     )
@@ -352,7 +358,7 @@ def space_check(out: str | os.PathLike, config: Mapping[str, Any]) -> SpaceCheck
     if minutes and not keep and not warning:  # timed saves kept without end: when does the drive fill?
         hours = (free - needed) // max(each, 1) * minutes / 60
         warning = hours < RUNTIME_HOURS
-        message += f" Timed checkpoints fill the drive after about {hours:g} hours of training."
+        message += f" Timed checkpoints fill the drive after about {hours:.3g} h of training."
     if warning:
         message += (
             " They will not fit: set keep checkpoints (e.g. 2), free space on the drive, or choose an output "

@@ -97,6 +97,7 @@ class TrainingPanel(_Panel):
         self._quiet = True  # no free-space checks while the fields are filled in
         self._offered = False
         self._foreign_lock: tuple[Path, dict] | None = None
+        self._earlier: EarlierRun | None = None  # the run offer_resume found in the output folder
 
         # The notebook closes the balance loop by default: a validation share and slider edits live.
         defaults = (
@@ -275,6 +276,7 @@ class TrainingPanel(_Panel):
             style={"description_width": "190px"},
             layout=widgets.Layout(width="420px"),
         )
+        self.earlier_run.add_class("edtools-earlier-run")
         self.train_button = widgets.Button(description="Train", icon="play", button_style="primary")
         self.stop_button = widgets.Button(
             description="Stop",
@@ -405,7 +407,7 @@ class TrainingPanel(_Panel):
         """Look into the output folder: a run there is described in the status line with its step and settings,
         its settings fill the fields and, unless it is finished, "resume it" is chosen (Train resumes it)."""
         out = self.out.value.strip()
-        run = find_earlier_run(out) if out else None
+        run = self._earlier = find_earlier_run(out) if out else None
         self._foreign_lock = None
         if run is None or run.checkpoint is None:
             if self._offered:  # a folder without that run: the choice made for it no longer applies
@@ -503,7 +505,7 @@ class TrainingPanel(_Panel):
             return None
         out = self.out.value.strip()
         try:
-            check = space_check(out, self.config().to_dict()) if out else None
+            check = space_check(out, self.config().to_dict(), self._earlier) if out else None
         except (OSError, ValueError) as exc:  # a setting not valid yet: the Train button will say which
             self.space_note.value = f"<small>free space not checked: {html.escape(str(exc))}</small>"
             return None
