@@ -401,6 +401,8 @@ def test_a_run_killed_mid_epoch_resumes_after_the_cells_run_again(tmp_path):
             except NoDialog:  # the restart is shown in the status bar only
                 pass
             wait_for(lambda: kernel_pids(server), 60, "the restarted kernel")
+            # from the top, as a person would: JupyterLab only draws the prompts of cells it shows
+            page.locator(".jp-Notebook .jp-Cell").first.scroll_into_view_if_needed()
             run_all_cells(page, 120)
             wait_for(lambda: "Found a run in" in status.inner_text(), 60, "the offer", status.inner_text)
             offer = status.inner_text()
