@@ -947,3 +947,21 @@ def test_the_runtime_is_disconnected_when_training_ends_if_asked(training_parts,
     training.start()
     assert training.wait(timeout=30).stop_reason == "callback"
     assert fake_colab == []  # Stop: the person is there and may resume
+
+
+def test_runs_that_cannot_be_resumed_are_named_and_the_fields_stay(training_parts, demo_like, tmp_path):
+    import json
+
+    _, training = training_parts
+    broken = fake_checkpoint(tmp_path / "broken", 5, epoch=0, batch=5, data_root=str(demo_like))
+    (broken / "resume" / "state.pt").write_bytes(b"PK\x03\x04 cut")
+    training.out.value = str(tmp_path / "broken")
+    assert "none can be resumed from (step-00000005: resume/state.pt is damaged" in training.status.value
+    assert training.earlier_run.value == "refuse"
+    other = fake_checkpoint(tmp_path / "other", 5, epoch=0, batch=5, data_root=str(demo_like))
+    saved = json.loads((other / "resume" / "config.json").read_text())
+    (other / "resume" / "config.json").write_text(json.dumps({**saved, "optimizer": "sgd"}))
+    epochs = training.epochs.value
+    training.out.value = str(tmp_path / "other")
+    assert "cannot be resumed here" in training.status.value and "optimizer" in training.status.value
+    assert training.epochs.value == epochs and training.earlier_run.value == "refuse"

@@ -118,9 +118,8 @@ class TrainingPanel(_Panel):
                 "sample_every_steps": 20,
                 "overwrite": True,  # the demo run is scratch: running the notebook again starts afresh
             }
-        if (
-            drive is not None
-        ):  # a new runtime proposes the same folders: it finds the run and the caches again
+        # on Drive a new runtime proposes the same folders, so it finds the run and the caches again
+        if drive is not None:
             data_root = balance.disk.root if balance.disk is not None else default_data_root()
             defaults = {**defaults, **drive_settings(drive, data_root)}
         full = widgets.Layout(width="95%")
@@ -406,9 +405,16 @@ class TrainingPanel(_Panel):
     def offer_resume(self) -> EarlierRun | None:
         """Look into the output folder: a run there is described in the status line with its step and settings,
         its settings fill the fields and, unless it is finished, "resume it" is chosen (Train resumes it)."""
+        from ..config import ConfigError
+
         out = self.out.value.strip()
-        run = self._earlier = find_earlier_run(out) if out else None
         self._foreign_lock = None
+        try:
+            run = self._earlier = find_earlier_run(out) if out else None
+        except (OSError, ValueError) as exc:  # an unreadable folder (a Drive mount gone, say): say so, go on
+            self._earlier, self._quiet = None, False
+            self._say(f"could not look into {html.escape(out)}: {html.escape(str(exc))}", error=True)
+            return None
         if run is None or run.checkpoint is None:
             if self._offered:  # a folder without that run: the choice made for it no longer applies
                 self.earlier_run.value, self._offered = self._initial_choice, False
@@ -422,6 +428,11 @@ class TrainingPanel(_Panel):
         try:
             self.use_settings(run.config)
             restored = self._restore_balance(run)
+        except ConfigError as exc:  # saved by another edtools version, say: the fields stay as they are
+            self._say(
+                f"a run in {html.escape(out)} cannot be resumed here: {html.escape(str(exc))}", error=True
+            )
+            return run
         finally:
             self._quiet = False
         data_root = str(self.balance.disk.root) if self.balance.disk is not None else None
