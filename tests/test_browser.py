@@ -3,7 +3,8 @@
 It runs every cell, moves a multiplier slider and types a value, watches the histogram and totals change,
 clicks Save, then trains the tiny model and, while it trains, types another multiplier and watches the next
 epoch's actual counts and histogram follow. EDTOOLS_SCREENSHOTS=1 also writes docs/balance_panel.png and
-docs/training_panel.png.
+docs/training_panel.png. A second test kills the kernel mid-epoch, runs the cells again, accepts the offered
+resume and finds the weights of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -134,7 +137,11 @@ def wait_for(predicate, timeout: float, what: str, state=None):
     pytest.fail(f"timed out after {timeout} s waiting for {what}" + (f"; {state()}" if state else ""))
 
 
-def test_balance_panel_in_jupyterlab(tmp_path):
+@contextmanager
+def notebook_page(tmp_path: Path, screenshots: bool = False):
+    """JupyterLab serving a copy of the notebook (demo data root, EDTOOLS_SMOKE=ui: the training panel is set
+    for the tiny model, a test presses Train) and a chromium page; yields (page, url, data root, server). A
+    failure leaves a screenshot of the whole page in tmp_path."""
     if not CHROMIUM.is_file():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (make browser-deps)")
     try:
@@ -143,17 +150,11 @@ def test_balance_panel_in_jupyterlab(tmp_path):
         pytest.skip("playwright is missing: pip install playwright (no browser download is needed)")
     from edtools.demo import make_demo_dataset
 
-    screenshots = os.environ.get("EDTOOLS_SCREENSHOTS") == "1"
     root = tmp_path / "notebooks"
     root.mkdir()
     shutil.copy(NOTEBOOK, root / "edtools.ipynb")
     data_root = make_demo_dataset(tmp_path / "data")
-    env = sandbox_env(
-        tmp_path / "jupyter",
-        EDTOOLS_DATA_ROOT=str(data_root),
-        EDTOOLS_SMOKE="ui",  # the training panel is set for the tiny model; the test presses Train
-    )
-    started = time.perf_counter()
+    env = sandbox_env(tmp_path / "jupyter", EDTOOLS_DATA_ROOT=str(data_root), EDTOOLS_SMOKE="ui")
     server, url = start_jupyterlab(root, env, tmp_path / "jupyterlab.log")
     try:
         with sync_playwright() as playwright:
@@ -170,8 +171,7 @@ def test_balance_panel_in_jupyterlab(tmp_path):
             try:
                 page = browser.pages[0] if browser.pages else browser.new_page()
                 try:
-                    run_notebook_and_balance(page, url, data_root, screenshots, timeout_s=120)
-                    train_and_rebalance(page, screenshots, timeout_s=300)
+                    yield page, url, data_root, server
                 except BaseException:
                     page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
                     print(f"the page at the failure: {tmp_path / 'failure.png'}")
@@ -184,13 +184,19 @@ def test_balance_panel_in_jupyterlab(tmp_path):
             server.wait(10)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_balance_panel_in_jupyterlab(tmp_path):
+    screenshots = os.environ.get("EDTOOLS_SCREENSHOTS") == "1"
+    started = time.perf_counter()
+    with notebook_page(tmp_path, screenshots) as (page, url, data_root, _):
+        run_notebook_and_balance(page, url, data_root, screenshots, timeout_s=120)
+        train_and_rebalance(page, screenshots, timeout_s=300)
     print(f"browser test took {time.perf_counter() - started:.1f} s")
 
 
-def run_notebook_and_balance(page, url: str, data_root: Path, screenshots: bool, timeout_s: float) -> None:
-    page.set_default_timeout(60_000)
-    page.goto(url)
-    page.wait_for_selector(".jp-Notebook .jp-Cell")
+def run_all_cells(page, timeout_s: float) -> None:
+    """Run > Run All Cells, then wait until every code cell shows its number and none failed."""
     wait_for(
         lambda: "Idle" in page.locator(".jp-StatusBar-TextItem", has_text="|").first.inner_text(),
         60,
@@ -210,6 +216,13 @@ def run_notebook_and_balance(page, url: str, data_root: Path, screenshots: bool,
     wait_for(all_ran, timeout_s, "every cell to finish", lambda: prompts.all_inner_texts())
     errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
     assert errors.count() == 0, errors.first.inner_text()
+
+
+def run_notebook_and_balance(page, url: str, data_root: Path, screenshots: bool, timeout_s: float) -> None:
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.wait_for_selector(".jp-Notebook .jp-Cell")
+    run_all_cells(page, timeout_s)
 
     balance = page.locator(".edtools-balance")
     total = balance.locator(".edtools-total")
@@ -297,3 +310,124 @@ def train_and_rebalance(page, screenshots: bool, timeout_s: float) -> None:
             "the run to stop",
             status.inner_text,
         )
+
+
+def kernel_pids(server: subprocess.Popen) -> list[int]:
+    """The kernels the server started: its child processes running ipykernel."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == server.pid and b"ipykernel" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def mid_epoch_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint saved in the middle of the first epoch, if there is one yet."""
+    for state in sorted((out / "checkpoints").glob("step-*/resume/state.json"), reverse=True):
+        try:
+            info = json.loads(state.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # being written
+        if info["epoch"] == 0 and info["batch"] > 0 and info["global_step"] >= 3:
+            return state.parents[1]
+    return None
+
+
+def safetensors_of(checkpoint: Path) -> dict[str, object]:
+    from safetensors.torch import load_file
+
+    return {
+        f"{file.relative_to(checkpoint)}:{name}": tensor
+        for file in sorted(checkpoint.rglob("*.safetensors"))
+        for name, tensor in load_file(file).items()
+    }
+
+
+def test_a_run_killed_mid_epoch_resumes_after_the_cells_run_again(tmp_path):
+    """Train from the panel with a checkpoint every ~1 s; SIGKILL the kernel in the middle of the first epoch
+    (no clean save); JupyterLab restarts it; run every cell again: the panel offers the run from its newest
+    checkpoint with "resume it" chosen; Train finishes it with the same weights as the same config run
+    uninterrupted by the command line."""
+    import torch
+
+    started = time.perf_counter()
+    with notebook_page(tmp_path) as (page, url, _, server):
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        page.wait_for_selector(".jp-Notebook .jp-Cell")
+        run_all_cells(page, 120)
+        training = page.locator(".edtools-training")
+        status = training.locator(".edtools-train-status")
+        training.scroll_into_view_if_needed()
+        minutes = training.locator(".edtools-checkpoint-minutes input")
+        minutes.fill("0.02")
+        minutes.press("Enter")
+        training.get_by_role("button", name="Train").click()
+        out = tmp_path / "notebooks" / "edtools_demo" / "run"
+        checkpoint = wait_for(
+            lambda: mid_epoch_checkpoint(out), 300, "a mid-epoch checkpoint", status.inner_text
+        )
+        [kernel] = kernel_pids(server)
+        os.kill(kernel, signal.SIGKILL)  # a runtime that goes away: nothing is saved on the way out
+        wait_for(
+            lambda: not Path(f"/proc/{kernel}").exists() or kernel not in kernel_pids(server), 20, "the kill"
+        )
+        killed_at = time.perf_counter()
+
+        # the same settings, uninterrupted, from the command line (meanwhile: the CPU is free of the kernel)
+        config = json.loads((checkpoint / "resume" / "config.json").read_text(encoding="utf-8"))
+        reference = tmp_path / "reference"
+        config.update(out=str(reference), resume=False, overwrite=False, checkpoint_every_minutes=0.0)
+        (tmp_path / "reference.json").write_text(json.dumps(config), encoding="utf-8")
+        headless = subprocess.Popen(
+            [sys.executable, "-m", "edtools", "train", "--config", str(tmp_path / "reference.json")],
+            cwd=tmp_path / "notebooks",  # the tiny model's path is relative to the notebook
+            stdout=(tmp_path / "reference.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            # JupyterLab says the kernel died and restarts it; then every cell runs again
+            from playwright.sync_api import TimeoutError as NoDialog
+
+            dialog = page.locator(".jp-Dialog")
+            try:
+                dialog.wait_for(timeout=20_000)
+                dialog.locator(".jp-mod-accept").click()
+            except NoDialog:  # the restart is shown in the status bar only
+                pass
+            wait_for(lambda: kernel_pids(server), 60, "the restarted kernel")
+            # from the top, as a person would: JupyterLab only draws the prompts of cells it shows
+            page.locator(".jp-Notebook .jp-Cell").first.scroll_into_view_if_needed()
+            run_all_cells(page, 120)
+            wait_for(lambda: "Found a run in" in status.inner_text(), 60, "the offer", status.inner_text)
+            offer = status.inner_text()
+            assert (
+                re.search(r"stopped at step \d+, in epoch 1 of 2", offer) and "Train resumes it" in offer
+            ), offer
+            assert training.locator(".edtools-earlier-run select").input_value() == "resume it"
+            training.get_by_role("button", name="Train").click()
+            wait_for(
+                lambda: "Done:" in status.inner_text(), 400, "the resumed run to finish", status.inner_text
+            )
+            assert "resuming from" in training.inner_text()
+            resumed_s = time.perf_counter() - killed_at
+            assert headless.wait(400) == 0, (tmp_path / "reference.log").read_text(errors="replace")[-3000:]
+        finally:
+            if headless.poll() is None:
+                headless.kill()
+    [final] = sorted((out / "checkpoints").glob("step-*[0-9]"))[-1:]
+    [expected] = sorted((reference / "checkpoints").glob("step-*[0-9]"))[-1:]
+    assert final.name == expected.name  # the same number of steps
+    ours, theirs = safetensors_of(final), safetensors_of(expected)
+    assert ours.keys() == theirs.keys() and ours
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+    print(
+        f"kill-and-resume browser test took {time.perf_counter() - started:.1f} s "
+        f"({resumed_s:.1f} s from the kill to the resumed run's end)"
+    )

@@ -536,14 +536,19 @@ def test_tiny_model_trains_stops_and_resumes_from_the_panel(tmp_path, monkeypatc
     assert Path(stopped.checkpoint).is_dir()
     assert training.earlier_run.value == "resume"
 
-    training.start()
-    finished = training.wait(timeout=300)
+    # the cells run again (a new kernel would rescan too): the new panel offers the run with its settings
+    balance.reset()
+    again = ew.TrainingPanel(balance, smoke=True)
+    assert "stopped at step 2, in epoch 1 of 1" in again.status.value and again.earlier_run.value == "resume"
+    assert balance.multipliers["people/alice"] == 0.5 and again.sample_every.value == 0
+    again.start()
+    finished = again.wait(timeout=300)
     assert finished.stop_reason == "finished"
-    assert finished.global_step == training.progress.max  # the panel's step count agrees with train()
-    epoch = [e for e in training.events if e.kind == "epoch"][0]
+    assert finished.global_step == again.progress.max  # the panel's step count agrees with train()
+    epoch = [e for e in again.events if e.kind == "epoch"][0]
     assert epoch.images_per_concept["people/alice"] == 12  # 24 x 0.5: the unsaved slider value trained
-    assert any(e.kind == "sample" for e in training.events)
-    assert len(training.samples.children) == 1
+    assert any(e.kind == "sample" for e in again.events)
+    assert len(again.samples.children) == 1
 
 
 def test_preset_fills_the_form_and_the_rest_of_the_config(training_parts):
@@ -694,3 +699,269 @@ def test_a_slider_moved_during_a_run_changes_the_next_epoch(tmp_path, tree, monk
     assert counts == [2, 6, 6]
     assert "<b>3</b>" in training.history.value  # the change is marked in the history
     assert training.progress.value == training.progress.max == result.global_step
+
+
+# ---- back after a disconnect: Drive folders, the run in the output folder, free space, ending the runtime
+
+
+def fake_checkpoint(out: Path, step: int, *, epoch: int, batch: int, **settings) -> Path:
+    """A checkpoint folder as save_checkpoint lays it out, without weights: what a panel reads of a run."""
+    import json
+    import zipfile
+
+    from edtools.config import TrainConfig
+
+    folder = out / "checkpoints" / f"step-{step:08d}"
+    (folder / "resume").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    with zipfile.ZipFile(folder / "resume" / "state.pt", "w") as archive:
+        archive.writestr("state/data.pkl", b"\x80\x04N.")
+    config = TrainConfig.from_dict(
+        {"model": "stabilityai/stable-diffusion-xl-base-1.0", "out": str(out), **settings}
+    )
+    (folder / "resume" / "config.json").write_text(json.dumps(config.to_dict()))
+    state = {"global_step": step, "epoch": epoch, "batch": batch, "skipped_steps": 0, "world_size": 1}
+    (folder / "resume" / "state.json").write_text(json.dumps({**state, "saved_at": "2025-06-01 10:00:00"}))
+    return folder
+
+
+@pytest.fixture
+def fake_colab(monkeypatch):
+    """A google.colab module in sys.modules (so the panel believes it is on Colab) that records its calls."""
+    import sys
+    import types
+
+    calls: list[str] = []
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(flush_and_unmount=lambda: calls.append("flush"))
+    colab.runtime = types.SimpleNamespace(unassign=lambda: calls.append("unassign"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    return calls
+
+
+def test_drive_settings_put_runs_and_caches_on_drive_the_same_on_every_runtime(tmp_path, fake_colab):
+    drive = tmp_path / "MyDrive"
+    settings = ew.drive_settings(drive, "/content/drive/MyDrive/data sets/Alice & Bob")
+    assert settings == {
+        "out": str(drive / "edtools" / "runs" / "Alice_Bob"),
+        "cache_dir": str(drive / "edtools" / "cache"),
+        "cache_latents": "disk",
+        "checkpoint_every_minutes": 30.0,
+    }
+    assert ew.drive_settings(drive, "/content/drive/MyDrive/data sets/Alice & Bob/") == settings
+    assert ew.colab_drive(drive) is None  # not mounted
+    drive.mkdir()
+    assert ew.colab_drive(drive) == drive
+
+
+def test_outside_colab_there_is_no_drive_and_no_disconnect(training_parts, tmp_path):
+    drive = tmp_path / "MyDrive"
+    drive.mkdir()
+    assert not ew.in_colab() and ew.colab_drive(drive) is None
+    _, training = training_parts
+    assert training.disconnect.disabled and training.disconnect.layout.display == "none"
+    with pytest.raises(RuntimeError, match="not a Colab runtime"):
+        ew.end_runtime()
+
+
+def test_the_training_panel_proposes_the_run_and_its_caches_on_drive(demo_like, tmp_path):
+    drive = tmp_path / "MyDrive"
+    balance = panel_for(demo_like)
+    training = ew.TrainingPanel(balance, smoke=False, drive=drive)
+    assert training.out.value == str(drive / "edtools" / "runs" / demo_like.name)
+    assert training.cache_dir.value == str(drive / "edtools" / "cache")
+    config = training.config()
+    assert (config.out, config.cache_dir, config.cache_latents) == (
+        training.out.value,
+        training.cache_dir.value,
+        "disk",
+    )
+    assert config.checkpoint_every_minutes == 30.0
+    training.cache_dir.value = ""  # no disk cache: the preset's choice again
+    training.preset.value = "sd15-full-t4"
+    assert training.config().cache_latents == "memory"
+
+
+def test_a_run_in_the_output_folder_is_offered_for_resume_with_its_own_settings(demo_like, tmp_path):
+    from edtools.train.checkpoint import check_resume, checkpoint_info
+
+    out = tmp_path / "runs" / "alice"
+    settings = dict(
+        data_root=str(demo_like),
+        preset="sdxl-lora-t4",
+        epochs=10,
+        seed=7,
+        validation_split=0.1,
+        live_balance=True,
+        multipliers={"people/alice": 2.5},
+        keep_checkpoints=3,
+    )
+    fake_checkpoint(out, 100, epoch=3, batch=0, **settings)
+    newest = fake_checkpoint(out, 120, epoch=3, batch=5, **settings)
+    damaged = fake_checkpoint(out, 130, epoch=3, batch=15, **settings)
+    (damaged / "resume" / "state.json").write_text("{")  # cut off mid-write
+    balance = panel_for(demo_like)
+    training = ew.TrainingPanel(balance, smoke=False)
+    assert training.earlier_run.value == "refuse"
+    training.out.value = str(out)
+    status = training.status.value
+    assert f"Found a run in {out} stopped at step 120, in epoch 4 of 10" in status
+    assert "(preset sdxl-lora-t4, LoRA rank 16, lr 0.0001, batch 1, 1024 px, 10 epochs" in status
+    assert "Train resumes it" in status and "step-00000130 (resume/state.json is damaged" in status
+    assert training.earlier_run.value == "resume"
+    assert (training.lora_rank.value, training.resolution.value, training.batch_size.value) == (16, 1024, 1)
+    assert (training.epochs.value, training.seed.value, training.lr.value) == (10, 7, 1e-4)
+    assert training.keep_checkpoints.value == 3 and training.mixed_precision.value == "fp16"
+    assert balance.multipliers["people/alice"] == 2.5 and "people/alice x2.5" in status  # back, unsaved
+    config = training.config()
+    assert config.resume and dict(config.multipliers) == {"people/alice": 2.5}
+    assert config.cache_text_embeddings  # a setting the fields do not show, kept from the run
+    check_resume(checkpoint_info(newest), config, 1, newest)  # the resume is accepted
+    assert "measured from step-00000120" in training.space_note.value  # the checkpoint it resumes from
+
+
+def test_a_finished_run_is_described_and_another_folder_takes_the_offer_back(demo_like, tmp_path):
+    fake_checkpoint(tmp_path / "done", 40, epoch=4, batch=0, data_root=str(demo_like), epochs=4)
+    fake_checkpoint(tmp_path / "cut", 12, epoch=1, batch=0, data_root=str(tmp_path / "elsewhere"), epochs=4)
+    balance = panel_for(demo_like)
+    training = ew.TrainingPanel(balance, smoke=False)
+    training.out.value = str(tmp_path / "done")
+    assert "Found a finished run" in training.status.value and "raise epochs" in training.status.value
+    assert training.earlier_run.value == "refuse"
+    training.out.value = str(tmp_path / "cut")
+    assert "stopped at step 12, after epoch 1 of 4" in training.status.value
+    assert f"It trained on {tmp_path / 'elsewhere'}" in training.status.value
+    assert training.earlier_run.value == "resume"
+    training.out.value = str(tmp_path / "new")
+    assert training.earlier_run.value == "refuse" and training.status.value.count("Found") == 0
+
+
+def test_a_lock_left_on_drive_by_a_disconnected_runtime_is_taken_over_on_resume(
+    training_parts, demo_like, tmp_path, monkeypatch
+):
+    import json
+
+    pytest.importorskip("edtools.train")
+    out = tmp_path / "run"
+    fake_checkpoint(out, 12, epoch=1, batch=3, data_root=str(demo_like), epochs=4, resolution=64)
+    lock = {"pid": 4242, "host": "colab-runtime-before", "started": "2025-06-01 09:00:00"}
+    (out / ".edtools.lock").write_text(json.dumps(lock))
+    _, training = training_parts
+    training.out.value = str(out)
+    training.out.value = str(out) + "/"  # looked at again: the same run
+    assert "another machine (colab-runtime-before" in training.status.value
+    monkeypatch.setattr("edtools.train.train", fake_train(events_per_epoch=1))
+    training.start()
+    training.wait(timeout=30)
+    assert not (out / ".edtools.lock").exists()
+
+
+def test_checkpoints_are_counted_against_the_free_space_of_the_drive(training_parts, tmp_path, monkeypatch):
+    import shutil
+
+    _, training = training_parts
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=100 * 10**9))
+    training.preset.value = ""
+    training.model.value = "stabilityai/stable-diffusion-xl-base-1.0"  # a hub id: a typical SDXL's size
+    training.lora_rank.value = 0
+    training.optimizer.value = "adamw8bit"
+    training.epochs.value = 10
+    note = training.space_note.value
+    assert "10 more to save (every one kept), about 20.6 GB each (estimated from a typical SDXL" in note
+    assert "206.5 GB needed, 100.0 GB free" in note and "will not fit" in note and "#b00020" in note
+    training.keep_checkpoints.value = 2  # the newest two kept: three at once while a save is written
+    assert "61.9 GB needed" in training.space_note.value and "will not fit" not in training.space_note.value
+    training.epochs.value, training.keep_checkpoints.value = 2, 0
+    assert "will not fit" not in training.space_note.value
+    training.checkpoint_minutes.value = 30.0  # timed saves kept without end fill 100 GB within Colab's 12 h
+    assert "fill the drive after about 1 h of training" in training.space_note.value
+    assert "will not fit" in training.space_note.value
+    training.lora_rank.value = 16  # LoRA checkpoints are small
+    assert "about 340 MB each" in training.space_note.value
+
+
+def test_checkpoint_space_and_saves_counted_as_a_run_makes_them():
+    from edtools.widgets.runfolder import checkpoint_space, planned_saves
+
+    assert checkpoint_space(each=10, existing=0, saves=5, keep=0) == 50
+    assert checkpoint_space(each=10, existing=0, saves=5, keep=2) == 30  # saved before the oldest goes
+    assert checkpoint_space(each=10, existing=5, saves=1, keep=2) == 10
+    assert checkpoint_space(each=10, existing=2, saves=0, keep=2) == 0
+    assert planned_saves(10, 1) == 10 and planned_saves(10, 3) == 4 and planned_saves(10, 0) == 1
+    assert planned_saves(10, 1, start_epoch=4) == 6 and planned_saves(10, 1, start_epoch=10) == 1
+
+
+def test_the_estimate_counts_the_model_parameters_from_its_files(tiny_model):
+    from edtools.models import load_components
+    from edtools.models.lora import add_lora, lora_parameters
+
+    counts, source = ew.model_parameters(str(tiny_model))
+    components = load_components(str(tiny_model))
+    assert "the model's" in source
+    assert counts["unet"] == sum(p.numel() for p in components.unet.parameters())
+    assert counts["text"] == sum(p.numel() for p in components.text_encoder.parameters())
+    assert counts["vae"] == sum(p.numel() for p in components.vae.parameters())
+    add_lora(components, rank=4, text_encoders=True)
+    assert 4 * (counts["lora_unet"] + counts["lora_text"]) == sum(
+        p.numel() for p in lora_parameters(components)
+    )
+    full = ew.estimate_checkpoint_bytes(counts, {"optimizer": "adamw", "train_text_encoder": True})
+    assert full == 4 * (counts["unet"] + counts["text"] + counts["vae"]) + 8 * (
+        counts["unet"] + counts["text"]
+    )
+
+
+def test_the_runtime_is_disconnected_when_training_ends_if_asked(training_parts, fake_colab, monkeypatch):
+    pytest.importorskip("edtools.train")
+    balance, _ = training_parts
+    training = ew.TrainingPanel(balance, smoke=False)  # made on "Colab"
+    training.out.value = str(Path(balance.disk.root).parent / "run")
+    assert not training.disconnect.disabled and training.disconnect.layout.display != "none"
+    monkeypatch.setattr("edtools.train.train", fake_train(events_per_epoch=2))
+    training.epochs.value, training.resolution.value = 1, 64
+    training.start()
+    training.wait(timeout=30)
+    assert fake_colab == []  # not asked
+    training.disconnect.value = True
+    training.start()
+    training.wait(timeout=30)
+    assert fake_colab == ["flush", "unassign"]  # Drive written out first, then the runtime handed back
+    assert "Done:" in training.status.value and "disconnecting the runtime" in training.status.value
+
+    fake_colab.clear()
+    monkeypatch.setattr("edtools.train.train", fake_train(fail=True))
+    training.start()
+    with pytest.raises(RuntimeError):
+        training.wait(timeout=30)
+    assert fake_colab == ["flush", "unassign"]  # a failed run stops paying too
+
+    fake_colab.clear()
+    fake = fake_train(events_per_epoch=1000)
+    monkeypatch.setattr(
+        "edtools.train.train",
+        lambda config, callback, balance=None: fake(
+            config, lambda e: (e.kind == "step" and e.global_step == 2 and training.stop(), callback(e))[1]
+        ),
+    )
+    training.start()
+    assert training.wait(timeout=30).stop_reason == "callback"
+    assert fake_colab == []  # Stop: the person is there and may resume
+
+
+def test_runs_that_cannot_be_resumed_are_named_and_the_fields_stay(training_parts, demo_like, tmp_path):
+    import json
+
+    _, training = training_parts
+    broken = fake_checkpoint(tmp_path / "broken", 5, epoch=0, batch=5, data_root=str(demo_like))
+    (broken / "resume" / "state.pt").write_bytes(b"PK\x03\x04 cut")
+    training.out.value = str(tmp_path / "broken")
+    assert "none can be resumed from (step-00000005: resume/state.pt is damaged" in training.status.value
+    assert training.earlier_run.value == "refuse"
+    other = fake_checkpoint(tmp_path / "other", 5, epoch=0, batch=5, data_root=str(demo_like))
+    saved = json.loads((other / "resume" / "config.json").read_text())
+    (other / "resume" / "config.json").write_text(json.dumps({**saved, "optimizer": "sgd"}))
+    epochs = training.epochs.value
+    training.out.value = str(tmp_path / "other")
+    assert "cannot be resumed here" in training.status.value and "optimizer" in training.status.value
+    assert training.epochs.value == epochs and training.earlier_run.value == "refuse"

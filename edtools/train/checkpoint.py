@@ -32,6 +32,7 @@ __all__ = [
     "LORA_FILE",
     "TrainState",
     "check_resume",
+    "checkpoint_bytes",
     "checkpoint_info",
     "find_checkpoints",
     "load_checkpoint",
@@ -209,6 +210,12 @@ def save_checkpoint(
 def single_file_of(checkpoint: Path) -> Path:
     """checkpoints/step-N.safetensors: the single file saved beside checkpoint folder step-N."""
     return checkpoint.with_name(checkpoint.name + ".safetensors")
+
+
+def checkpoint_bytes(checkpoint: Path) -> int:
+    """The disk space one checkpoint takes: its folder and the single file beside it."""
+    files = [p for p in checkpoint.rglob("*") if p.is_file()] + [single_file_of(checkpoint)]
+    return sum(p.stat().st_size for p in files if p.is_file())
 
 
 def remove_checkpoint(checkpoint: Path) -> None:

@@ -26,9 +26,11 @@ __all__ = [
     "OutFolderGone",
     "OutLock",
     "damage",
+    "lock_holder",
     "prepare_out",
     "remove_unfinished_saves",
     "resume_point",
+    "take_over_lock",
 ]
 
 log = logging.getLogger("edtools.train")
@@ -163,6 +165,25 @@ def _refuse_unmounted(out: Path) -> None:
                 f"local disk, which a disconnect wipes. Mount the drive first (Colab: from google.colab import "
                 f"drive; drive.mount('{point}')), or choose an out folder elsewhere"
             )
+
+
+def lock_holder(out: Path) -> dict | None:
+    """The run whose lock would keep a new run out of this folder (pid, host, started), or None. A lock of
+    another machine counts: on a shared drive its run may still be going."""
+    lock = OutLock(out)
+    holder = lock._read()
+    return holder if holder is not None and lock._alive(holder) else None
+
+
+def take_over_lock(out: Path, holder: dict) -> bool:
+    """Remove the lock of a run a person says is gone (a Colab runtime that disconnected leaves its lock on
+    Drive, from a machine that no longer exists), if it is still exactly that lock. Returns whether it did."""
+    lock = OutLock(out)
+    if lock._read() != holder:
+        return False
+    log.warning("taking over the lock %s of %s (on %s)", lock.path, holder.get("pid"), holder.get("host"))
+    lock.path.unlink(missing_ok=True)
+    return True
 
 
 def remove_unfinished_saves(out: Path) -> list[Path]:

@@ -24,7 +24,14 @@ from ..config import TrainConfig
 from ..dataset import Dataset
 from ..errors import EdtoolsError
 from ..schedule import EpochSchedule, build_epoch
-from .checkpoint import CHECKPOINTS_DIR, TrainState, find_checkpoints, remove_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINTS_DIR,
+    TrainState,
+    checkpoint_bytes,
+    find_checkpoints,
+    remove_checkpoint,
+    save_checkpoint,
+)
 from .ema import ema_weights
 from .events import TrainEvent
 from .outdir import OutFolderGone
@@ -207,7 +214,7 @@ def _save_or_say_why(run: Run, folder: Path, fingerprint: str | None) -> Path:
             raise
         previous = find_checkpoints(run.out)
         need = (
-            _folder_bytes(previous[-1])
+            checkpoint_bytes(previous[-1])
             if previous
             else sum(p.numel() * 4 for p in run.components.unet.parameters())
         )
@@ -236,10 +243,6 @@ def _drive_full(exc: BaseException | None) -> bool:
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def file_metadata(run: Run) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """Notebook panels: scan a data root, balance concepts with live histograms, and train with a Stop button.
 
-The notebook cells only create these panels (`data`, `balance`, `training`); `common` holds what they share.
+The cells only create the panels (`data`, `balance`, `training`); `common`, `colab` and `runfolder` serve them.
 """
 
 from .balance import (
@@ -11,6 +11,7 @@ from .balance import (
     is_preservation,
     save_values,
 )
+from .colab import colab_drive, drive_settings, end_runtime, in_colab, run_name
 from .common import (
     DATA_ROOT_ENV,
     ROWS_HEIGHT,
@@ -21,6 +22,15 @@ from .common import (
     smoke_mode,
 )
 from .data import DataPanel
+from .runfolder import (
+    EarlierRun,
+    SpaceCheck,
+    estimate_checkpoint_bytes,
+    find_earlier_run,
+    model_parameters,
+    resume_offer,
+    space_check,
+)
 from .training import TrainingPanel
 
 __all__ = [
@@ -29,14 +39,26 @@ __all__ = [
     "SMOKE_ENV",
     "BalancePanel",
     "DataPanel",
+    "EarlierRun",
+    "SpaceCheck",
     "TrainingPanel",
     "changed_values",
+    "colab_drive",
     "default_data_root",
+    "drive_settings",
+    "end_runtime",
     "epoch_totals",
     "equalize_multipliers",
+    "estimate_checkpoint_bytes",
+    "find_earlier_run",
     "gpu_status",
+    "in_colab",
     "is_preservation",
+    "model_parameters",
+    "resume_offer",
+    "run_name",
     "save_values",
     "smoke_autostart",
     "smoke_mode",
+    "space_check",
 ]

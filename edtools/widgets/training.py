@@ -22,8 +22,19 @@ from ..dataset import Dataset
 from ..presets import PRESETS, choose_preset
 from ..schedule import build_epoch, make_buckets
 from .balance import BalancePanel
-from .common import DEMO_DIR, RESOLUTIONS, _Panel, _png, gpu_memory_gib, smoke_mode, widgets
+from .colab import drive_settings, end_runtime, in_colab
+from .common import (
+    DEMO_DIR,
+    RESOLUTIONS,
+    _Panel,
+    _png,
+    default_data_root,
+    gpu_memory_gib,
+    smoke_mode,
+    widgets,
+)
 from .progress import LossFigure, WidgetLogHandler, counts_html, history_html
+from .runfolder import EarlierRun, SpaceCheck, find_earlier_run, resume_offer, space_check
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -50,11 +61,20 @@ class TrainingPanel(_Panel):
     """Training settings that fill a TrainConfig, Train / Stop, and live progress, balance, loss and samples.
 
     Training runs in a background thread so Stop (and the balance panel) stay responsive; `wait()` blocks
-    until it ends and re-raises its error, for notebooks run headless.
+    until it ends and re-raises its error, for notebooks run headless. A run found in the output folder (after
+    a disconnect, say) is offered for resume with its own settings in the fields.
     """
 
-    def __init__(self, balance: BalancePanel, *, smoke: bool | None = None, base_config: Any = None) -> None:
-        """base_config: a TrainConfig or a YAML/JSON file of one: the settings these widgets do not show."""
+    def __init__(
+        self,
+        balance: BalancePanel,
+        *,
+        smoke: bool | None = None,
+        base_config: Any = None,
+        drive: str | os.PathLike | None = None,
+    ) -> None:
+        """base_config: a TrainConfig or a YAML/JSON file of one: the settings these widgets do not show.
+        drive: a mounted Google Drive (colab_drive()): the output folder and disk caches are proposed there."""
         self.balance = balance
         self.smoke = smoke_mode() if smoke is None else smoke
         if isinstance(base_config, str | os.PathLike):
@@ -73,6 +93,11 @@ class TrainingPanel(_Panel):
         self._loss_figure: LossFigure | None = None
         self._multiplier_history: list[dict[str, float]] = []
         self._max_steps: int | None = None
+        self._colab = in_colab()
+        self._quiet = True  # no free-space checks while the fields are filled in
+        self._offered = False
+        self._foreign_lock: tuple[Path, dict] | None = None
+        self._earlier: EarlierRun | None = None  # the run offer_resume found in the output folder
 
         # The notebook closes the balance loop by default: a validation share and slider edits live.
         defaults = (
@@ -93,6 +118,10 @@ class TrainingPanel(_Panel):
                 "sample_every_steps": 20,
                 "overwrite": True,  # the demo run is scratch: running the notebook again starts afresh
             }
+        # on Drive a new runtime proposes the same folders, so it finds the run and the caches again
+        if drive is not None:
+            data_root = balance.disk.root if balance.disk is not None else default_data_root()
+            defaults = {**defaults, **drive_settings(drive, data_root)}
         full = widgets.Layout(width="95%")
         text = dict(style={"description_width": "130px"})
         self.model = widgets.Text(
@@ -161,8 +190,38 @@ class TrainingPanel(_Panel):
             value=str(defaults.get("out") or "edtools_output"),
             description="output folder",
             layout=full,
+            continuous_update=False,  # looked into once typed, not at every key
             **text,
         )
+        self.cache_dir = widgets.Text(
+            value=str(defaults.get("cache_dir") or "") if defaults.get("cache_latents") == "disk" else "",
+            description="disk cache folder",
+            placeholder="empty: latents cached as the preset says; a folder (e.g. on Drive): latents and caption "
+            "embeddings kept there for later runs",
+            layout=full,
+            continuous_update=False,
+            **text,
+        )
+        self.space_note = widgets.HTML()
+        self.space_note.add_class("edtools-space")
+        self.keep_checkpoints = widgets.BoundedIntText(
+            value=int(defaults.get("keep_checkpoints") or 0),
+            min=0,
+            max=10**6,
+            description="keep checkpoints",
+            tooltip="keep only the newest N checkpoints (0 = keep all)",
+            **text,
+        )
+        self.checkpoint_minutes = widgets.BoundedFloatText(
+            value=float(defaults.get("checkpoint_every_minutes") or 0.0),
+            min=0.0,
+            max=10**6,
+            description="checkpoint every (min)",
+            tooltip="also save a checkpoint every N minutes (0 = at epoch ends only): a disconnect loses the "
+            "steps since the last one",
+            style={"description_width": "150px"},
+        )
+        self.checkpoint_minutes.add_class("edtools-checkpoint-minutes")
         resolution = int(defaults.get("resolution") or 512)
         self.resolution = widgets.Dropdown(
             options=sorted(set(RESOLUTIONS) | {resolution}),
@@ -216,6 +275,7 @@ class TrainingPanel(_Panel):
             style={"description_width": "190px"},
             layout=widgets.Layout(width="420px"),
         )
+        self.earlier_run.add_class("edtools-earlier-run")
         self.train_button = widgets.Button(description="Train", icon="play", button_style="primary")
         self.stop_button = widgets.Button(
             description="Stop",
@@ -223,6 +283,15 @@ class TrainingPanel(_Panel):
             button_style="danger",
             disabled=True,
             tooltip="stop after the current step and save a resumable checkpoint",
+        )
+        self.disconnect = widgets.Checkbox(
+            value=False,
+            description="disconnect the runtime when training ends",
+            tooltip="Colab: hand the runtime back when the run finishes or fails, so paid compute stops (not "
+            "after Stop)",
+            indent=False,
+            disabled=not self._colab,
+            layout=widgets.Layout(width="auto", display=None if self._colab else "none"),
         )
         self.train_button.on_click(lambda _: self._start_from_button())
         self.stop_button.on_click(lambda _: self.stop())
@@ -251,25 +320,41 @@ class TrainingPanel(_Panel):
         self.model.observe(lambda _: self.suggest_preset(), "value")
         if not self.smoke and not defaults.get("preset"):
             self.suggest_preset()
+        self.out.observe(lambda _: self.offer_resume(), "value")
+        for widget in (
+            self.model,
+            self.preset,
+            self.lora_rank,
+            self.optimizer,
+            self.epochs,
+            self.keep_checkpoints,
+            self.checkpoint_minutes,
+            self.save_single_file,
+            self.earlier_run,
+        ):
+            widget.observe(lambda _: self.check_space(), "value")
 
         form = widgets.VBox(
             [
                 self.model,
                 self.model_config,
                 self.out,
+                self.cache_dir,
+                self.space_note,
                 widgets.HBox([self.preset, self.preset_note]),
                 widgets.HBox([self.resolution, self.batch_size, self.epochs]),
                 widgets.HBox([self.lr, self.optimizer, self.mixed_precision]),
                 widgets.HBox([self.lora_rank, self.seed, self.sample_every]),
                 widgets.HBox([self.validation_split, self.live_balance]),
                 self.sample_prompts,
+                widgets.HBox([self.keep_checkpoints, self.checkpoint_minutes]),
                 widgets.HBox([self.earlier_run, self.save_single_file]),
             ]
         )
         self.widget = widgets.VBox(
             [
                 form,
-                widgets.HBox([self.train_button, self.stop_button]),
+                widgets.HBox([self.train_button, self.stop_button, self.disconnect]),
                 widgets.HBox([self.progress, self.progress_text]),
                 self.status,
                 self.epoch_counts,
@@ -284,6 +369,8 @@ class TrainingPanel(_Panel):
             ]
         )
         self.widget.add_class("edtools-training")
+        self._initial_choice = self.earlier_run.value
+        self.offer_resume()
 
     def suggest_preset(self) -> None:
         """Pick the preset for this model on this GPU (by its total memory) and say which and why."""
@@ -312,6 +399,133 @@ class TrainingPanel(_Panel):
             self.resolution.options = sorted(set(self.resolution.options) | {resolution})
             self.resolution.value = resolution
         self.preset_note.value = f"<small>{html.escape(PRESETS[name].summary)}</small>"
+
+    # ---- the output folder: an earlier run to resume, room for checkpoints
+
+    def offer_resume(self) -> EarlierRun | None:
+        """Look into the output folder: a run there is described in the status line with its step and settings,
+        its settings fill the fields and, unless it is finished, "resume it" is chosen (Train resumes it)."""
+        from ..config import ConfigError
+
+        out = self.out.value.strip()
+        self._foreign_lock = None
+        try:
+            run = self._earlier = find_earlier_run(out) if out else None
+        except (OSError, ValueError) as exc:  # an unreadable folder (a Drive mount gone, say): say so, go on
+            self._earlier, self._quiet = None, False
+            self._say(f"could not look into {html.escape(out)}: {html.escape(str(exc))}", error=True)
+            return None
+        if run is None or run.checkpoint is None:
+            if self._offered:  # a folder without that run: the choice made for it no longer applies
+                self.earlier_run.value, self._offered = self._initial_choice, False
+                self._say("")
+            if run is not None:
+                self._say(html.escape(resume_offer(run)[0]), error=True)
+            self._quiet = False
+            self.check_space()
+            return run
+        self._quiet = True
+        try:
+            self.use_settings(run.config)
+            restored = self._restore_balance(run)
+        except ConfigError as exc:  # saved by another edtools version, say: the fields stay as they are
+            self._say(
+                f"a run in {html.escape(out)} cannot be resumed here: {html.escape(str(exc))}", error=True
+            )
+            return run
+        finally:
+            self._quiet = False
+        data_root = str(self.balance.disk.root) if self.balance.disk is not None else None
+        text, preselect = resume_offer(run, data_root)
+        if restored:
+            text += f" Its unsaved multipliers / loss scales are back on the sliders: {restored}."
+        if _ACTIVE is not None and _ACTIVE.running and _ACTIVE.out.value.strip() == out:
+            text += " A run in this kernel is training into it now (the panel of an earlier cell)."
+        if preselect:
+            self.earlier_run.value, self._offered = "resume", True
+        if run.lock is not None and run.lock_elsewhere:
+            self._foreign_lock = (run.out, dict(run.lock))
+        self._say(html.escape(text))
+        self.check_space()
+        return run
+
+    def use_settings(self, config: Any) -> None:
+        """Fill the fields from a run's config (a TrainConfig or its to_dict()), and keep the settings they do
+        not show as the base config: a resume then passes its checks."""
+        from ..config import TrainConfig
+
+        saved = config.to_dict() if isinstance(config, TrainConfig) else dict(config)
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        self.base_config = TrainConfig.from_dict({k: v for k, v in saved.items() if k in known})
+        saved = self.base_config.to_dict()
+        # the model and preset first: choosing them fills other fields, set to the run's own values below
+        self.model.value = saved["model"]
+        self.model_config.value = saved["model_config"] or ""
+        self.preset.value = saved["preset"] if saved["preset"] in PRESETS else ""
+        self._lrs = {False: float(saved["lr"]), True: float(saved["lora_lr"])}
+        self.lora_rank.value = int(saved["lora_rank"])
+        self.lr.value = self._lrs[self.lora_rank.value > 0]
+        for name in ("resolution", "optimizer"):
+            widget = getattr(self, name)
+            if saved[name] is not None and saved[name] not in widget.options:
+                widget.options = [*widget.options, saved[name]]
+        if saved["resolution"] is not None:
+            self.resolution.value = int(saved["resolution"])
+        self.batch_size.value, self.epochs.value = int(saved["batch_size"]), int(saved["epochs"])
+        self.optimizer.value, self.mixed_precision.value = saved["optimizer"], saved["mixed_precision"]
+        self.seed.value = int(saved["seed"])
+        self.sample_prompts.value = "\n".join(saved["sample_prompts"])
+        self.sample_every.value = int(saved["sample_every_steps"])
+        self.validation_split.value = float(saved["validation_split"])
+        self.live_balance.value = bool(saved["live_balance"])
+        self.save_single_file.value = bool(saved["save_single_file"])
+        self.keep_checkpoints.value = int(saved["keep_checkpoints"])
+        self.checkpoint_minutes.value = float(saved["checkpoint_every_minutes"])
+        disk = saved["cache_latents"] == "disk"
+        self.cache_dir.value = str(saved["cache_dir"] or "") if disk else ""
+
+    def _restore_balance(self, run: EarlierRun) -> str:
+        """Put a run's slider values that are not in the files back on the sliders (unsaved), as it trained
+        them: its overrides, or with live balance the values of the epoch it stopped in. Says which."""
+        if self.balance.disk is None:
+            return ""
+        values = (
+            run.info.get("epoch_values") if run.info.get("batch") and run.config.get("live_balance") else None
+        )
+        if values:
+            multipliers = {c: v[0] for c, v in values.items()}
+            loss_scales = {c: v[1] for c, v in values.items()}
+        else:
+            multipliers = dict(run.config.get("multipliers") or {})
+            loss_scales = dict(run.config.get("loss_scales") or {})
+        changed = []
+        for concept, value in multipliers.items():
+            if concept in self.balance.rows and self.balance.multipliers[concept] != value:
+                self.balance.set_multiplier(concept, value)
+                changed.append(f"{concept} x{value:g}")
+        for concept, value in loss_scales.items():
+            if concept in self.balance.rows and self.balance.loss_scales[concept] != value:
+                self.balance.set_loss_scale(concept, value)
+                changed.append(f"{concept} loss_scale {value:g}")
+        return ", ".join(changed)
+
+    def check_space(self) -> SpaceCheck | None:
+        """Count the checkpoints still to come against the free space of the output folder's drive and say it
+        under the folder (a warning when they will not fit)."""
+        if self._quiet:
+            return None
+        out = self.out.value.strip()
+        try:
+            check = space_check(out, self.config().to_dict(), self._earlier) if out else None
+        except (OSError, ValueError) as exc:  # a setting not valid yet: the Train button will say which
+            self.space_note.value = f"<small>free space not checked: {html.escape(str(exc))}</small>"
+            return None
+        if check is None:
+            self.space_note.value = ""
+        else:
+            colour = "#b00020" if check.warning else "#606060"
+            self.space_note.value = f"<small style='color:{colour}'>{html.escape(check.message)}</small>"
+        return check
 
     def _lora_changed(self, change) -> None:
         if (change["old"] > 0) != (change["new"] > 0):
@@ -347,12 +561,16 @@ class TrainingPanel(_Panel):
             "sample_every_steps": int(self.sample_every.value),
             "validation_split": float(self.validation_split.value),
             "live_balance": bool(self.live_balance.value),
+            "keep_checkpoints": int(self.keep_checkpoints.value),
+            "checkpoint_every_minutes": float(self.checkpoint_minutes.value),
             "resume": self.earlier_run.value == "resume",
             "overwrite": self.earlier_run.value == "overwrite",
             "progress_bar": False,  # the panel has its own
             "multipliers": {c: v["multiplier"] for c, v in changes.items() if "multiplier" in v},
             "loss_scales": {c: v["loss_scale"] for c, v in changes.items() if "loss_scale" in v},
         }
+        if self.cache_dir.value.strip():
+            values.update(cache_dir=self.cache_dir.value.strip(), cache_latents="disk")
         if self.smoke:
             values.update(sample_steps=2)  # the tiny model's samples are noise anyway: keep them quick
         if self.base_config is not None:
@@ -380,6 +598,13 @@ class TrainingPanel(_Panel):
             )
         config = self.config()  # a bad value stops here with the field's name in the message
         self._trained_dataset = self.balance.dataset()
+        if config.resume and self._foreign_lock is not None:
+            from ..train.outdir import take_over_lock
+
+            folder, holder = self._foreign_lock
+            if folder == Path(config.out).expanduser():  # the person chose to resume what that runtime left
+                take_over_lock(folder, holder)
+        space = self.check_space()
         self.events, self.result, self.error = [], None, None
         self._actual = []
         self._loss_figure = LossFigure()
@@ -389,7 +614,9 @@ class TrainingPanel(_Panel):
         self._stop.clear()
         self.samples.children = []
         self.train_button.disabled, self.stop_button.disabled = True, False
-        self._say("starting…")
+        self._say(
+            "starting…" + (f"<br>{self.space_note.value}" if space is not None and space.warning else "")
+        )
         self._thread = threading.Thread(target=self._run, args=(config,), name="edtools-train", daemon=True)
         _ACTIVE = self
         self._thread.start()
@@ -456,6 +683,19 @@ class TrainingPanel(_Panel):
             _log.removeHandler(handler)
             _log.setLevel(level)
             self.train_button.disabled, self.stop_button.disabled = False, True
+            stopped = self.result is not None and self.result.stop_reason == "callback"
+            if self._colab and self.disconnect.value and not stopped:
+                self._end_runtime()
+
+    def _end_runtime(self) -> None:
+        """The checkbox: hand the Colab runtime back now that the run ended (by itself or by an error)."""
+        self.status.value += "<br><small>disconnecting the runtime (the checkbox above)…</small>"
+        try:
+            end_runtime()
+        except Exception as exc:  # the result above stays; say why the runtime is still there
+            self.status.value += (
+                f"<br><small>could not disconnect the runtime: {html.escape(str(exc))}</small>"
+            )
 
     def _set_progress_total(self, config) -> None:
         """Optimizer steps as train() plans them (until the first step event says so itself)."""
