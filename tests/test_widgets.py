@@ -965,3 +965,20 @@ def test_runs_that_cannot_be_resumed_are_named_and_the_fields_stay(training_part
     training.out.value = str(tmp_path / "other")
     assert "cannot be resumed here" in training.status.value and "optimizer" in training.status.value
     assert training.epochs.value == epochs and training.earlier_run.value == "refuse"
+
+
+@pytest.mark.slow
+def test_check_shows_the_plan_of_what_train_would_start_and_writes_nothing(tmp_path, monkeypatch):
+    pytest.importorskip("edtools.train")
+    pytest.importorskip("torch")
+    monkeypatch.chdir(tmp_path)
+    balance = ew.BalancePanel(ew.DataPanel(), debounce_s=0)
+    training = ew.TrainingPanel(balance, smoke=True)
+    training.epochs.value = 2
+    plan = training.check()
+    assert plan is not None and "dry run" in plan, training.status.value
+    assert "optimizer steps over 2 epochs" in plan
+    assert "host memory measured" in training.status.value
+    assert not Path(training.config().out).exists()
+    training.batch_size.value = 0  # a refused setting is said in the panel, in red
+    assert training.check() is None and "#b00020" in training.status.value

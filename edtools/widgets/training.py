@@ -293,6 +293,13 @@ class TrainingPanel(_Panel):
             disabled=not self._colab,
             layout=widgets.Layout(width="auto", display=None if self._colab else "none"),
         )
+        self.check_button = widgets.Button(
+            description="Check",
+            icon="search",
+            tooltip="everything Train does before its first step (model loaded as kept, data, plan, optimizer), "
+            "then the plan with the host memory measured; nothing is written",
+        )
+        self.check_button.on_click(lambda _: self.check())
         self.train_button.on_click(lambda _: self._start_from_button())
         self.stop_button.on_click(lambda _: self.stop())
         self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="60%"))
@@ -354,7 +361,7 @@ class TrainingPanel(_Panel):
         self.widget = widgets.VBox(
             [
                 form,
-                widgets.HBox([self.train_button, self.stop_button, self.disconnect]),
+                widgets.HBox([self.check_button, self.train_button, self.stop_button, self.disconnect]),
                 widgets.HBox([self.progress, self.progress_text]),
                 self.status,
                 self.epoch_counts,
@@ -621,6 +628,33 @@ class TrainingPanel(_Panel):
         _ACTIVE = self
         self._thread.start()
 
+    def check(self) -> str | None:
+        """The dry run of what Train would start (edtools train --dry-run): the plan in the status line, nothing
+        written. Returns the plan's text, or None when the settings or the model are refused (said in red)."""
+        from ..errors import EdtoolsError
+        from ..train.plan import check_run, format_plan
+
+        if self.running:
+            self._say("training is running: Check is for before Train", error=True)
+            return None
+        try:
+            config = self.config()
+            self._make_smoke_model(config)
+            self._say("checking: loading the model as training keeps it, scanning, planning…")
+            plan = format_plan(check_run(config))
+        except (EdtoolsError, ValueError, OSError) as exc:
+            self._say(html.escape(str(exc)), error=True)
+            return None
+        self._say(f"<pre style='white-space:pre-wrap'>{html.escape(plan)}</pre>")
+        return plan
+
+    def _make_smoke_model(self, config: TrainConfig) -> None:
+        if self.smoke and not Path(config.model).exists():
+            from ..models import make_tiny_model
+
+            self._say(f"making the tiny smoke-test model in {config.model}…")
+            make_tiny_model(config.model)
+
     def stop(self) -> None:
         """Ask training to stop after the current step; it saves a resumable checkpoint."""
         if self.running:
@@ -649,11 +683,7 @@ class TrainingPanel(_Panel):
         if level == logging.NOTSET or level > logging.INFO:
             _log.setLevel(logging.INFO)
         try:
-            if self.smoke and not Path(config.model).exists():
-                from ..models import make_tiny_model
-
-                self._say(f"making the tiny smoke-test model in {config.model}…")
-                make_tiny_model(config.model)
+            self._make_smoke_model(config)
             self._set_progress_total(config)
             from ..train import train
 
