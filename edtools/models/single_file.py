@@ -60,16 +60,20 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise ModelError(
             f"model file {path} is empty (0 bytes): the download or copy did not finish; fetch the file again"
         )
-    with open(path, "rb") as file:
-        head = file.read(9)
-    # safetensors: an 8-byte little-endian header length, then the JSON header
-    if path.suffix.lower() == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"):
+    if _is_safetensors(path):
         tensors, metadata = _read_safetensors(path)
     else:
         tensors, metadata = _read_pickle(path), {}
     if not tensors:
         raise ModelError(f"{path} holds no tensors, so it is not a model checkpoint. {_ACCEPTS}")
     return tensors, metadata
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By name, or by content: an 8-byte little-endian header length, then the JSON header."""
+    with open(path, "rb") as file:
+        head = file.read(9)
+    return path.suffix.lower() == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -253,15 +257,9 @@ def load_single_file(
     state_dict, metadata = read_state_dict(path)
     architecture = detect_architecture(state_dict, source=path)
     _check_parts(state_dict, architecture, path)
-    ema = [key for key in state_dict if key.startswith("model_ema.")]
-    if ema:
+    if any(key.startswith("model_ema.") for key in state_dict):
         logger.info("%s: has EMA weights too (model_ema.*); loading the training weights", path)
-        for key in ema:
-            del state_dict[key]
-    if architecture == "sd1":  # very old files lack transformers' text_model. level (ComfyUI adds it too)
-        old = "cond_stage_model.transformer."
-        for key in [k for k in state_dict if k.startswith(old) and not k.startswith(old + "text_model.")]:
-            state_dict[old + "text_model." + key[len(old) :]] = state_dict.pop(key)
+    _normalise(state_dict, architecture)
 
     offline = bool(hub_constants.HF_HUB_OFFLINE) if local_files_only is None else bool(local_files_only)
     explicit = model_config is not None
@@ -281,7 +279,7 @@ def load_single_file(
                 state_dict, config=source, subfolder="unet", torch_dtype=keep.dtype_of("unet"), **hub
             )
         )
-        _let_go(state_dict, _UNET)
+        state_dict = _next_part(state_dict, _UNET, path, architecture)
         upcast = vae_force_upcast(source, hub)
         vae = keep.place(
             diffusers.AutoencoderKL.from_single_file(
@@ -292,7 +290,7 @@ def load_single_file(
                 **hub,
             )
         )
-        _let_go(state_dict, _VAE)
+        state_dict = _next_part(state_dict, _VAE, path, architecture)
         text_encoder = keep.place(
             utils.create_diffusers_clip_model_from_ldm(
                 transformers.CLIPTextModel,
@@ -303,7 +301,7 @@ def load_single_file(
                 local_files_only=offline,
             )
         )
-        _let_go(state_dict, _TEXT[architecture][0])
+        state_dict = _next_part(state_dict, _TEXT[architecture][0], path, architecture)
         tokenizer = transformers.CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub)
         scheduler = diffusers.DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub)
         second: dict[str, Any] = {}
@@ -345,10 +343,29 @@ def load_single_file(
     return components
 
 
-def _let_go(state_dict: dict[str, Any], prefix: str) -> None:
-    """Drop a loaded part's tensors: a part placed on the GPU then frees its host copy at once."""
-    for key in [k for k in state_dict if k.startswith(prefix)]:
+def _normalise(state_dict: dict[str, Any], architecture: str) -> None:
+    """Drop EMA weights (the training weights are loaded); give very old SD1 files transformers' text_model.
+    level (ComfyUI adds it too)."""
+    for key in [k for k in state_dict if k.startswith("model_ema.")]:
         del state_dict[key]
+    if architecture == "sd1":
+        old = "cond_stage_model.transformer."
+        for key in [k for k in state_dict if k.startswith(old) and not k.startswith(old + "text_model.")]:
+            state_dict[old + "text_model." + key[len(old) :]] = state_dict.pop(key)
+
+
+def _next_part(state_dict: dict[str, Any], loaded: str, path: Path, architecture: str) -> dict[str, Any]:
+    """The tensors still to load, without the part under `loaded` (a part placed on the GPU frees its host copy
+    at once). A safetensors file's rest comes from a fresh memory map: the pages that loading the part read
+    stay resident while any tensor of their map lives (a later part kept in the file's dtype is one), so
+    the old map goes and takes them along; a part kept as the file holds it keeps its own pages."""
+    rest = [key for key in state_dict if not key.startswith(loaded)]
+    if not _is_safetensors(path):
+        return {key: state_dict[key] for key in rest}
+    state_dict.clear()
+    fresh, _ = read_state_dict(path)
+    _normalise(fresh, architecture)
+    return {key: fresh[key] for key in rest}
 
 
 def _brief(exc: BaseException) -> str:
