@@ -9,13 +9,12 @@ preset on the CPU with the preset's precision (fp16) in a fresh process, as a us
 
 Per run: the loading peak the dry run measured itself (resident in all and anonymous; a memory-mapped model file's
 pages are resident but not anonymous: the kernel can drop and re-read them), and the whole process's peak
-resident set from the kernel (wait4). The goals are a free Colab runtime's 12.7 GB of RAM.
+resident set from the kernel (VmHWM). The goals are a free Colab runtime's 12.7 GB of RAM.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -71,32 +70,44 @@ def data_root(folder: Path) -> Path:
 
 
 _MEASURED = re.compile(r"loading the model peaked at ([\d.]+) GiB resident, ([\d.]+) GiB anonymous")
+# The CLI, then the kernel's high-water mark of this process's resident set. Not wait4's ru_maxrss: a child
+# started by vfork/posix_spawn inherits its parent's high-water mark at exec, and this script's own peak
+# (building SDXL) would show up as the dry run's.
+_CLI_THEN_PEAK = """
+import re, sys
+from edtools.cli import main
+code = main(sys.argv[1:])
+status = open("/proc/self/status").read()
+print("process peak kB", re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1))
+sys.exit(code)
+"""
+_PEAK = re.compile(r"process peak kB (\d+)")
 
 
 def dry_run(preset: str, model: Path, model_config: Path, root: Path, out: Path) -> dict:
     """One dry run in a fresh process: its own loading measure and the kernel's peak RSS of the process."""
     command = [
-        sys.executable, "-m", "edtools", "train", "--dry-run", "--preset", preset, "--device", "cpu",
+        sys.executable, "-c", _CLI_THEN_PEAK, "train", "--dry-run", "--preset", preset, "--device", "cpu",
         "--mixed-precision", "fp16", "--model", str(model), "--model-config", str(model_config),
         "--data-root", str(root), "--out", str(out), "--no-progress-bar",
     ]  # fmt: skip
     started = time.monotonic()
     with tempfile.TemporaryFile("w+") as stdout_file, tempfile.TemporaryFile("w+") as stderr_file:
         process = subprocess.Popen(command, stdout=stdout_file, stderr=stderr_file, text=True)
-        _, status, usage = os.wait4(process.pid, 0)  # the child's own rusage: its peak resident set
+        status = process.wait()
         stdout_file.seek(0)
         stderr_file.seek(0)
         stdout, stderr = stdout_file.read(), stderr_file.read()
     seconds = time.monotonic() - started
-    if os.waitstatus_to_exitcode(status) != 0:
+    if status != 0:
         raise SystemExit(f"dry run of {preset} from {model} failed:\n{stderr[-3000:]}")
-    found = _MEASURED.search(stdout)
-    if found is None:
+    found, peak = _MEASURED.search(stdout), _PEAK.search(stdout)
+    if found is None or peak is None:
         raise SystemExit(f"dry run of {preset} printed no host memory line:\n{stdout}")
     return {
         "loading_total": float(found.group(1)),
         "loading_anonymous": float(found.group(2)),
-        "process_peak": usage.ru_maxrss * 1024 / GIB,
+        "process_peak": int(peak.group(1)) * 1024 / GIB,
         "seconds": seconds,
     }
 
