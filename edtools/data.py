@@ -489,7 +489,9 @@ def vae_key(vae: Any) -> str:
     digest = hashlib.sha1(json.dumps(dict(vae.config), sort_keys=True, default=str).encode("utf-8"))
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(name.encode("utf-8"))
-        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])  # the head of each tensor
+        digest.update(
+            tensor.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes()
+        )  # the head of each tensor
         digest.update(str(tuple(tensor.shape)).encode("utf-8"))
     return digest.hexdigest()[:16]
 

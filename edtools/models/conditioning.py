@@ -69,7 +69,7 @@ def encoders_key(components: SDComponents) -> str:
         digest.update(str(len(tokenizer)).encode("utf-8"))
         for name, tensor in sorted(encoder.state_dict().items()):
             digest.update(name.encode("utf-8"))
-            digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+            digest.update(tensor.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
