@@ -124,6 +124,12 @@ class TrainConfig:
         False, "shuffle each caption's comma-separated tags per image and epoch (seeded)"
     )
     keep_tags: int = _opt(0, "with shuffle_tags: the first N tags keep their place")
+    caption_dropouts: tuple[tuple[str, float], ...] = _opt(
+        (), "caption_dropout per folder: concept=share ... (other folders: caption_dropout)"
+    )
+    shuffle_tags_concepts: tuple[str, ...] = _opt(
+        (), "shuffle the tags of these folders' captions (other folders: shuffle_tags)"
+    )
     ema_decay: float | None = _opt(
         None, "keep an exponential moving average of the trained weights, e.g. 0.999 ('none' = off)"
     )
@@ -256,12 +262,17 @@ class TrainConfig:
     def loss_scale_overrides(self) -> dict[str, float]:
         return dict(self.loss_scales)
 
+    @property
+    def drops_captions(self) -> bool:
+        """Whether some images train with the empty caption (globally or in some folder)."""
+        return self.caption_dropout > 0 or any(share > 0 for _, share in self.caption_dropouts)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Types: each field's annotation decides what it accepts (no silent conversions beyond int -> float and
 # list -> tuple).
 
-PAIR_FIELDS = ("multipliers", "loss_scales")
+PAIR_FIELDS = ("multipliers", "loss_scales", "caption_dropouts")
 _HINTS: dict[str, Any] = {}
 
 
@@ -430,12 +441,22 @@ def _check_ranges(c: TrainConfig) -> None:
     for name in ("offset_noise", "pyramid_noise_discount", "caption_dropout"):
         need(0.0 <= getattr(c, name) <= 1.0, name, "it must be from 0 to 1 (0 = off)")
     need(c.keep_tags >= 0, "keep_tags", "it must be >= 0")
-    need(
-        not (c.shuffle_tags and c.cache_text_embeddings),
-        "shuffle_tags",
-        "shuffled tags make a new caption every epoch, so their embeddings cannot be cached: set "
-        "cache_text_embeddings false",
-    )
+    for name in ("shuffle_tags", "shuffle_tags_concepts"):
+        need(
+            not (getattr(c, name) and c.cache_text_embeddings),
+            name,
+            "shuffled tags make a new caption every epoch, so their embeddings cannot be cached: set "
+            "cache_text_embeddings false",
+        )
+    for concept, share in c.caption_dropouts:
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError(
+                f"caption_dropouts['{concept}'] is {share:g}; it must be from 0 to 1 (0 = keep every caption)"
+            )
+    if len(set(c.shuffle_tags_concepts)) != len(c.shuffle_tags_concepts):
+        raise ConfigError(
+            f"shuffle_tags_concepts is {list(c.shuffle_tags_concepts)!r}; it names a folder twice"
+        )
     need(c.ema_decay is None or 0 < c.ema_decay < 1, "ema_decay", "it must be between 0 and 1, e.g. 0.999")
     need(
         0.0 <= c.validation_split < 1.0,

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "CaptionSetting",
     "Crop",
     "LatentCache",
     "LatentStore",
@@ -29,6 +30,7 @@ __all__ = [
     "load_image",
     "make_loader",
     "caption_variant",
+    "concept_caption_settings",
     "latent_key",
     "plan_crop",
     "token_ids",
@@ -246,6 +248,7 @@ class ScheduleBatches(_TorchDataset):
         caption_dropout: float = 0.0,
         shuffle_tags: bool = False,
         keep_tags: int = 0,
+        caption_settings: tuple[CaptionSetting, ...] | None = None,
         latent_keys: bool = False,
         latent_store: LatentStore | None = None,
     ) -> None:
@@ -267,11 +270,18 @@ class ScheduleBatches(_TorchDataset):
         self.seed = int(seed)
         self.loss_scales = dataset.loss_scale_per_image()
         self.root = Path(dataset.root)
-        self.caption_dropout, self.shuffle_tags, self.keep_tags = (
-            float(caption_dropout),
-            shuffle_tags,
-            keep_tags,
-        )
+        self.keep_tags = keep_tags
+        # per concept (concept_caption_settings); without them every folder gets caption_dropout / shuffle_tags
+        if caption_settings is None:
+            caption_settings = (CaptionSetting(float(caption_dropout), bool(shuffle_tags)),) * len(
+                dataset.concepts
+            )
+        if len(caption_settings) != len(dataset.concepts):
+            raise ValueError(
+                f"caption_settings has {len(caption_settings)} entries; the dataset has "
+                f"{len(dataset.concepts)} concepts (build them with concept_caption_settings)"
+            )
+        self.caption_settings = tuple(caption_settings)
         # with a store, images whose latents are cached are never decoded
         self.latent_keys = latent_keys or latent_store is not None
         self.latent_store = latent_store
@@ -302,11 +312,12 @@ class ScheduleBatches(_TorchDataset):
         """The caption image `image` trains with in slot (b, position): dropped or tag-shuffled as configured,
         by a generator of (seed, epoch, b, position)."""
         caption = self.dataset.captions[image]
-        if not self.caption_dropout and not self.shuffle_tags:
+        setting = self.caption_settings[int(self.dataset.concept_index[image])]
+        if not setting.dropout and not setting.shuffle:
             return caption
         rng = np.random.default_rng([self.seed, _TAG_CAPTION, self.schedule.epoch, b, position])
         return caption_variant(
-            caption, rng, dropout=self.caption_dropout, shuffle=self.shuffle_tags, keep=self.keep_tags
+            caption, rng, dropout=setting.dropout, shuffle=setting.shuffle, keep=self.keep_tags
         )
 
     def __getitem__(self, b: int) -> dict[str, Any]:
@@ -362,6 +373,42 @@ def _skip_reason(path: Path, exc: Exception) -> str:
     if isinstance(exc, OSError):
         return f"cannot read image {path}: {exc.strerror or exc}"
     return str(exc)
+
+
+@dataclass(frozen=True)
+class CaptionSetting:
+    """How one concept folder's captions train: the share dropped (empty caption) and whether tags shuffle."""
+
+    dropout: float = 0.0
+    shuffle: bool = False
+
+
+def concept_caption_settings(
+    config: Any, concepts: tuple[str, ...] | list[str]
+) -> tuple[CaptionSetting, ...]:
+    """Each concept's CaptionSetting, in the order given: its own entry in config.caption_dropouts /
+    config.shuffle_tags_concepts, else the global caption_dropout / shuffle_tags. A folder named there that is
+    not a concept is an error (a typo would otherwise silently train every caption intact)."""
+    from .config import ConfigError
+
+    known = set(concepts)
+    for name, named in (
+        ("caption_dropouts", [c for c, _ in config.caption_dropouts]),
+        ("shuffle_tags_concepts", list(config.shuffle_tags_concepts)),
+    ):
+        unknown = sorted(set(named) - known)
+        if unknown:
+            raise ConfigError(
+                f"{name} names folder(s) {', '.join(map(repr, unknown))} that are not concept folders of "
+                f"data_root ({', '.join(concepts)}); use their paths relative to data_root"
+            )
+    dropouts, shuffled = dict(config.caption_dropouts), set(config.shuffle_tags_concepts)
+    return tuple(
+        CaptionSetting(
+            float(dropouts.get(c, config.caption_dropout)), bool(config.shuffle_tags or c in shuffled)
+        )
+        for c in concepts
+    )
 
 
 def caption_variant(

@@ -15,6 +15,7 @@ from PIL import Image, ImageFilter, ImageOps
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from edtools.config import TrainConfig  # noqa: E402
 from edtools.data import LatentCache, LatentStore, ScheduleBatches, load_image, make_loader  # noqa: E402
 from edtools.dataset import load_dataset  # noqa: E402
 from edtools.schedule import build_epoch, shard  # noqa: E402
@@ -529,6 +530,60 @@ def test_batches_drop_and_shuffle_captions_per_epoch(tree, tokenizer):
     assert all(c.startswith("person ") for c in seen) and any(not c.endswith("green") for c in seen)
     tokens = shuffled[0]["input_ids"][0].tolist()
     assert tokens == tokenizer(shuffled[0]["captions"][0], padding="max_length").input_ids
+
+
+def test_caption_settings_per_folder_fall_back_to_the_global_ones():
+    from edtools.config import ConfigError
+    from edtools.data import CaptionSetting, concept_caption_settings
+
+    def settings(**values):
+        config = TrainConfig(data_root="d", model="m", out="o", **values)
+        return concept_caption_settings(config, ("a", "b", "c"))
+
+    assert settings() == (CaptionSetting(0.0, False),) * 3
+    assert settings(caption_dropout=0.1, caption_dropouts={"b": 0.5}, shuffle_tags_concepts=["c"]) == (
+        CaptionSetting(0.1, False),
+        CaptionSetting(0.5, False),
+        CaptionSetting(0.1, True),
+    )
+    assert settings(shuffle_tags=True, caption_dropouts={"a": 0})[0] == CaptionSetting(0.0, True)
+    with pytest.raises(ConfigError, match=r"caption_dropouts names folder\(s\) 'x' .*\(a, b, c\)"):
+        settings(caption_dropouts={"x": 0.5})
+    with pytest.raises(ConfigError, match="shuffle_tags_concepts names folder\\(s\\) 'B'"):
+        settings(shuffle_tags_concepts=["B"])
+
+
+def test_batches_drop_and_shuffle_only_the_folders_named(tree, tokenizer):
+    from edtools.data import concept_caption_settings
+
+    root = tree({"a": 6, "b": 6})
+    for folder in ("a", "b"):
+        for i, path in enumerate(sorted((root / folder).glob("*.png"))):
+            path.with_suffix(".txt").write_text(f"{folder} {i}, red, blue, green, yellow")
+    dataset = load_dataset(root)
+    config = TrainConfig(
+        data_root=str(root), model="m", out="o", caption_dropouts={"a": 0.5}, shuffle_tags_concepts=["a"]
+    )
+    settings = concept_caption_settings(config, dataset.concept_paths)
+
+    def captions(epoch):
+        batches = epoch_batches(dataset, tokenizer, epoch=epoch, caption_settings=settings)
+        return [
+            (int(concept), caption)
+            for b in range(len(batches))
+            for concept, caption in zip(batches[b]["concept"], batches[b]["captions"], strict=True)
+        ]
+
+    seen = [pair for epoch in range(4) for pair in captions(epoch)]
+    assert seen == [pair for epoch in range(4) for pair in captions(epoch)]  # seeded: the same each time
+    a, b = dataset.concept_paths.index("a"), dataset.concept_paths.index("b")
+    of_a = [caption for concept, caption in seen if concept == a]
+    of_b = [caption for concept, caption in seen if concept == b]
+    assert 0 < of_a.count("") < len(of_a)  # half of a's dropped
+    assert any(c and not c.endswith("yellow") for c in of_a)  # a's tags shuffled
+    assert set(of_b) == set(dataset.captions[i] for i in dataset.images_of(b))  # b's intact
+    with pytest.raises(ValueError, match="caption_settings has 1 entries; the dataset has 2 concepts"):
+        epoch_batches(dataset, tokenizer, caption_settings=settings[:1])
 
 
 # ---------------------------------------------------------------------------------------------------------

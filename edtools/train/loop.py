@@ -275,7 +275,7 @@ def _train_epoch(run: Run, epoch: int) -> str:
     """Train this rank's batches of one epoch from where the state stands. Returns "finished" at the
     epoch's end, else why it stopped early (callback or max_steps; a checkpoint is then saved)."""
     torch = require("torch")
-    from ..data import ScheduleBatches, make_loader
+    from ..data import ScheduleBatches, concept_caption_settings, make_loader
 
     config, runtime, concepts = run.config, run.runtime, run.dataset.concept_paths
     full = run.schedule(epoch)
@@ -297,8 +297,7 @@ def _train_epoch(run: Run, epoch: int) -> str:
         center_crop=config.center_crop,
         flip_p=config.flip_p,
         seed=config.seed,
-        caption_dropout=config.caption_dropout,
-        shuffle_tags=config.shuffle_tags,
+        caption_settings=concept_caption_settings(config, concepts),
         keep_tags=config.keep_tags,
         latent_keys=run.latent_cache.enabled,
         # the loader skips decoding what is cached: a disk store reads in worker processes, memory only in ours

@@ -168,7 +168,7 @@ def fill_text_cache(components: Any, captions: tuple[str, ...], config: TrainCon
         folder = cache_folder(config) / "text" / encoders_key(components)
     cache = TextEmbeddingCache(folder)
     with autocast(config, runtime.device):
-        cache.fill(components, captions + (("",) if config.caption_dropout else ()))
+        cache.fill(components, captions + (("",) if config.drops_captions else ()))
     for encoder in components.text_encoders:
         encoder.to("cpu")
     return cache
@@ -192,6 +192,7 @@ def load_data(config: TrainConfig, main: bool) -> tuple[Dataset, Dataset | None]
     """Scan the data root (logging each applied multiply.txt / loss_scale.txt and each warning on the main
     process), refuse errors, apply the config's overrides, hold out the validation images. Returns
     (training images, validation images or None)."""
+    from ..data import concept_caption_settings
     from ..dataset import DatasetError
     from ..holdout import match_validation_root, split_validation
 
@@ -205,6 +206,7 @@ def load_data(config: TrainConfig, main: bool) -> tuple[Dataset, Dataset | None]
         dataset = dataset.with_values(config.multiplier_overrides, config.loss_scale_overrides)
     except DatasetError as exc:
         raise ConfigError(f"multipliers / loss_scales: {exc}") from None
+    concept_caption_settings(config, dataset.concept_paths)  # a folder misnamed there fails before loading
     if config.validation_root:
         return dataset, match_validation_root(dataset, scan(config.validation_root).raise_for_errors())
     if config.validation_split:
