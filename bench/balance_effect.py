@@ -245,13 +245,14 @@ def run_arm(arm: Arm, seed: int, settings: Settings, base: Path, work: Path) -> 
         seed=seed,
         **arm.config_values(),
     )
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     result = train(config)
     assert result.global_step == settings.steps, (arm.name, result.global_step)
     return {
         "arm": arm.name,
         "seed": seed,
         "seconds": time.monotonic() - started,
+        "cpu_seconds": time.process_time() - cpu,
         **read_run(Path(config.out), settings.steps),
     }
 
@@ -265,16 +266,22 @@ def bench(
         arms = tuple(a for a in arms if not a.auto)
     runs = []
     for seed in seeds:
-        started = time.monotonic()
+        started, cpu = time.monotonic(), time.process_time()
         base = pretrain(seed, settings, cache)
-        say(f"seed {seed}: base model {base} ({time.monotonic() - started:.0f} s)")
+        say(
+            f"seed {seed}: base model {base} ({time.monotonic() - started:.0f} s, "
+            f"{time.process_time() - cpu:.0f} s CPU)"
+        )
         with tempfile.TemporaryDirectory(prefix="balance_effect-") as tmp:
             work = Path(tmp)
             write_finetune_root(work / "data", seed, settings.sizes)
             write_validation_root(work / "validation", seed, settings.sizes)
             for arm in arms:
                 runs.append(run_arm(arm, seed, settings, base, work))
-                say(f"seed {seed} {arm.name}: {settings.steps} steps, {runs[-1]['seconds']:.0f} s")
+                say(
+                    f"seed {seed} {arm.name}: {settings.steps} steps, {runs[-1]['seconds']:.0f} s "
+                    f"({runs[-1]['cpu_seconds']:.0f} s CPU)"
+                )
     return runs
 
 
@@ -310,42 +317,45 @@ def _paired(runs: list[dict[str, Any]], arm: str, other: str, metric: str, conce
     return [mine[s] - theirs[s] for s in sorted(mine) if s in theirs]  # type: ignore[operator]
 
 
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _label(concept: str) -> str:
+    return f"{concept} (rare)" if concept == RARE else concept
+
+
 def table(runs: list[dict[str, Any]]) -> str:
-    """Markdown, a row per arm: held-out loss per concept (mean ± sd over the seeds; then the paired difference
-    from none, mean ± sd, and the seeds where the arm was lower), forgetting, gap and bleed per concept."""
+    """Three markdown tables, a row per arm: held-out loss per concept and forgetting (mean ± sd over the
+    seeds); the same as paired differences from none (mean ± sd, and in how many seeds the arm was lower); gap
+    and bleed per concept at the last step ("n/a" where this edtools does not record them)."""
     arms = [a.name for a in ARMS if any(r["arm"] == a.name for r in runs)]
     seeds = sorted({r["seed"] for r in runs})
     for arm in arms:  # paired: every arm ran on every seed
         missing = set(seeds) - {r["seed"] for r in runs if r["arm"] == arm}
         if missing:
             raise ValueError(f"arm {arm} lacks seed(s) {sorted(missing)}: the arms are compared per seed")
-    head = ["arm"]
-    head += [f"{c} loss" for c in CONCEPTS] + [f"{c} vs none (lower in)" for c in CONCEPTS]
-    head += (
-        ["forgetting", "forgetting vs none"]
-        + [f"{c} gap" for c in CONCEPTS]
-        + [f"{c} bleed" for c in CONCEPTS]
-    )
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    metrics = [*(("loss", c) for c in CONCEPTS), ("forgetting", "")]
+    names = [_label(c) for c in CONCEPTS] + ["forgetting"]
+    loss = [_row(["held-out loss", *names]), "|" + "---|" * (len(names) + 1)]
+    paired = [_row(["arm - none, same seed (lower in)", *names]), "|" + "---|" * (len(names) + 1)]
+    extra_names = [f"gap {c}" for c in CONCEPTS] + [f"bleed {c}" for c in CONCEPTS]
+    extra = [_row(["last step", *extra_names]), "|" + "---|" * (len(extra_names) + 1)]
     for arm in arms:
+        loss.append(_row([arm] + [_mean_sd(list(_values(runs, arm, m, c).values())) for m, c in metrics]))
+        if arm != "none":
+            cells = [arm]
+            for m, c in metrics:
+                diff = _paired(runs, arm, "none", m, c)
+                cells.append(f"{_mean_sd(diff)} ({sum(d < 0 for d in diff)}/{len(diff)})")
+            paired.append(_row(cells))
         cells = [arm]
-        cells += [_mean_sd(list(_values(runs, arm, "loss", c).values())) for c in CONCEPTS]
-        for c in CONCEPTS:
-            diff = _paired(runs, arm, "none", "loss", c)
-            cells.append(
-                "-" if arm == "none" else f"{_mean_sd(diff)} ({sum(d < 0 for d in diff)}/{len(diff)})"
-            )
-        cells.append(_mean_sd(list(_values(runs, arm, "forgetting", "").values())))
-        forget = _paired(runs, arm, "none", "forgetting", "")
-        cells.append(
-            "-" if arm == "none" else f"{_mean_sd(forget)} ({sum(d < 0 for d in forget)}/{len(forget)})"
-        )
         for metric in ("gap", "bleed"):
             for c in CONCEPTS:
                 values = [v for v in _values(runs, arm, metric, c).values() if v is not None]
                 cells.append(_mean_sd(values) if len(values) == len(seeds) else "n/a")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        extra.append(_row(cells))
+    return "\n\n".join("\n".join(part) for part in (loss, paired, extra))
 
 
 def verdict(runs: list[dict[str, Any]]) -> list[str]:
