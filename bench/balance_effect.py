@@ -37,7 +37,18 @@ from edtools.models.tiny import tiny_components
 from edtools.train import train
 from edtools.train.records import read_csv
 
-__all__ = ["ARMS", "QUICK", "Arm", "Settings", "auto_available", "bench", "main", "pretrain", "table"]
+__all__ = [
+    "ABSENT",
+    "ARMS",
+    "QUICK",
+    "Arm",
+    "Settings",
+    "auto_available",
+    "bench",
+    "main",
+    "pretrain",
+    "table",
+]
 
 log = logging.getLogger("balance_effect")
 
@@ -85,6 +96,9 @@ ARMS = (
     Arm("auto", "auto_balance", auto=True),
 )
 FIXED = tuple(a.name for a in ARMS if a.name not in ("none", "auto"))
+# a control, run when asked (--arms ... absent): the rare images load but teach nothing (loss_scale 0), which
+# shows how much they help at all, i.e. whether the set-up can see an effect on the rare concept
+ABSENT = Arm("absent", "loss_scale.txt 0 (control)", loss_scale=0)
 
 
 @dataclass(frozen=True)
@@ -93,10 +107,10 @@ class Settings:
     size, and are validated at the same steps (every steps // points) and after each epoch."""
 
     sizes: DataSizes = field(default_factory=DataSizes)
-    pretrain_steps: int = 720
+    pretrain_steps: int = 1200
     pretrain_lr: float = 1e-3
-    steps: int = 240
-    lr: float = 2e-4
+    steps: int = 480
+    lr: float = 5e-4
     batch: int = 6
     points: int = 4
 
@@ -257,32 +271,59 @@ def run_arm(arm: Arm, seed: int, settings: Settings, base: Path, work: Path) -> 
     }
 
 
-def bench(
-    seeds: list[int], settings: Settings, cache: Path, arms: tuple[Arm, ...] = ARMS, say: Any = print
+def seed_runs(
+    seed: int, settings: Settings, cache: Path, arms: tuple[Arm, ...], say: Any = print
 ) -> list[dict[str, Any]]:
-    """Every arm on every seed (the same base model, data and validation noise within a seed): their runs."""
+    """Every arm on one seed: the same base model, data root, held-out images and validation noise."""
+    started, cpu = time.monotonic(), time.process_time()
+    base = pretrain(seed, settings, cache)
+    say(
+        f"seed {seed}: base model {base} ({time.monotonic() - started:.0f} s, {time.process_time() - cpu:.0f} s CPU)"
+    )
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="balance_effect-") as tmp:
+        work = Path(tmp)
+        write_finetune_root(work / "data", seed, settings.sizes)
+        write_validation_root(work / "validation", seed, settings.sizes)
+        for arm in arms:
+            runs.append(run_arm(arm, seed, settings, base, work))
+            say(
+                f"seed {seed} {arm.name}: {settings.steps} steps, {runs[-1]['seconds']:.0f} s "
+                f"({runs[-1]['cpu_seconds']:.0f} s CPU)"
+            )
+    return runs
+
+
+def _worker(seed: int, settings: Settings, cache: Path, arms: tuple[Arm, ...], threads: int) -> list[dict]:
+    """seed_runs in a worker process of --jobs, with its own torch threads."""
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(threads)
+    return seed_runs(seed, settings, cache, arms, say=lambda line: print(line, flush=True))
+
+
+def bench(
+    seeds: list[int],
+    settings: Settings,
+    cache: Path,
+    arms: tuple[Arm, ...] = ARMS,
+    say: Any = print,
+    jobs: int = 1,
+    threads: int = 1,
+) -> list[dict[str, Any]]:
+    """Every arm on every seed: their runs, in seed order. jobs > 1 runs that many seeds at once, each in its
+    own process (seeds are independent; one process per core is the fastest use of a small CPU)."""
     if any(a.auto for a in arms) and not auto_available():
         say("auto arm skipped: this edtools's TrainConfig has no auto_balance field")
         arms = tuple(a for a in arms if not a.auto)
-    runs = []
-    for seed in seeds:
-        started, cpu = time.monotonic(), time.process_time()
-        base = pretrain(seed, settings, cache)
-        say(
-            f"seed {seed}: base model {base} ({time.monotonic() - started:.0f} s, "
-            f"{time.process_time() - cpu:.0f} s CPU)"
-        )
-        with tempfile.TemporaryDirectory(prefix="balance_effect-") as tmp:
-            work = Path(tmp)
-            write_finetune_root(work / "data", seed, settings.sizes)
-            write_validation_root(work / "validation", seed, settings.sizes)
-            for arm in arms:
-                runs.append(run_arm(arm, seed, settings, base, work))
-                say(
-                    f"seed {seed} {arm.name}: {settings.steps} steps, {runs[-1]['seconds']:.0f} s "
-                    f"({runs[-1]['cpu_seconds']:.0f} s CPU)"
-                )
-    return runs
+    if jobs <= 1 or len(seeds) <= 1:
+        return [run for seed in seeds for run in seed_runs(seed, settings, cache, arms, say)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: a forked torch can hang in its thread pools
+    with ProcessPoolExecutor(min(jobs, len(seeds)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = [pool.submit(_worker, seed, settings, cache, arms, threads) for seed in seeds]
+        return [run for part in parts for run in part.result()]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -329,7 +370,7 @@ def table(runs: list[dict[str, Any]]) -> str:
     """Three markdown tables, a row per arm: held-out loss per concept and forgetting (mean ± sd over the
     seeds); the same as paired differences from none (mean ± sd, and in how many seeds the arm was lower); gap
     and bleed per concept at the last step ("n/a" where this edtools does not record them)."""
-    arms = [a.name for a in ARMS if any(r["arm"] == a.name for r in runs)]
+    arms = [a.name for a in (*ARMS, ABSENT) if any(r["arm"] == a.name for r in runs)]
     seeds = sorted({r["seed"] for r in runs})
     for arm in arms:  # paired: every arm ran on every seed
         missing = set(seeds) - {r["seed"] for r in runs if r["arm"] == arm}
@@ -391,6 +432,13 @@ def main(argv: list[str] | None = None) -> None:
         "--steps", type=int, help=f"fine-tuning optimizer steps per arm (default {Settings.steps})"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a busy CPU)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="seeds trained at once, one process each (2 on 2 cores)"
+    )
+    names = [a.name for a in (*ARMS, ABSENT)]
+    parser.add_argument(
+        "--arms", nargs="+", choices=names, default=[a.name for a in ARMS], help="arms to run (none always)"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, the first seed")
     parser.add_argument(
         "--cache",
@@ -410,7 +458,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     started = time.monotonic()
-    runs = bench(args.seeds, settings, args.cache)
+    arms = tuple(a for a in (*ARMS, ABSENT) if a.name == "none" or a.name in args.arms)
+    runs = bench(args.seeds, settings, args.cache, arms, jobs=args.jobs, threads=args.threads)
     print(table(runs))
     print("\n".join(verdict(runs)))
     if args.out:
