@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import statistics
 import tempfile
@@ -433,7 +434,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a busy CPU)")
     parser.add_argument(
-        "--jobs", type=int, default=1, help="seeds trained at once, one process each (2 on 2 cores)"
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="seeds trained at once, one process of --threads each (default: one per CPU core)",
     )
     names = [a.name for a in (*ARMS, ABSENT)]
     parser.add_argument(
