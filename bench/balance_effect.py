@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--jobs",
         type=int,
-        default=os.cpu_count() or 1,
+        default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
         help="seeds trained at once, one process of --threads each (default: one per CPU core)",
     )
     names = [a.name for a in (*ARMS, ABSENT)]
