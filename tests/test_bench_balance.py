@@ -89,8 +89,19 @@ def test_verdict_checks_auto_against_none_and_the_best_fixed_arm(be):
     assert be.verdict(worse)[-1].startswith("target NOT met")
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread, as the bench runs: on a busy 2-core machine more threads spin and run many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-def test_tiny_bench_trains_every_arm_from_one_cached_base_model(be, tmp_path):
+def test_tiny_bench_trains_every_arm_from_one_cached_base_model(be, tmp_path, one_thread):
     said = []
     runs = be.bench([3], be.QUICK, tmp_path / "cache", say=said.append)
     expected = [a.name for a in be.ARMS if not a.auto or be.auto_available()]
