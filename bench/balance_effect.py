@@ -221,16 +221,20 @@ def _number(text: str | None) -> float | None:
 
 
 def read_run(out: Path, steps: int) -> dict[str, Any]:
-    """A run's final numbers per concept: held-out loss at the last step and at step 0 (the base model), gap
-    (validation.csv's column, where this edtools writes it) and bleed (bleed.csv's mean margin over the other
-    concepts at its last step, where written). None where a record lacks them."""
+    """A run's final numbers per concept: held-out loss at the last step and at step 0 (the base model); gap
+    (validation.csv's column, at the last validation that gives one) and bleed (bleed.csv's mean margin over
+    the other concepts at its last step) where this edtools records them, else None."""
     rows = read_csv(out / "validation.csv")
     at = {(int(r["step"]), r["concept"]): r for r in rows}
     if (steps, RARE) not in at:
         raise RuntimeError(f"{out}/validation.csv has no validation at step {steps}")
     final = {c: float(at[steps, c]["loss"]) for c in CONCEPTS}
     start = {c: float(at[0, c]["loss"]) for c in CONCEPTS}
-    gap = {c: _number(at[steps, c].get("gap")) for c in CONCEPTS}
+    # gap: at the last validation that has one (a record may give it at some validations only)
+    gap: dict[str, float | None] = dict.fromkeys(CONCEPTS)
+    for step, c in sorted(at):
+        if c in gap and _number(at[step, c].get("gap")) is not None:
+            gap[c] = _number(at[step, c].get("gap"))
     bleed: dict[str, float | None] = dict.fromkeys(CONCEPTS)
     bleed_rows = read_csv(out / "bleed.csv")
     if bleed_rows:

@@ -50,7 +50,8 @@ def test_records_give_loss_forgetting_and_gap_and_bleed_only_where_written(be, t
     assert run["gap"] == dict.fromkeys(be.CONCEPTS) and run["bleed"] == dict.fromkeys(be.CONCEPTS)
     # with the metrics records: gap from validation.csv, bleed as the mean margin at bleed.csv's last step
     header = ["step", "epoch", "concept", "loss", "images", "train_loss", "gap"]
-    write_csv(tmp_path / "validation.csv", header, [[*r, 0.3, 0.1] for r in rows])
+    gaps = [[*r, 0.3, "" if r[0] == 8 and r[2] == "zqx_star" else 0.1 + r[0] / 100] for r in rows]
+    write_csv(tmp_path / "validation.csv", header, gaps)
     bleed = [
         [4, 0, be.RARE, "zqx_star", 0.9],
         [8, 1, be.RARE, "zqx_star", 0.2],
@@ -58,7 +59,7 @@ def test_records_give_loss_forgetting_and_gap_and_bleed_only_where_written(be, t
     ]
     write_csv(tmp_path / "bleed.csv", ["step", "epoch", "concept", "under", "margin"], bleed)
     run = be.read_run(tmp_path, 8)
-    assert run["gap"] == dict.fromkeys(be.CONCEPTS, 0.1)
+    assert run["gap"] == dict.fromkeys(be.CONCEPTS, 0.18) | {"zqx_star": 0.1}  # its last gap: at step 0
     assert run["bleed"][be.RARE] == pytest.approx(0.3) and run["bleed"]["zqx_star"] is None
     with pytest.raises(RuntimeError, match="no validation at step 9"):
         be.read_run(tmp_path, 9)
