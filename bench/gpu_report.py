@@ -9,7 +9,7 @@ import contextlib
 
 from gpu_preset import PresetResult
 from memory_budget import usable_gib, verdict
-from memory_report import gib
+from memory_bytes import gib
 
 __all__ = ["header", "markdown", "print_result", "verdict_of"]
 

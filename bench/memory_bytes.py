@@ -7,9 +7,14 @@ from __future__ import annotations
 
 from models import ARCH_LABEL, ARCHS, build_text, build_unet, build_vae
 
-__all__ = ["GIB", "adamw8bit_state_bytes", "component_table", "nbytes", "optimizer_state_bytes"]
+__all__ = ["GIB", "adamw8bit_state_bytes", "component_table", "gib", "nbytes", "optimizer_state_bytes"]
 
 GIB = 2**30
+
+
+def gib(n: int | None) -> str:
+    """Bytes as GiB for the reports, two decimals ("n/a" for None)."""
+    return "n/a" if n is None else f"{n / GIB:.2f}"
 
 
 def nbytes(params, dtype_size: int) -> int:
@@ -38,7 +43,7 @@ def optimizer_state_bytes(optimizer: str, params) -> int:
 
 
 def component_table() -> list[tuple]:
-    """Per part of SD1.5 and SDXL: (model, part, parameters, fp32, fp16/bf16, AdamW8bit state, AdamW state bytes)."""
+    """Per part of SD1.5 and SDXL: (model, part, parameters, fp32, fp16/bf16, AdamW8bit and AdamW state bytes)."""
     rows = []
     for arch in ("sd", "sdxl"):
         label = ARCH_LABEL[arch]

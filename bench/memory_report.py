@@ -6,15 +6,11 @@ Plain text by default, the RESULTS.md section with --markdown; every figure come
 from __future__ import annotations
 
 from memory_budget import CONTEXT_GIB, FITS, FRAGMENTATION, USABLE_GIB, usable_gib, verdict
-from memory_bytes import GIB
+from memory_bytes import GIB, gib
 from memory_crosscheck import CROSS_CHECK
 from models import LORA_TARGETS
 
-__all__ = ["gib", "report"]
-
-
-def gib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / GIB:.2f}"
+__all__ = ["report"]
 
 
 def report(

@@ -1,4 +1,4 @@
-"""The benchmarks' models: real SD1.5 / SDXL (bench/configs.py) on the meta device, or with random weights on a device.
+"""The benchmarks' models: real SD1.5 / SDXL (bench/configs.py) on the meta device, or random weights on a device.
 
 bench/memory.py counts bytes on meta-device models; bench/gpu_step.py and bench/host_memory.py build real ones.
 """
