@@ -164,7 +164,9 @@ def _build(
     if resume_from is not None:
         check_resume(info, config, runtime.world_size, resume_from)
     dataset, validation = load_data(config, runtime.main)
-    concept_prompts(dataset, validation, config.prompt_overrides)  # a folder that is not a concept: say so now
+    concept_prompts(
+        dataset, validation, config.prompt_overrides
+    )  # a folder that is not a concept: say so now
     if info.get("epoch_values") and info.get("batch"):  # resumed mid-epoch: that epoch's own values
         dataset = with_saved_values(dataset, info["epoch_values"])
     buckets = make_buckets(config.resolution)
