@@ -36,7 +36,16 @@ VALIDATION_IMAGES = "validation_images.txt"
 SKIPPED_IMAGES = "skipped_images.txt"
 _COLUMNS = {
     VALIDATION_CSV: ["step", "epoch", "concept", "loss", "images"],
-    BALANCE_HISTORY_CSV: ["epoch", "concept", "multiply", "loss_scale", "expected", "actual"],
+    BALANCE_HISTORY_CSV: [
+        "epoch",
+        "concept",
+        "multiply",
+        "loss_scale",
+        "expected",
+        "actual",
+        "user_multiply",
+        "reason",
+    ],
     TRAINING_LOSS_CSV: ["epoch", "concept", "loss", "images"],
 }
 RECORDS = (
@@ -79,7 +88,7 @@ def trim_records(out: Path, *, global_step: int, epoch: int) -> None:
         kept = [row for row in rows if int(row[column]) <= last]
         if len(kept) != len(rows):
             path.unlink()
-            _append(path, [[row[c] for c in _COLUMNS[name]] for row in kept])
+            _append(path, [[row.get(c) or "" for c in _COLUMNS[name]] for row in kept])
 
 
 def append_validation(out: Path, step: int, epoch: int, results: Mapping[str, tuple[float, int]]) -> None:
@@ -87,11 +96,30 @@ def append_validation(out: Path, step: int, epoch: int, results: Mapping[str, tu
     _append(out / VALIDATION_CSV, [[step, epoch, c, f"{loss:.6g}", n] for c, (loss, n) in results.items()])
 
 
-def append_balance_history(out: Path, epoch: int, dataset: Dataset, actual: np.ndarray) -> None:
+def append_balance_history(
+    out: Path,
+    epoch: int,
+    dataset: Dataset,
+    actual: np.ndarray,
+    user: Mapping[str, float] | None = None,
+    reasons: Mapping[str, str] | None = None,
+) -> None:
     """One row per concept for a finished epoch: the multiplier and loss_scale it trained with, the images
-    per epoch they give (expected) and the images the epoch really held (actual)."""
+    per epoch they give (expected), the images the epoch really held (actual), the user's multiplier (the
+    files or sliders; it differs from multiply where --auto-balance changed it) and the automatic change's
+    reason (empty where none)."""
+    user, reasons = user or {}, reasons or {}
     rows = [
-        [epoch, c.path, f"{c.multiplier:g}", f"{c.loss_scale:g}", f"{c.images_per_epoch:g}", int(n)]
+        [
+            epoch,
+            c.path,
+            f"{c.multiplier:g}",
+            f"{c.loss_scale:g}",
+            f"{c.images_per_epoch:g}",
+            int(n),
+            f"{user.get(c.path, c.multiplier):g}",
+            reasons.get(c.path, ""),
+        ]  # fmt: skip
         for c, n in zip(dataset.concepts, actual, strict=True)
     ]
     _append(out / BALANCE_HISTORY_CSV, rows)
