@@ -1,0 +1,176 @@
+"""Automatic balance rules on synthetic records: raise a lagging concept that still falls, lower one whose gap
+widens, whose held-out loss rises from its best or that dominates a bleeding pair; bounds, locks and spacing."""
+
+from __future__ import annotations
+
+import pytest
+
+from edtools.autobalance import (
+    Change,
+    History,
+    Rules,
+    balance_state,
+    check_bounds,
+    decide,
+    judge,
+    round_multiplier,
+    verdicts,
+)
+
+
+def validation(
+    curves: dict[str, list[float]], gaps: dict[str, list[float]] | None = None
+) -> tuple[dict, ...]:
+    """One validation per epoch (step 10 * i, epochs done i), optionally with the gap column."""
+    rows = []
+    for concept, values in curves.items():
+        for i, v in enumerate(values):
+            row = {"step": str(10 * i), "epoch": str(i), "concept": concept, "loss": str(v), "images": "2"}
+            if gaps is not None:
+                row["gap"] = str(gaps.get(concept, [0.0] * len(values))[i])
+            rows.append(row)
+    return tuple(rows)
+
+
+def balance(epochs: list[dict[str, tuple]]) -> tuple[dict, ...]:
+    """Rows of balance_history.csv: per epoch {concept: (multiply, user_multiply, expected, reason)}."""
+    return tuple(
+        {
+            "epoch": str(e),
+            "concept": c,
+            "multiply": str(m),
+            "loss_scale": "1",
+            "expected": str(n),
+            "actual": str(n),
+            "user_multiply": str(u),
+            "reason": r,
+        }
+        for e, values in enumerate(epochs)
+        for c, (m, u, n, r) in values.items()
+    )
+
+
+LAGGING = {"rare": [0.30, 0.295, 0.29], "a": [0.30, 0.25, 0.20], "b": [0.30, 0.24, 0.21]}
+
+
+def test_a_lagging_concept_that_still_falls_is_raised():
+    history = History(validation=validation(LAGGING))
+    ones = {"rare": 1.0, "a": 1.0, "b": 1.0}
+    (change,) = decide(history, ones, ones)
+    assert (change.concept, change.old, change.new) == ("rare", 1.0, 1.5)
+    assert "lags behind; raise it" in change.reason and "still falls" in change.reason
+
+
+def test_a_lagging_concept_that_no_longer_falls_is_kept():
+    curves = {**LAGGING, "rare": [0.30, 0.28, 0.29]}  # its last validation went up: more repeats won't help
+    ones = {"rare": 1.0, "a": 1.0, "b": 1.0}
+    assert decide(History(validation=validation(curves)), ones, ones) == ()
+    assert verdicts(History(validation=validation(curves)))["rare"].factor == 1.0
+
+
+def test_a_widening_gap_lowers_a_heavily_repeated_concept():
+    # "heavy" is repeated 8x: its held-out loss still looks fine, but it pulls away from its training images
+    curves = {"heavy": [0.30, 0.22, 0.21, 0.205], "light": [0.30, 0.25, 0.22, 0.20]}
+    gaps = {"heavy": [0.0, 0.01, 0.03, 0.06], "light": [0.0, 0.0, 0.001, 0.0]}
+    history = History(validation=validation(curves, gaps))
+    assert judge(history)["heavy"].gap_growth == pytest.approx(0.05 / 0.205)
+    assert judge(history)["light"].gap_growth is None
+    (change,) = decide(history, {"heavy": 8.0, "light": 1.0}, {"heavy": 8.0, "light": 1.0})
+    assert change == Change("heavy", 8.0, round_multiplier(8 / 1.5), change.reason)
+    assert "gap between its held-out and training loss widened" in change.reason
+
+
+def test_without_a_gap_column_the_gap_rule_is_silent():
+    curves = {"heavy": [0.30, 0.22, 0.21, 0.205], "light": [0.30, 0.25, 0.22, 0.20]}
+    history = History(validation=validation(curves))  # validation.csv of a run before the gap column
+    assert judge(history)["heavy"].gap_growth is None
+    assert decide(history, {"heavy": 8.0, "light": 1.0}, {"heavy": 8.0, "light": 1.0}) == ()
+
+
+def test_held_out_loss_rising_from_its_best_lowers_it():
+    history = History(validation=validation({"bob": [0.20, 0.12, 0.14], "alice": [0.20, 0.15, 0.12]}))
+    (change,) = decide(history, {"bob": 4.0, "alice": 1.0}, {"bob": 4.0, "alice": 1.0})
+    assert (change.concept, change.new) == ("bob", round_multiplier(4 / 1.5))
+    assert change.reason.startswith("validation loss rose 17% since its best at step 10 (0.12 -> 0.14)")
+
+
+def test_a_bleeding_pair_lowers_the_one_with_more_images_per_epoch():
+    curves = {"dog": [0.3, 0.25, 0.22], "puppy": [0.3, 0.26, 0.21]}  # both fine on their own
+    bleed = (
+        {"step": "10", "epoch": "1", "concept": "puppy", "under": "dog", "margin": "0.2"},
+        {"step": "20", "epoch": "2", "concept": "puppy", "under": "dog", "margin": "0.01"},
+    )
+    history = History(
+        validation=validation(curves),
+        bleed=bleed,
+        balance=balance([{"dog": (3, 3, 60, ""), "puppy": (1, 1, 10, "")}]),
+    )
+    (change,) = decide(history, {"dog": 3.0, "puppy": 1.0}, {"dog": 3.0, "puppy": 1.0})
+    assert (change.concept, change.old, change.new) == ("dog", 3.0, 2.0)
+    assert "bleeds with puppy (margin 0.01 < 0.05)" in change.reason and "60 vs 10" in change.reason
+    # told apart again at the latest step: no bleed
+    apart = (*bleed, {"step": "30", "epoch": "3", "concept": "puppy", "under": "dog", "margin": "0.3"})
+    history = History(validation=validation(curves), bleed=apart, balance=history.balance)
+    assert decide(history, {"dog": 3.0, "puppy": 1.0}, {"dog": 3.0, "puppy": 1.0}) == ()
+
+
+def test_bounds_are_relative_to_the_users_value():
+    history = History(validation=validation(LAGGING))
+    user = {"rare": 2.0, "a": 1.0, "b": 1.0}
+    (change,) = decide(history, {**user, "rare": 3.5}, user, bounds=(0.25, 2.0))
+    assert (change.new, change.reason.endswith("(its bound)")) == (4.0, True)  # 3.5 x 1.5 capped at 2 x 2
+    assert decide(history, {**user, "rare": 4.0}, user, bounds=(0.25, 2.0)) == ()  # at its bound: no change
+    for bad in [(0.0, 2.0), (1.5, 2.0), (0.5, 0.9)]:
+        with pytest.raises(ValueError, match="0 < low <= 1 <= high"):
+            check_bounds(bad)
+
+
+def test_a_locked_concept_is_never_changed():
+    history = History(validation=validation(LAGGING))
+    ones = {"rare": 1.0, "a": 1.0, "b": 1.0}
+    assert decide(history, ones, ones, locks=frozenset({"rare"})) == ()
+
+
+def test_the_users_move_locks_a_concept_and_its_value_wins():
+    rows = balance(
+        [
+            {"rare": (1, 1, 10, ""), "a": (1, 1, 10, "")},
+            {"rare": (1.5, 1, 15, "lags"), "a": (1, 1, 10, "")},
+        ]
+    )
+    current, locks = balance_state(History(balance=rows), {"rare": 1.0, "a": 1.0})
+    assert (current, locks) == ({"rare": 1.5, "a": 1.0}, frozenset())  # the automatic value carries on
+    current, locks = balance_state(History(balance=rows), {"rare": 3.0, "a": 1.0})  # a slider moved it
+    assert (current, locks) == ({"rare": 3.0, "a": 1.0}, frozenset({"rare"}))
+    moved_before = balance([{"a": (1, 1, 10, "")}, {"a": (2, 2, 20, "")}, {"a": (2, 2, 20, "")}])
+    assert balance_state(History(balance=moved_before), {"a": 2.0})[1] == frozenset({"a"})
+
+
+def test_no_second_change_within_two_validations():
+    ones = {"rare": 1.0, "a": 1.0, "b": 1.0}
+    # raised at the start of epoch 2; validations after it: only the one at the end of epoch 2 (epochs done 3)
+    curves = {c: [*v, v[-1] - 0.001] for c, v in LAGGING.items()}
+    changed = balance([{}, {}, {"rare": (1.5, 1, 15, "lags")}])
+    history = History(validation=validation(curves), balance=changed)
+    assert decide(history, {**ones, "rare": 1.5}, ones) == ()
+    curves = {c: [*v, v[-1] - 0.002] for c, v in curves.items()}  # and one more: it may move again
+    history = History(validation=validation(curves), balance=changed)
+    (change,) = decide(history, {**ones, "rare": 1.5}, ones)
+    assert (change.concept, change.new) == ("rare", 2.25)
+
+
+def test_decisions_are_a_function_of_the_records():
+    history = History(validation=validation(LAGGING))
+    ones = {"rare": 1.0, "a": 1.0, "b": 1.0}
+    assert decide(history, ones, ones) == decide(
+        History(validation=tuple(reversed(history.validation))), ones, ones
+    )
+    assert decide(History(), ones, ones) == ()  # no records: no signal
+    strict = Rules(lag=0.01)  # a threshold no concept lags behind
+    assert decide(history, ones, ones, rules=strict) == ()
+
+
+def test_round_trip_of_a_multiplier_through_the_csv():
+    for value in (1 / 1.5, 8 / 1.5, 0.25 * 3.3333, 4 * 1.5**5):
+        rounded = round_multiplier(value)
+        assert float(f"{rounded:g}") == rounded
