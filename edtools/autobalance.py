@@ -216,11 +216,12 @@ def _images_per_epoch(history: History) -> dict[str, float]:
     return {c: v for c, (_, v) in out.items()}
 
 
-def verdicts(history: History, rules: Rules = RULES) -> dict[str, Verdict]:
+def verdicts(history: History, rules: Rules | None = None) -> dict[str, Verdict]:
     """Per judged concept the first rule that speaks, in this order: bleeds into another concept and trains
     more images per epoch than it (lower); held-out loss rose from its best (lower); train/held-out gap widens
     (lower); lags the others and still falls (raise); else keep. Concepts only in bleed.csv get a verdict when
     they dominate a bleeding pair."""
+    rules = rules or RULES  # read at call time: a test may set the module's RULES
     signals = judge(history)
     images = _images_per_epoch(history)
     out: dict[str, Verdict] = {}
@@ -325,10 +326,11 @@ def decide(
     user: Mapping[str, float],
     locks: frozenset[str] | set[str] = frozenset(),
     bounds: Sequence[float] = (0.25, 4.0),
-    rules: Rules = RULES,
+    rules: Rules | None = None,
 ) -> tuple[Change, ...]:
     """The changes for this epoch: each unlocked concept whose verdict raises or lowers it, that waited
     rules.spacing validations since its last change, moves by rules.step within bounds x its user value."""
+    rules = rules or RULES
     low, high = check_bounds(bounds)
     changed = _last_change_epoch(history)
     out = []

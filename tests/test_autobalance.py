@@ -174,3 +174,97 @@ def test_round_trip_of_a_multiplier_through_the_csv():
     for value in (1 / 1.5, 8 / 1.5, 0.25 * 3.3333, 4 * 1.5**5):
         rounded = round_multiplier(value)
         assert float(f"{rounded:g}") == rounded
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real runs of the tiny model
+
+
+def read_rows(out, name: str) -> list[dict[str, str]]:
+    import csv
+    from pathlib import Path
+
+    with open(Path(out) / name, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def lagging_setup(tree, monkeypatch):
+    """A data root whose 'rare' concept barely trains (loss_scale 0.01), so its held-out loss improves a
+    little less than the others'; lag=0.99 makes that count as lagging in a run of a few epochs (the default
+    0.5 waits for a much larger difference than a tiny model shows)."""
+    import edtools.autobalance as autobalance
+
+    monkeypatch.setattr(autobalance, "RULES", Rules(lag=0.99))
+    root = tree({"a": 5, "b": 5, "rare": 5})
+    (root / "rare" / "loss_scale.txt").write_text("0.01")
+    return root
+
+
+@pytest.mark.slow
+def test_a_run_raises_its_lagging_concept_and_says_why_once(tree, tiny_model, tmp_path, monkeypatch, caplog):
+    pytest.importorskip("torch")
+    import logging
+
+    from conftest import train_config
+
+    from edtools.train import train
+
+    root = lagging_setup(tree, monkeypatch)
+    config = train_config(
+        root, tiny_model, tmp_path / "out", epochs=5, validation_split=0.4, auto_balance=True, lr=3e-3
+    )
+    events = []
+    with caplog.at_level(logging.INFO, logger="edtools"):
+        train(config, events.append)
+    rows = read_rows(config.out, "balance_history.csv")
+    rare = [r for r in rows if r["concept"] == "rare"]
+    assert [r["user_multiply"] for r in rare] == ["1"] * 5  # the user's value never moved
+    raised = [r for r in rare if r["reason"]]
+    assert raised and "lags behind; raise it" in raised[0]["reason"]
+    assert float(rare[-1]["multiply"]) > 1 and float(rare[-1]["actual"]) > 3  # more of its images trained
+    assert all(r["multiply"] == "1" and not r["reason"] for r in rows if r["concept"] != "rare")
+    epoch = int(raised[0]["epoch"])
+    line = f"epoch {epoch}: auto-balance rare multiply 1 -> 1.5: validation loss improved"
+    assert caplog.text.count(line) == 1
+    # the notebook's multiplier history (the epoch events) shows the automatic value
+    assert [e.multipliers["rare"] for e in events if e.kind == "epoch"] == [
+        float(r["multiply"]) for r in rare
+    ]
+
+
+@pytest.mark.slow
+def test_an_auto_balanced_run_stopped_and_resumed_matches_an_uninterrupted_one(
+    tree, tiny_model, tmp_path, monkeypatch
+):
+    torch = pytest.importorskip("torch")
+    import dataclasses
+
+    from conftest import train_config
+
+    from edtools.models import load_components
+    from edtools.train import train
+
+    root = lagging_setup(tree, monkeypatch)
+    config = train_config(
+        root, tiny_model, tmp_path / "whole", epochs=5, validation_split=0.4, auto_balance=True, lr=3e-3
+    )
+    whole = train(config)
+    history = read_rows(whole.out, "balance_history.csv")
+    changed = [int(r["epoch"]) for r in history if r["reason"]]
+    assert changed, "the run must change a multiplier for the resume to have something to repeat"
+    # stop one step into the epoch whose start changed a multiplier, then at an epoch's end; resume each time
+    steps = {}
+    for row in read_rows(whole.out, "validation.csv"):
+        steps[int(row["epoch"])] = int(row["step"])
+    parts = dataclasses.replace(config, out=str(tmp_path / "parts"))
+    first = train(dataclasses.replace(parts, max_steps=steps[changed[0]] + 1))
+    assert (first.epoch, first.batch) == (changed[0], 1)
+    second = train(dataclasses.replace(parts, resume=True, max_steps=steps[changed[0] + 1]))
+    assert (second.epoch, second.batch) == (changed[0] + 1, 0)
+    last = train(dataclasses.replace(parts, resume=True))
+    assert last.stop_reason == "finished"
+    assert read_rows(last.out, "balance_history.csv") == history
+    a, b = load_components(whole.checkpoint).unet, load_components(last.checkpoint).unet
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
