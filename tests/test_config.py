@@ -75,6 +75,8 @@ def full_config() -> TrainConfig:
         validate_every_epochs=2,
         validate_every_steps=10,
         live_balance=True,
+        auto_balance=True,
+        auto_balance_bounds=(0.5, 2.0),
         kohya_repeats=True,
         center_crop=False,
         flip_p=0.5,
