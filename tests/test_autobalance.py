@@ -177,6 +177,70 @@ def test_round_trip_of_a_multiplier_through_the_csv():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Settings, the command line and the notebook
+
+
+def test_settings_need_a_validation_and_sane_bounds(tmp_path):
+    from edtools.config import ConfigError, TrainConfig
+
+    base = dict(data_root="d", model="m", out="o")
+    config = TrainConfig(**base, auto_balance=True, validation_split=0.1, auto_balance_bounds=[0.5, 2])
+    assert config.auto_balance_bounds == (0.5, 2.0) and TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="auto_balance is True; it decides from the validation loss"):
+        TrainConfig(**base, auto_balance=True)
+    with pytest.raises(ConfigError, match="set validate_every_epochs"):
+        TrainConfig(**base, auto_balance=True, validation_split=0.1, validate_every_epochs=0)
+    for bad in ([0, 2], [2, 4], [0.5, 0.8]):
+        with pytest.raises(ConfigError, match=r"auto_balance_bounds is .*0 < low <= 1 <= high"):
+            TrainConfig(**base, auto_balance_bounds=bad)
+    with pytest.raises(ConfigError, match="it must be two numbers"):
+        TrainConfig(**base, auto_balance_bounds=[0.5])
+
+
+def test_the_command_line_flags(tmp_path, capsys):
+    import argparse
+
+    from edtools.cli import main
+    from edtools.flags import add_arguments, from_args, to_args
+
+    args = ["--data-root", "d", "--model", "m", "--out", "o", "--validation-split", "0.1"]
+    parser = add_arguments(argparse.ArgumentParser())
+    config = from_args(parser.parse_args([*args, "--auto-balance", "--auto-balance-bounds", "0.5", "3"]))
+    assert (config.auto_balance, config.auto_balance_bounds) == (True, (0.5, 3.0))
+    assert from_args(parser.parse_args(to_args(config))) == config
+    train = [
+        "train",
+        "--data-root",
+        str(tmp_path),
+        "--model",
+        str(tmp_path / "m"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main([*train, "--auto-balance"]) == 2  # no validation: a message, not a traceback
+    assert "auto_balance" in capsys.readouterr().err
+    assert main([*train, "--auto-balance-bounds", "2", "4"]) == 2
+    assert "0 < low <= 1 <= high" in capsys.readouterr().err
+
+
+def test_the_notebook_switch_and_its_marks_in_the_multiplier_history(tree, tmp_path):
+    pytest.importorskip("ipywidgets")
+    import edtools.widgets as ew
+    from edtools.widgets.progress import history_html
+
+    root = tree({"a": 3, "b": 3})
+    balance = ew.BalancePanel(ew.DataPanel(root), debounce_s=0)
+    training = ew.TrainingPanel(balance, smoke=False)
+    training.model.value, training.out.value = str(tmp_path / "model"), str(tmp_path / "run")
+    assert training.config().auto_balance is False  # off by default
+    training.auto_balance.value = True
+    assert training.config().auto_balance is True
+    table = history_html([{"a": 1.0}, {"a": 1.5}], ["a"], [{}, {"a": "it lags behind; raise it"}])
+    assert "1.5</b><sup>a</sup>" in table and "title='it lags behind; raise it'" in table
+    assert "set by auto-balance" in table and "<sup>" not in history_html([{"a": 1.0}], ["a"])
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Real runs of the tiny model
 
 
@@ -276,3 +340,17 @@ def test_an_auto_balanced_run_stopped_and_resumed_matches_an_uninterrupted_one(
     assert all(
         torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     )
+
+
+@pytest.mark.slow
+def test_a_run_with_nothing_held_out_says_auto_balance_needs_it(tree, tiny_model, tmp_path):
+    pytest.importorskip("torch")
+    from conftest import train_config
+
+    from edtools.config import ConfigError
+    from edtools.train import train
+
+    root = tree({"a": 1, "b": 1})  # a folder of one image holds nothing out
+    config = train_config(root, tiny_model, tmp_path / "out", validation_split=0.5, auto_balance=True)
+    with pytest.raises(ConfigError, match="this run holds out no images"):
+        train(config)
