@@ -45,7 +45,7 @@ class Rules:
 
     rise: float = 0.05
     lag: float = 0.5
-    widen: float = 0.02
+    widen: float = 0.01
     bleed_margin: float = 0.05
     step: float = 1.5
     spacing: int = 2
