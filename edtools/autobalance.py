@@ -149,7 +149,7 @@ def judge(history: History) -> dict[str, Signal]:
     points: dict[str, list[tuple[int, float, float | None]]] = {}
     for row in history.validation:
         step, loss = _num(row, "step"), _num(row, "loss")
-        if step is None or loss is None:
+        if step is None or loss is None or not row.get("concept"):
             continue
         points.setdefault(row["concept"], []).append((int(step), loss, _num(row, "gap")))
     curves = {c: sorted(p) for c, p in points.items() if len(p) >= 2}
@@ -157,7 +157,7 @@ def judge(history: History) -> dict[str, Signal]:
     trained: dict[str, list[tuple[int, float]]] = {}
     for row in history.training:
         epoch, loss = _num(row, "epoch"), _num(row, "loss")
-        if epoch is not None and loss is not None:
+        if epoch is not None and loss is not None and row.get("concept"):
             trained.setdefault(row["concept"], []).append((int(epoch), loss))
     out = {}
     for concept, curve in sorted(curves.items()):
@@ -192,7 +192,7 @@ def _bleeding(history: History, rules: Rules) -> list[_Bleed]:
     latest: dict[tuple[str, str], _Bleed] = {}
     for row in history.bleed:
         step, margin = _num(row, "step"), _num(row, "margin")
-        if step is None or margin is None or not row.get("under"):
+        if step is None or margin is None or not row.get("under") or not row.get("concept"):
             continue
         key = (row["concept"], row["under"])
         if key not in latest or latest[key].step <= step:
@@ -317,7 +317,7 @@ def _last_change_epoch(history: History) -> dict[str, int]:
 
 def _validations_after(history: History, epoch: int) -> int:
     """Distinct validations taken after epoch `epoch` finished (their epochs-done column is above it)."""
-    return len({row["step"] for row in history.validation if (_num(row, "epoch") or 0) > epoch})
+    return len({row.get("step") for row in history.validation if (_num(row, "epoch") or 0) > epoch})
 
 
 def decide(
