@@ -33,7 +33,7 @@ from .checkpoint import (
 from .ema import ema_step, make_ema
 from .events import TrainEvent, TrainResult
 from .outdir import OutLock, prepare_out
-from .rebalance import BalanceSource, auto_values, epoch_values, saved_auto, with_saved_values
+from .rebalance import BalanceSource, auto_epoch, epoch_values, saved_auto, with_saved_values
 from .records import (
     SKIPPED_IMAGES,
     append_balance_history,
@@ -113,7 +113,7 @@ def train(
                 if run.interrupted:  # while setting up, or between epochs
                     stop_reason = "interrupted"
                     break
-                if run.state.batch == 0 and (config.live_balance or config.auto_balance):
+                if run.state.batch == 0 and (config.live_balance or config.auto_balance or _auto_left(run)):
                     _rebalance(run)
                 stop_reason = _train_epoch(run, run.state.epoch)
                 if stop_reason == "finished":
@@ -278,25 +278,9 @@ def _rebalance(run: Run) -> None:
     run.user_multipliers = {c.path: c.multiplier for c in user.concepts}
     run.dataset, run.balance_reasons = user, {}
     if config.auto_balance:
-        # the main process reads the records and decides; the others take its multipliers
-        if run.runtime.main:
-            run.dataset, run.balance_reasons, decided = auto_values(
-                user, run.out, epoch, config.auto_balance_bounds
-            )
-            for c in decided:
-                run.say(
-                    "epoch %d: auto-balance %s multiply %g -> %g: %s",
-                    epoch,
-                    c.concept,
-                    c.old,
-                    c.new,
-                    c.reason,
-                )
-        if run.runtime.world_size > 1:
-            values = run.runtime.sum(
-                [c.multiplier if run.runtime.main else 0.0 for c in run.dataset.concepts]
-            )
-            run.dataset = user.with_values(dict(zip(user.concept_paths, values, strict=True)), {})
+        run.dataset, run.balance_reasons = auto_epoch(
+            user, run.out, epoch, config.auto_balance_bounds, run.runtime
+        )
     planned = planned_steps(run.config, run.dataset, run.buckets, run.state, run.runtime.world_size)
     if planned != run.planned_steps:
         state = run.lr_scheduler.state_dict()
@@ -305,6 +289,11 @@ def _rebalance(run: Run) -> None:
         run.planned_steps = planned
         run.progress.total = planned
         run.progress.refresh()
+
+
+def _auto_left(run: Run) -> bool:
+    """A run resumed mid-epoch without auto_balance after one with it: that epoch's automatic values end."""
+    return any(c.multiplier != run.user_multipliers.get(c.path, c.multiplier) for c in run.dataset.concepts)
 
 
 def _train_epoch(run: Run, epoch: int) -> str:

@@ -1,7 +1,8 @@
 """Live rebalancing: each epoch's multipliers and loss scales, read at its start from multiply.txt / loss_scale.txt
 (or from the notebook's sliders), so edits made while a run trains apply from the next epoch, each logged once.
 
-An epoch in progress never changes: its values travel in its checkpoints, so a resume finishes it with them.
+With auto_balance the controller (edtools.autobalance) then moves the unlocked concepts' multipliers. An epoch in
+progress never changes: its values (and the user's) travel in its checkpoints, so a resume finishes it with them.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from ..autobalance import Change, balance_state, decide, read_history
 from ..config import TrainConfig
@@ -16,6 +18,7 @@ from ..dataset import Dataset, DatasetError, scan
 
 __all__ = [
     "BalanceSource",
+    "auto_epoch",
     "auto_values",
     "changes",
     "epoch_values",
@@ -87,6 +90,24 @@ def auto_values(
     for change in decided:
         current[change.concept] = change.new
     return user.with_values(current, {}), {c.concept: c.reason for c in decided}, decided
+
+
+def auto_epoch(
+    user: Dataset, out: Path, epoch: int, bounds: tuple[float, float], runtime: Any
+) -> tuple[Dataset, dict[str, str]]:
+    """auto_values at an epoch's start of a run: the main process reads the records, decides and logs each
+    change once; the other processes take its multipliers. Returns the dataset and the reasons."""
+    dataset, reasons = user, {}
+    if runtime.main:
+        dataset, reasons, decided = auto_values(user, out, epoch, bounds)
+        for c in decided:
+            log.info(
+                "epoch %d: auto-balance %s multiply %g -> %g: %s", epoch, c.concept, c.old, c.new, c.reason
+            )
+    if runtime.world_size > 1:
+        values = runtime.sum([c.multiplier if runtime.main else 0.0 for c in dataset.concepts])
+        dataset = user.with_values(dict(zip(user.concept_paths, values, strict=True)), {})
+    return dataset, reasons
 
 
 def saved_values(
