@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from configs import ARCHITECTURES  # bench/ is on sys.path when a script runs
-from gpu_step import build_components, tokenizers_for
+from models import build_components, tokenizers_for
 
 GIB = 2**30
 # (anonymous, total) GiB at most while loading, per preset run from a single file (issue goals: a free Colab

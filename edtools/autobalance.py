@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "BLEED_CSV",
     "Change",
     "History",
     "RULES",
@@ -31,7 +30,6 @@ __all__ = [
     "verdicts",
 ]
 
-BLEED_CSV = "bleed.csv"
 Row = Mapping[str, str]
 
 
@@ -351,7 +349,7 @@ def decide(
 
 def read_history(out: str | Path) -> History:
     """A run's records from its out folder (missing files are empty)."""
-    from .train.records import BALANCE_HISTORY_CSV, TRAINING_LOSS_CSV, VALIDATION_CSV, read_csv
+    from .train.records import BALANCE_HISTORY_CSV, BLEED_CSV, TRAINING_LOSS_CSV, VALIDATION_CSV, read_csv
 
     out = Path(out)
     return History(

@@ -167,6 +167,13 @@ class TrainConfig:
         1, "validation loss every N epochs, and before training (0 = not per epoch)"
     )
     validate_every_steps: int = _opt(0, "also every N optimizer steps (0 = off)")
+    bleed_images: int = _opt(
+        8,
+        "held-out images per concept also scored under every other concept's prompt (concept bleed; 0 = off)",
+    )
+    concept_prompts: tuple[tuple[str, str], ...] = _opt(
+        (), "each concept's prompt for the bleed measure: concept=prompt ... (else its most frequent caption)"
+    )
     live_balance: bool = _opt(
         False, "re-read multiply.txt / loss_scale.txt at every epoch's start: edits apply from the next epoch"
     )
@@ -264,12 +271,16 @@ class TrainConfig:
     def loss_scale_overrides(self) -> dict[str, float]:
         return dict(self.loss_scales)
 
+    @property
+    def prompt_overrides(self) -> dict[str, str]:
+        return dict(self.concept_prompts)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Types: each field's annotation decides what it accepts (no silent conversions beyond int -> float and
 # list -> tuple).
 
-PAIR_FIELDS = ("multipliers", "loss_scales")
+PAIR_FIELDS = ("multipliers", "loss_scales", "concept_prompts")
 _HINTS: dict[str, Any] = {}
 
 
@@ -323,6 +334,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if value not in choices:
             raise ConfigError(f"{name} is {value!r}; allowed: {', '.join(choices)}")
         return value
+    if name == "concept_prompts":
+        return _coerce_prompts(name, value)
     if name in PAIR_FIELDS:
         return _coerce_pairs(name, value)
     if origin is tuple and typing.get_args(hint) == (float, float):  # a pair of numbers: (low, high)
@@ -360,6 +373,30 @@ def _coerce_pairs(name: str, value: Any) -> tuple[tuple[str, float], ...]:
         if concept in out:
             raise ConfigError(f"{name} gives concept '{concept}' twice")
         out[concept] = float(number)
+    return tuple(sorted(out.items()))
+
+
+def _coerce_prompts(name: str, value: Any) -> tuple[tuple[str, str], ...]:
+    """{concept: prompt} (or a list of pairs) as a sorted tuple of (concept, prompt) pairs: hashable."""
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, list | tuple) and all(isinstance(p, list | tuple) and len(p) == 2 for p in value):
+        items = [tuple(p) for p in value]
+    else:
+        raise ConfigError(
+            f"{name} is {_describe(value)}; it must map concept folder to a prompt, e.g. {{'a': 'a photo of a'}}"
+        )
+    out = {}
+    for concept, prompt in items:
+        if not isinstance(concept, str) or not concept:
+            raise ConfigError(
+                f"{name} has concept {concept!r}; concepts are folder paths relative to data_root"
+            )
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError(f"{name}['{concept}'] is {_describe(prompt)}; it must be non-empty text")
+        if concept in out:
+            raise ConfigError(f"{name} gives concept '{concept}' twice")
+        out[concept] = prompt
     return tuple(sorted(out.items()))
 
 
@@ -477,6 +514,7 @@ def _check_ranges(c: TrainConfig) -> None:
         "auto_balance",
         "it decides from the validation loss per concept: set validate_every_epochs (e.g. 1)",
     )
+    need(c.bleed_images >= 0, "bleed_images", "it must be >= 0 (0 = no bleed measure; 8 is the default)")
     for concept, value in c.multipliers:
         if value <= 0:
             raise ConfigError(

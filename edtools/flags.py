@@ -40,6 +40,15 @@ def _pair(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"'{number}' in '{text}' is not a number") from None
 
 
+def _prompt_pair(text: str) -> tuple[str, str]:
+    concept, sep, prompt = text.partition("=")  # the first '=': a prompt may hold one, a folder rarely does
+    if not sep or not concept or not prompt.strip():
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not concept=prompt, e.g. people/alice='a photo of alice'"
+        )
+    return concept, prompt
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add --data-root, --epochs, ... (one per TrainConfig field). Defaults are left out on purpose, so
     from_args can tell the options given on the command line from those that a --config file sets."""
@@ -57,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is Literal:
             kwargs["choices"] = typing.get_args(hint)
+        elif f.name == "concept_prompts":
+            kwargs.update(nargs="*", type=_prompt_pair, metavar="CONCEPT=PROMPT")
         elif f.name in PAIR_FIELDS:
             kwargs.update(nargs="*", type=_pair, metavar="CONCEPT=VALUE")
         elif typing.get_origin(hint) is tuple and typing.get_args(hint) == (float, float):
@@ -129,7 +140,7 @@ def to_args(config: TrainConfig) -> list[str]:
         elif value is None:
             args += [flag, "none"]
         elif f.name in PAIR_FIELDS:
-            args += [flag, *(f"{k}={v!r}" for k, v in value)]
+            args += [flag, *(f"{k}={v if isinstance(v, str) else repr(v)}" for k, v in value)]
         elif isinstance(value, tuple):
             args += [flag, *(repr(v) if isinstance(v, float) else v for v in value)]
         else:

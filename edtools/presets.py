@@ -9,10 +9,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, TypeVar
 
-if TYPE_CHECKING:
-    from .config import TrainConfig
+from .models.families import family
+
+# auto_settings takes and returns a config.TrainConfig; config imports this module, so it is not named here
+_Config = TypeVar("_Config")
 
 __all__ = ["PRESETS", "PRESET_NAMES", "Preset", "auto_precision", "auto_settings", "choose_preset"]
 
@@ -161,13 +163,15 @@ def choose_preset(
     suits tiny models)."""
     if gpu_gib is None:
         return None, "no GPU: no preset (training on the CPU only suits the tiny test models)"
-    family = "sdxl" if architecture == "sdxl" else "sd"
+    model_family = family(architecture)
 
     def best(want_lora: bool) -> Preset | None:
         fitting = [
             p
             for p in PRESETS.values()
-            if p.architecture == family and (p.settings["lora_rank"] > 0) == want_lora and _fits(p, gpu_gib)
+            if family(p.architecture) is model_family
+            and (p.settings["lora_rank"] > 0) == want_lora
+            and _fits(p, gpu_gib)
         ]
         return max(fitting, key=lambda p: p.gpu_gib, default=None)
 
@@ -176,7 +180,7 @@ def choose_preset(
         kind = "LoRA" if lora else "full fine-tune"
         other = best(not lora) if lora is not None else None
         hint = f": choose {other.name}" if other is not None else ""
-        return None, f"no {family.upper()} {kind} preset fits a GPU of {gpu_gib:.0f} GB{hint}"
+        return None, f"no {model_family.name.upper()} {kind} preset fits a GPU of {gpu_gib:.0f} GB{hint}"
     return preset, f"{preset.name}: the GPU has {gpu_gib:.0f} GB. {preset.summary}"
 
 
@@ -196,20 +200,21 @@ def auto_precision(mixed_precision: str, device_type: str, bf16_supported: bool)
 
 
 def auto_settings(
-    config: TrainConfig,
+    config: _Config,
     *,
     architecture: str,
     native_resolution: int,
     device_type: str,
     bf16_supported: bool,
     gpu_gib: float | None,
-) -> TrainConfig:
+) -> _Config:
     """The config with its automatic values decided for this model and device:
     resolution none -> the model's own; mixed_precision auto -> bf16 where the GPU has it, fp16 on other GPUs,
     no (fp32) on the CPU; gradient_checkpointing none -> on for SDXL, and for full fine-tunes on GPUs of at
     most 16 GB; train_text_encoder_2 none -> as train_text_encoder; num_workers none -> one decoding worker
     while a GPU trains on a machine with 2 or more CPUs (Colab's 2: the other one feeds the GPU), else 0 (on
     the CPU the training process needs every core)."""
+    model_family = family(architecture)
     changes: dict[str, Any] = {}
     if config.resolution is None:
         changes["resolution"] = native_resolution
@@ -217,9 +222,12 @@ def auto_settings(
         changes["mixed_precision"] = auto_precision(config.mixed_precision, device_type, bf16_supported)
     if config.gradient_checkpointing is None:
         small = device_type == "cuda" and gpu_gib is not None and gpu_gib <= SMALL_GPU_GIB
-        changes["gradient_checkpointing"] = architecture == "sdxl" or (config.lora_rank == 0 and small)
+        changes["gradient_checkpointing"] = model_family.gradient_checkpointing_always or (
+            config.lora_rank == 0 and small
+        )
     if config.num_workers is None:
         changes["num_workers"] = 1 if device_type == "cuda" and (os.cpu_count() or 1) >= 2 else 0
     if config.train_text_encoder_2 is None:
-        changes["train_text_encoder_2"] = config.train_text_encoder if architecture == "sdxl" else False
+        has_second = len(model_family.text_encoders) > 1
+        changes["train_text_encoder_2"] = config.train_text_encoder if has_second else False
     return dataclasses.replace(config, **changes) if changes else config

@@ -62,9 +62,8 @@ def suggest(
 
 def suggest_run(run_dir: str | Path) -> list[Suggestion]:
     """Suggestions from a run's out folder: validation.csv, balance_history.csv, training_loss.csv, bleed.csv."""
-    from .autobalance import BLEED_CSV
     from .errors import EdtoolsError
-    from .train.records import BALANCE_HISTORY_CSV, TRAINING_LOSS_CSV, VALIDATION_CSV, read_csv
+    from .train.records import BALANCE_HISTORY_CSV, BLEED_CSV, TRAINING_LOSS_CSV, VALIDATION_CSV, read_csv
 
     run_dir = Path(run_dir).expanduser()
     validation = read_csv(run_dir / VALIDATION_CSV)

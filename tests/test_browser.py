@@ -284,6 +284,10 @@ def train_and_rebalance(page, screenshots: bool, timeout_s: float) -> None:
         lambda: "epoch 0 trained" in counts.inner_text(), timeout_s, "the first epoch", status.inner_text
     )
     assert re.search(r"people/bob 20\b", counts.inner_text()), counts.inner_text()
+    for name in ("edtools-gap-chart", "edtools-bleed-heatmap"):  # drawn from the validations so far
+        chart = training.locator(f".{name}")
+        chart.wait_for(state="visible", timeout=timeout_s * 1000)
+        assert chart.bounding_box()["height"] > 50, name
     actual = training.locator(".edtools-actual-histogram")
     before = actual.screenshot()
     box = balance.locator(".edtools-row", has_text="people/bob").locator(".edtools-multiplier-box input")

@@ -74,6 +74,8 @@ def full_config() -> TrainConfig:
         validation_split=0.2,
         validate_every_epochs=2,
         validate_every_steps=10,
+        bleed_images=4,
+        concept_prompts={"people/alice": "a photo of alice"},
         live_balance=True,
         auto_balance=True,
         auto_balance_bounds=(0.5, 2.0),

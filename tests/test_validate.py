@@ -38,7 +38,7 @@ def test_timesteps_are_stratified_fixed_and_per_image():
 
 def test_validator_depends_on_the_weights_only(tree, tiny_model):
     dataset = load_dataset(tree({"a": 4, "b": 3}, sizes=((64, 64), (96, 64))))
-    _, held = split_validation(dataset, 0.5, seed=1)
+    training, held = split_validation(dataset, 0.5, seed=1)
     config = make_config(dataset.root, tiny_model, dataset.root / "out")
     validator = Validator(held, config, make_buckets(64))
     components = load_components(str(tiny_model))
@@ -51,6 +51,12 @@ def test_validator_depends_on_the_weights_only(tree, tiny_model):
     assert first["a"][1] == 2 and first["b"][1] == 2  # images per concept
     assert all(loss > 0 for loss, _ in first.values())
     assert components.unet.training  # modes are put back
+    # measure() gives the same losses, and with the training images the gap to a sample of them
+    with_training = Validator(held, config, make_buckets(64), 1000, training)
+    measures = with_training.measure(components, "cpu", text_frozen=True)
+    assert measures.results() == first and components.unet.training
+    assert set(measures.gap) == {"a", "b"} and measures.train_loss["a"] != measures.loss["a"]
+    assert set(measures.bleed) == {("a", "b"), ("b", "a")}  # captions "a" and "b" differ
     with torch.no_grad():
         components.unet.conv_in.weight.mul_(1.5)
     assert validator.evaluate(components, "cpu", text_frozen=True) != first
@@ -96,8 +102,10 @@ def test_validation_survives_stop_and_resume_exactly(tree, tiny_model, tmp_path)
     parts = dataclasses.replace(config, out=str(tmp_path / "parts"))
     train(dataclasses.replace(parts, max_steps=3))
     with open(Path(parts.out) / "validation.csv", "a") as file:  # rows of a run that died before a checkpoint
-        file.write("99,1,a,0.5,1\n")
+        file.write("99,1,a,0.5,1,0.25,0.25\n")
+    with open(Path(parts.out) / "bleed.csv", "a") as file:
+        file.write("99,1,a,b,0.5\n")
     last = train(dataclasses.replace(parts, resume=True))
     assert last.global_step == whole.global_step
-    for name in ("validation.csv", "balance_history.csv", "training_loss.csv"):
+    for name in ("validation.csv", "bleed.csv", "balance_history.csv", "training_loss.csv"):
         assert (Path(parts.out) / name).read_text() == (Path(whole.out) / name).read_text(), name

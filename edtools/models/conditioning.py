@@ -1,47 +1,27 @@
-"""What the UNet is conditioned on: SD 1.x/2.x use the text encoder's last hidden states; SDXL concatenates
-both encoders' penultimate hidden states and adds the second's pooled embedding and each image's size/crop.
-
-The one place where SD and SDXL differ in training; the cache keeps frozen encoders' outputs per caption.
+"""What the UNet is conditioned on, as each model family says (families: SD's last hidden states; SDXL's two
+encoders, pooled text and each image's size/crop), and the cache of frozen encoders' outputs per caption.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import require
+from .families import TextEmbeddings, family_of
 
 if TYPE_CHECKING:
     import torch
 
-    from .sd import SDComponents
+    from .components import SDComponents
 
 __all__ = ["TextEmbeddingCache", "TextEmbeddings", "encode_text", "encoders_key", "unet_conditioning"]
 
 
-@dataclass
-class TextEmbeddings:
-    """hidden: [n, tokens, cross_attention_dim]; pooled: SDXL's second encoder's projected embedding [n, d]."""
-
-    hidden: torch.Tensor
-    pooled: torch.Tensor | None = None
-
-
 def encode_text(components: SDComponents, input_ids: Sequence[torch.Tensor]) -> TextEmbeddings:
     """Run the text encoder(s) on token ids (one tensor per tokenizer) on the encoders' device."""
-    torch = require("torch")
-    if components.architecture != "sdxl":
-        encoder = components.text_encoder
-        return TextEmbeddings(encoder(input_ids[0].to(_device(encoder)))[0])
-    first, second = components.text_encoder, components.text_encoder_2
-    # As StableDiffusionXLPipeline.encode_prompt: penultimate layers of both, pooled output of the second.
-    out_1 = first(input_ids[0].to(_device(first)), output_hidden_states=True)
-    out_2 = second(input_ids[1].to(_device(second)), output_hidden_states=True)
-    hidden_2 = out_2.hidden_states[-2]
-    hidden = torch.cat([out_1.hidden_states[-2].to(hidden_2.dtype), hidden_2], dim=-1)
-    return TextEmbeddings(hidden, out_2.text_embeds)
+    return family_of(components).encode_text(components, input_ids)
 
 
 def unet_conditioning(
@@ -49,13 +29,7 @@ def unet_conditioning(
 ) -> dict[str, Any]:
     """Keyword arguments of unet(noisy, timesteps, **kwargs): the text, and for SDXL the pooled text and
     the time ids (original size, crop top-left, target size of each image, as data.Crop.time_ids)."""
-    kwargs: dict[str, Any] = {"encoder_hidden_states": embeddings.hidden.to(device)}
-    if components.architecture == "sdxl":
-        if time_ids is None or embeddings.pooled is None:
-            raise ValueError("an SDXL UNet needs the pooled text embedding and each image's time ids")
-        pooled = embeddings.pooled.to(device)
-        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(device, pooled.dtype)}
-    return kwargs
+    return family_of(components).unet_conditioning(components, embeddings, time_ids, device=device)
 
 
 def encoders_key(components: SDComponents) -> str:
@@ -71,10 +45,6 @@ def encoders_key(components: SDComponents) -> str:
             digest.update(name.encode("utf-8"))
             digest.update(tensor.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def _device(module: Any) -> Any:
-    return next(module.parameters()).device
 
 
 class TextEmbeddingCache:

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..atomic import atomic_file
 from ..errors import ModelError, require
-from .sd import SDComponents
+from .components import SDComponents
+from .families import family_of
+from .families.base import TEXT_ENCODER_TARGETS, UNET_TARGETS
 
 if TYPE_CHECKING:
     import torch
@@ -40,43 +42,8 @@ __all__ = [
 
 ADAPTER_NAME = "edtools"
 
-# Target modules: the same set kohya's sd-scripts LoRA (networks.lora, its default without conv_dim) trains:
-# every Linear and 1x1 Conv2d inside the UNet's Transformer2DModel blocks, i.e. attn1/attn2 to_q, to_k, to_v,
-# to_out.0, the feed-forward ff.net.0.proj (GEGLU) and ff.net.2, and proj_in / proj_out.
-# - Why more than the attention projections (diffusers' example scripts' default): the feed-forward layers
-#   hold about half of a transformer block's weights, so adapting them gives the LoRA room for a concept or
-#   style at a small rank; and a file with kohya's module set is what A1111/ComfyUI users expect of a
-#   "networks.lora" file of a given dim and alpha (same size, same strength scale).
-# - proj_in / proj_out are 1x1 Conv2d in SD 1.x and nn.Linear in SD 2.x / SDXL. peft adapts both; a 1x1 conv
-#   LoRA is written with 4-d weights ([rank, in, 1, 1] / [out, rank, 1, 1]) exactly as kohya writes it, which
-#   A1111 requires (it builds a 1x1 Conv2d for 4-d weights on a Conv2d layer) and ComfyUI and diffusers read.
-# - Names: every target sits in down_blocks.N/up_blocks.N/mid_block .attentions.N. SD 1.x/2.x files spell
-#   that path the diffusers way, SDXL files the SGM way (input_blocks.N.1/middle_block.1/output_blocks.N.1),
-#   each as kohya's scripts write and read it; A1111 (convert_diffusers_name_to_compvis), ComfyUI (its map of
-#   both spellings) and diffusers' load_lora_weights read both. ResNet 3x3 convs (kohya's optional conv_dim,
-#   "LoCon") are not targeted.
-# Text encoders: kohya's CLIPAttention + CLIPMLP linears, q/k/v/out_proj and mlp.fc1/fc2. All four attention
-# projections are always adapted together: A1111 applies q/k/v/out LoRAs to OpenCLIP's fused attention
-# (SD 2.x, SDXL's second encoder) only when all four are present.
-UNET_TARGETS = (
-    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
-    "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
-)  # fmt: skip
-TEXT_ENCODER_TARGETS = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2",
-)  # fmt: skip
-
-# peft matches a str target_modules with re.fullmatch against each module's qualified name.
-_UNET_PATTERN = (
-    r"(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\.(?:proj_in|proj_out|"
-    r"transformer_blocks\.\d+\.(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.(?:0\.proj|2)))"
-)
-# transformers >= 5.6 flattens CLIPTextModel (encoder.layers.N...); CLIPTextModelWithProjection and older
-# versions keep text_model.encoder.layers.N...
-_TEXT_ENCODER_PATTERN = (
-    r"(?:text_model\.)?encoder\.layers\.\d+\.(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.fc[12])"
-)
+# Target modules (UNET_TARGETS, TEXT_ENCODER_TARGETS, kohya's networks.lora set) and their names in files are
+# each model family's: see models/families/base.py for why these modules.
 
 # Save dtypes by name (kohya's --save_precision spellings and torch's).
 LORA_DTYPES = ("fp16", "bf16", "fp32")
@@ -202,10 +169,11 @@ def add_lora(
     alpha = float(rank if alpha is None else alpha)
     for module in (components.unet, components.vae, *components.text_encoders):
         module.requires_grad_(False)
-    targets = [("unet", components.unet, _UNET_PATTERN)]
+    family = family_of(components)
+    targets = [("unet", components.unet, family.unet_lora_pattern)]
     if text_encoders:
         targets += [
-            (name, getattr(components, name), _TEXT_ENCODER_PATTERN)
+            (name, getattr(components, name), family.text_encoder_lora_pattern)
             for name in ("text_encoder", "text_encoder_2")
             if getattr(components, name) is not None
         ]
@@ -379,23 +347,20 @@ def kohya_state_dict(
     peft_named = {
         name: parameter.detach().to("cpu", dtype) for name, parameter in _named_lora_parameters(components)
     }
-    if components.architecture == "sdxl":
-        from .single_file_layout import original_unet_module
-
-        renamed = {}
-        for name, value in peft_named.items():
-            if name.startswith("unet."):  # unet.<module path>.lora_A.weight
-                module, part, weight = name.removeprefix("unet.").rsplit(".", 2)
-                name = f"unet.{original_unet_module(components.unet.config, module)}.{part}.{weight}"
-            renamed[name] = value
-        peft_named = renamed
-    converted = state_dict_utils.convert_state_dict_to_kohya(peft_named)
-    single_text_encoder = components.architecture != "sdxl"
+    family = family_of(components)
+    renamed = {}
+    for name, value in peft_named.items():
+        if name.startswith("unet."):  # unet.<module path>.lora_A.weight
+            module, part, weight = name.removeprefix("unet.").rsplit(".", 2)
+            name = f"unet.{family.kohya_unet_module(components.unet.config, module)}.{part}.{weight}"
+        renamed[name] = value
+    converted = state_dict_utils.convert_state_dict_to_kohya(renamed)
     alpha = torch.tensor(float(config.lora_alpha), dtype=torch.float32)
     result = {}
     for key, value in converted.items():
-        if single_text_encoder and key.startswith("lora_te1_"):
-            key = "lora_te_" + key.removeprefix("lora_te1_")  # SD 1.x/2.x files have one "lora_te"
+        for old, new in family.kohya_renames.items():  # e.g. one "lora_te" in SD 1.x/2.x files
+            if key.startswith(old):
+                key = new + key.removeprefix(old)
         if key.endswith(".alpha"):
             value = alpha.clone()  # diffusers writes alpha = rank; ours is config.lora_alpha
         result[key] = value.contiguous()
@@ -403,27 +368,9 @@ def kohya_state_dict(
 
 
 def base_model_version(components: SDComponents) -> str:
-    """kohya's ss_base_model_version: "sdxl_base_v1-0", or "sd_v1" / "sd_v2" (+ "_v" for v-prediction).
-    SD 2.x is told from SD 1.x by its OpenCLIP text encoder's gelu activation (SD 1.x's CLIP: quick_gelu)."""
-    if components.architecture == "sdxl":
-        return "sdxl_base_v1-0"
-    version = "sd_v2" if _is_sd2(components) else "sd_v1"
-    return version + ("_v" if components.prediction_type == "v_prediction" else "")
-
-
-def _is_sd2(components: SDComponents) -> bool:
-    return getattr(components.text_encoder.config, "hidden_act", "quick_gelu") == "gelu"
-
-
-def _modelspec_architecture(components: SDComponents) -> str:
-    if components.architecture == "sdxl":
-        arch = "stable-diffusion-xl-v1-base"
-    elif _is_sd2(components):
-        v = components.prediction_type == "v_prediction"
-        arch = "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
-    else:
-        arch = "stable-diffusion-v1"
-    return f"{arch}/lora"
+    """kohya's ss_base_model_version: "sdxl_base_v1-0", or "sd_v1" / "sd_v2" (+ "_v" for v-prediction), as
+    the model's family names it."""
+    return family_of(components).lora_metadata(components)["ss_base_model_version"]
 
 
 def _number(value: float) -> str:
@@ -435,25 +382,26 @@ def _metadata(components: SDComponents, title: str, extra: Mapping[str, str] | N
     unet_config = components.unet.config
     side = int(unet_config.sample_size) * 2 ** (len(components.vae.config.block_out_channels) - 1)
     trained = [name for name, _ in _adapted_modules(components)]
+    family = family_of(components)
+    named = family.lora_metadata(components)
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.r),
         "ss_network_alpha": _number(config.lora_alpha),
         "ss_network_dropout": _number(config.lora_dropout),
-        "ss_base_model_version": base_model_version(components),
-        "ss_v2": str(components.architecture == "sd" and _is_sd2(components)),
+        "ss_base_model_version": named["ss_base_model_version"],
+        "ss_v2": named["ss_v2"],
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": _modelspec_architecture(components),
-        "modelspec.implementation": (
-            "https://github.com/Stability-AI/generative-models"
-            if components.architecture == "sdxl"
-            else "diffusers"
-        ),
+        "modelspec.architecture": named["modelspec.architecture"],
+        "modelspec.implementation": named["modelspec.implementation"],
         "modelspec.title": title,
         "modelspec.resolution": f"{side}x{side}",
         "modelspec.prediction_type": "v" if components.prediction_type == "v_prediction" else "epsilon",
         "edtools_lora_targets": json.dumps(
-            {name: list(UNET_TARGETS if name == "unet" else TEXT_ENCODER_TARGETS) for name in trained}
+            {
+                name: list(family.unet_lora_targets if name == "unet" else family.text_encoder_lora_targets)
+                for name in trained
+            }
         ),
     }
     for key, value in (extra or {}).items():

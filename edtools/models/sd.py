@@ -1,6 +1,7 @@
-"""Stable Diffusion 1.x/2.x components: load a diffusers folder or hub id, save one atomically, sample.
+"""Loading a diffusers folder or hub id of any registered model family, saving one atomically, sampling.
 
-Everything works on a plain diffusers folder (model_index.json + unet/vae/text_encoder/tokenizer/scheduler).
+Everything works on a plain diffusers folder (model_index.json + unet/vae/text_encoder/tokenizer/scheduler);
+what differs between families (subfolders, text encoders, pipeline) the family says (models.families).
 """
 
 from __future__ import annotations
@@ -8,14 +9,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..atomic import atomic_file, atomic_folder, write_text
 from ..errors import ModelError, require
+from .components import (
+    PREDICTION_TYPES,
+    Keep,
+    SDComponents,
+    check_prediction_type,
+    quiet_progress,
+    vae_force_upcast,
+)
+from .families import Family, family_of, family_of_index, guess_architecture
 
 if TYPE_CHECKING:
     import torch
@@ -25,93 +33,18 @@ __all__ = [
     "SINGLE_FILE_SUFFIXES",
     "Keep",
     "SDComponents",
+    "check_prediction_type",
     "guess_architecture",
     "load_components",
     "make_pipeline",
+    "quiet_progress",
     "save_components",
+    "vae_force_upcast",
     "write_components",
 ]
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Single-file checkpoints (A1111 / ComfyUI); .ckpt/.pt/.bin are read only as plain tensors, never unpickled code.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-
-@dataclass
-class SDComponents:
-    """The parts training touches. noise_scheduler is a DDPMScheduler built from the model's own scheduler
-    config, so betas and prediction_type ("epsilon" / "v_prediction") are the model's. SDXL models have a
-    second text encoder (CLIPTextModelWithProjection, whose pooled output conditions the UNet) and tokenizer."""
-
-    unet: Any  # diffusers UNet2DConditionModel
-    text_encoder: Any  # transformers CLIPTextModel
-    tokenizer: Any  # transformers CLIPTokenizer
-    vae: Any  # diffusers AutoencoderKL
-    noise_scheduler: Any  # diffusers DDPMScheduler
-    text_encoder_2: Any = None  # SDXL only: transformers CLIPTextModelWithProjection
-    tokenizer_2: Any = None  # SDXL only
-
-    @property
-    def architecture(self) -> str:
-        """ "sdxl" (two text encoders, size and crop conditioning) or "sd" (SD 1.x / 2.x)."""
-        return "sdxl" if self.text_encoder_2 is not None else "sd"
-
-    @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
-
-    @property
-    def text_encoders(self) -> tuple[Any, ...]:
-        return (
-            (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
-        )
-
-    @property
-    def tokenizers(self) -> tuple[Any, ...]:
-        return (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer, self.tokenizer_2)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loading
-
-
-@dataclass(frozen=True)
-class Keep:
-    """How each part is kept, so that it is loaded that way and never through a float32 copy: frozen parts in
-    `dtype` (None: float32), the parts named in `float32` (those that train fully) in float32, a VAE whose
-    config asks for float32 (SDXL's force_upcast) in float32; each moved to `device` (a GPU) as soon as it is
-    loaded, so that host memory holds one part at a time."""
-
-    dtype: Any = None  # torch.float16 / torch.bfloat16 / None
-    float32: frozenset[str] = frozenset()  # of "unet", "text_encoder", "text_encoder_2"
-    device: Any = None
-
-    def dtype_of(self, part: str, *, force_upcast: bool = False) -> torch.dtype:
-        torch = require("torch")
-        if self.dtype is None or part in self.float32 or (part == "vae" and force_upcast):
-            return torch.float32
-        return self.dtype
-
-    def place(self, module: Any) -> Any:
-        torch = require("torch")
-        if self.device is not None and torch.device(self.device).type != "cpu":
-            torch.nn.Module.to(module, self.device)  # torch's own: diffusers' override warns on every move
-        return module
-
-
-@contextmanager
-def quiet_progress() -> Iterator[None]:
-    """transformers' per-model "Loading weights" / "Writing model shards" bars off for a block (downloads keep
-    theirs: those are huggingface_hub's)."""
-    logging = require("transformers.utils.logging")
-    enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            logging.enable_progress_bar()
 
 
 def _model_index(source: str, *, local: bool, hub: dict) -> dict:
@@ -141,27 +74,19 @@ def _model_index(source: str, *, local: bool, hub: dict) -> dict:
         ) from exc
 
 
-def _architecture_of(index: dict, model: str) -> str:
-    """ "sd" or "sdxl" from a model_index.json; every other pipeline is refused with what it is."""
+def _family_of(index: dict, model: str) -> Family:
+    """The model family of a model_index.json; every other pipeline is refused with what it is."""
     kind = index.get("_class_name", "this pipeline")
     unet = index.get("unet") or [None, None]
-    text_encoder = index.get("text_encoder") or [None, None]
-    if unet[1] != "UNet2DConditionModel" or "transformer" in index:
+    found = None
+    if unet[1] == "UNet2DConditionModel" and "transformer" not in index:
+        found = family_of_index(index, model)
+    if found is None:
         raise ModelError(
             f"'{model}' is a {kind} model; edtools trains Stable Diffusion 1.x/2.x and SDXL "
             "(a UNet2DConditionModel with CLIP text encoders)"
         )
-    if "text_encoder_2" in index:
-        if text_encoder[0] is None:
-            raise ModelError(
-                f"'{model}' is an SDXL refiner ({kind}: no first text encoder); edtools trains SDXL base models"
-            )
-        return "sdxl"
-    return "sd"
-
-
-def _subfolders(architecture: str) -> tuple[str, ...]:
-    return _SUBFOLDERS + (("text_encoder_2", "tokenizer_2") if architecture == "sdxl" else ())
+    return found
 
 
 def load_components(
@@ -195,18 +120,17 @@ def load_components(
     else:
         source = model
     hub = {} if local_files_only is None else {"local_files_only": bool(local_files_only)}
-    architecture = _architecture_of(_model_index(source, local=path.is_dir(), hub=hub), model)
+    family = _family_of(_model_index(source, local=path.is_dir(), hub=hub), model)
     if path.is_dir():
-        missing = [name for name in _subfolders(architecture) if not (path / name).is_dir()]
+        missing = [name for name in family.subfolders if not (path / name).is_dir()]
         if missing:
             raise ModelError(
                 f"model folder {path} lacks {', '.join(s + '/' for s in missing)}; a diffusers "
-                f"{'SDXL' if architecture == 'sdxl' else 'Stable Diffusion'} folder needs all of "
-                f"{', '.join(s + '/' for s in _subfolders(architecture))}"
+                f"{family.label} folder needs all of {', '.join(s + '/' for s in family.subfolders)}"
             )
     try:
         with quiet_progress():
-            components = _load_parts(source, architecture, keep, hub)
+            components = _load_parts(source, family, keep, hub)
     except (OSError, ValueError) as exc:
         if path.is_dir():
             hint = "the folder is incomplete or damaged; re-save or re-download it"
@@ -221,17 +145,9 @@ def load_components(
     return components
 
 
-def vae_force_upcast(source: str, hub: dict) -> bool:
-    """Whether the VAE config of a diffusers folder or hub id asks to run in float32 (SDXL's)."""
-    diffusers = require("diffusers")
-    return bool(
-        diffusers.AutoencoderKL.load_config(source, subfolder="vae", **hub).get("force_upcast", False)
-    )
-
-
-def _load_parts(source: str, architecture: str, keep: Keep, hub: dict) -> SDComponents:
+def _load_parts(source: str, family: Family, keep: Keep, hub: dict) -> SDComponents:
     """Each part from its subfolder of a diffusers folder or hub id, loaded in the dtype it is kept in and
-    placed before the next one is read."""
+    placed before the next one is read; the text encoders and tokenizers are the family's."""
     diffusers = require("diffusers")
     transformers = require("transformers")
     upcast = vae_force_upcast(source, hub)
@@ -245,55 +161,18 @@ def _load_parts(source: str, architecture: str, keep: Keep, hub: dict) -> SDComp
             source, subfolder="vae", torch_dtype=keep.dtype_of("vae", force_upcast=upcast), **hub
         )
     )
-    text_encoder = keep.place(
-        transformers.CLIPTextModel.from_pretrained(
-            source, subfolder="text_encoder", dtype=keep.dtype_of("text_encoder"), **hub
-        )
-    )
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub)
-    noise_scheduler = diffusers.DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub)
-    second = {}
-    if architecture == "sdxl":
-        second["text_encoder_2"] = keep.place(
-            transformers.CLIPTextModelWithProjection.from_pretrained(
-                source, subfolder="text_encoder_2", dtype=keep.dtype_of("text_encoder_2"), **hub
+    text: dict[str, Any] = {}
+    for spec in family.text_encoders:
+        text[spec.part] = keep.place(
+            getattr(transformers, spec.model_class).from_pretrained(
+                source, subfolder=spec.part, dtype=keep.dtype_of(spec.part), **hub
             )
         )
-        second["tokenizer_2"] = transformers.CLIPTokenizer.from_pretrained(
-            source, subfolder="tokenizer_2", **hub
+        text[spec.tokenizer] = transformers.CLIPTokenizer.from_pretrained(
+            source, subfolder=spec.tokenizer, **hub
         )
-    return SDComponents(unet, text_encoder, tokenizer, vae, noise_scheduler, **second)
-
-
-def guess_architecture(model: str) -> str | None:
-    """ "sd" or "sdxl" from a model's files without loading weights (a folder's model_index.json, a
-    .safetensors file's tensor names), or None when that cannot tell (hub ids, .ckpt files, broken files)."""
-    path = Path(model).expanduser()
-    try:
-        if path.is_dir():
-            index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
-            return "sdxl" if "text_encoder_2" in index else "sd"
-        if path.is_file() and path.suffix.lower() == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as file:
-                keys = list(file.keys())
-            if any(k.startswith("conditioner.embedders.1.") for k in keys):
-                return "sdxl"
-            if any(k.startswith("cond_stage_model.") for k in keys):
-                return "sd"
-    except (OSError, ValueError, ImportError):
-        return None
-    return None
-
-
-def check_prediction_type(components: SDComponents, model: str) -> None:
-    prediction_type = components.prediction_type
-    if prediction_type not in PREDICTION_TYPES:
-        raise ModelError(
-            f"model '{model}' has scheduler prediction_type '{prediction_type}'; "
-            f"edtools trains {' or '.join(PREDICTION_TYPES)}"
-        )
+    noise_scheduler = diffusers.DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub)
+    return SDComponents(unet=unet, vae=vae, noise_scheduler=noise_scheduler, **text)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -301,32 +180,14 @@ def check_prediction_type(components: SDComponents, model: str) -> None:
 
 
 def make_pipeline(components: SDComponents, *, device: str | torch.device | None = None) -> Any:
-    """A StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) sharing the training modules (no copies),
+    """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline) sharing the training modules (no copies),
     with a DDIM sampler built from the noise scheduler's config (same betas and prediction type)."""
     diffusers = require("diffusers")
     # set_alpha_to_one=False is SD's own sampler setting; a value in the config wins.
     scheduler = diffusers.DDIMScheduler.from_config(
         {"set_alpha_to_one": False, **components.noise_scheduler.config}
     )
-    common = dict(vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer)
-    if components.architecture == "sdxl":
-        pipeline = diffusers.StableDiffusionXLPipeline(
-            **common,
-            text_encoder_2=components.text_encoder_2,
-            tokenizer_2=components.tokenizer_2,
-            unet=components.unet,
-            scheduler=scheduler,
-            add_watermarker=False,
-        )
-    else:
-        pipeline = diffusers.StableDiffusionPipeline(
-            **common,
-            unet=components.unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    pipeline = family_of(components).make_pipeline(components, scheduler)
     pipeline.set_progress_bar_config(disable=True)
     if device is not None:
         pipeline.to(device)

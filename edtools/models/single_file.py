@@ -1,7 +1,7 @@
 """Single-file Stable Diffusion checkpoints: the .safetensors / .ckpt files AUTOMATIC1111, ComfyUI, Forge use.
 
-Read without running pickled code, told apart (SD 1.x/2.x/SDXL), loaded by diffusers' converters.
-(Writing them is single_file_layout's job.)
+Read without running pickled code, told apart (each model family knows its keys), loaded by diffusers'
+converters. (Writing them is single_file_layout's job.)
 """
 
 from __future__ import annotations
@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelError, require
-from .sd import Keep, SDComponents, check_prediction_type, vae_force_upcast
+from .components import Keep, SDComponents, check_prediction_type, vae_force_upcast
+from .families import Family, detect_variant, family, variant_of_configs, variant_of_model_type
+from .keymap import UNET_PREFIX as _UNET
+from .keymap import VAE_PREFIX as _VAE
+from .single_file_layout import SAVE_DTYPES, original_keys
 
 if TYPE_CHECKING:
     import torch
@@ -23,17 +27,6 @@ __all__ = ["SAVE_DTYPES", "detect_architecture", "load_single_file", "read_state
 
 logger = logging.getLogger("edtools.models")
 
-SAVE_DTYPES = ("fp16", "bf16", "fp32")
-_NAME = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL"}
-_A = {"sd1": "a Stable Diffusion 1.x", "sd2": "a Stable Diffusion 2.x", "sdxl": "an SDXL"}
-# diffusers' model type (keys of single_file_utils.DIFFUSERS_DEFAULT_PIPELINE_PATHS) of each architecture
-_MODEL_TYPE = {"sd1": "v1", "sd2": "v2", "sdxl": "xl_base"}
-_UNET, _VAE = "model.diffusion_model.", "first_stage_model."
-_TEXT = {
-    "sd1": ("cond_stage_model.transformer.",),
-    "sd2": ("cond_stage_model.model.",),
-    "sdxl": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
-}
 _PREFIXES = (_UNET, _VAE, "cond_stage_model.", "conditioner.embedders.")
 _ACCEPTS = (
     "edtools loads single-file Stable Diffusion 1.x, 2.x and SDXL base checkpoints (model.diffusion_model.*, "
@@ -126,7 +119,7 @@ def _has(keys: Iterable[str], *prefixes: str) -> bool:
 
 
 def detect_architecture(state_dict: Mapping[str, Any], *, source: str | os.PathLike | None = None) -> str:
-    """ "sd1", "sd2" or "sdxl" from the key layout of an original-layout checkpoint (not from tensor widths,
+    """The variant ("sd1", "sd2", "sdxl": see models.families) from the key layout of an original-layout checkpoint (not from tensor widths,
     so tiny test models are recognised too). Anything else is a ModelError that says what the file looks like
     (LoRA, VAE, refiner, inpainting, SD3/FLUX, a diffusers component, ...) and what edtools accepts."""
     name = str(source) if source is not None else "this checkpoint"
@@ -184,8 +177,9 @@ def detect_architecture(state_dict: Mapping[str, Any], *, source: str | os.PathL
             f"{kind.get(channels, 'a model')} ({channels} UNet input channels)",
             "edtools trains text-to-image models (4 latent input channels). ",
         )
-    if _has(keys, "conditioner.embedders.1.") and _has(keys, "conditioner.embedders.0."):
-        return "sdxl"
+    variant = detect_variant(keys)
+    if variant is not None:
+        return variant
     if _has(keys, "conditioner.embedders.0.model.") and _has(keys, _UNET + "label_emb."):
         raise refuse(
             "an SDXL refiner (one OpenCLIP text encoder; it refines SDXL base images)",
@@ -193,10 +187,6 @@ def detect_architecture(state_dict: Mapping[str, Any], *, source: str | os.PathL
         )
     if _has(keys, _UNET + "label_emb.") or _has(keys, "embedder.", "noise_augmentor."):
         raise refuse("an image- or class-conditioned model (unCLIP, upscaler)")
-    if _has(keys, "cond_stage_model.transformer."):
-        return "sd1"
-    if _has(keys, "cond_stage_model.model."):
-        return "sd2"
     raise ModelError(
         f"{name} has a UNet (model.diffusion_model.*) but no text encoder weights that edtools knows "
         "(cond_stage_model.transformer.* for SD 1.x, cond_stage_model.model.* for SD 2.x, conditioner.embedders.* "
@@ -255,21 +245,22 @@ def load_single_file(
 
     path = Path(path).expanduser()
     state_dict, metadata = read_state_dict(path)
-    architecture = detect_architecture(state_dict, source=path)
-    _check_parts(state_dict, architecture, path)
+    variant = detect_architecture(state_dict, source=path)
+    fam = family(variant)
+    _check_parts(state_dict, fam, variant, path)
     if any(key.startswith("model_ema.") for key in state_dict):
         logger.info("%s: has EMA weights too (model_ema.*); loading the training weights", path)
-    _normalise(state_dict, architecture)
+    _normalise(state_dict, fam, variant)
 
     offline = bool(hub_constants.HF_HUB_OFFLINE) if local_files_only is None else bool(local_files_only)
     explicit = model_config is not None
     if explicit:
         source, offline = _config_source(model_config, offline)
     else:
-        source = _default_config(state_dict, architecture)
+        source = _default_config(state_dict, fam, variant)
         logger.info("%s: no model_config given; using the configs of %s", path, source)
     hub = {"local_files_only": offline}
-    _check_config(path, architecture, source, explicit, hub)
+    _check_config(path, fam, variant, source, explicit, hub)
 
     keep = Keep() if keep is None else keep
     in_file = frozenset(state_dict)  # the tensors go part by part below; the checks need only the names
@@ -279,7 +270,7 @@ def load_single_file(
                 state_dict, config=source, subfolder="unet", torch_dtype=keep.dtype_of("unet"), **hub
             )
         )
-        state_dict = _next_part(state_dict, _UNET, path, architecture)
+        state_dict = _next_part(state_dict, _UNET, path, fam, variant)
         upcast = vae_force_upcast(source, hub)
         vae = keep.place(
             diffusers.AutoencoderKL.from_single_file(
@@ -290,71 +281,59 @@ def load_single_file(
                 **hub,
             )
         )
-        state_dict = _next_part(state_dict, _VAE, path, architecture)
-        text_encoder = keep.place(
-            utils.create_diffusers_clip_model_from_ldm(
-                transformers.CLIPTextModel,
-                state_dict,
-                subfolder="text_encoder",
-                config=source,
-                torch_dtype=keep.dtype_of("text_encoder"),
-                local_files_only=offline,
-            )
-        )
-        state_dict = _next_part(state_dict, _TEXT[architecture][0], path, architecture)
-        tokenizer = transformers.CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub)
-        scheduler = diffusers.DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub)
-        second: dict[str, Any] = {}
-        if architecture == "sdxl":
-            second["text_encoder_2"] = keep.place(
+        state_dict = _next_part(state_dict, _VAE, path, fam, variant)
+        text: dict[str, Any] = {}
+        for spec, layout in zip(fam.text_encoders, fam.single_file_text(variant), strict=True):
+            text[spec.part] = keep.place(
                 utils.create_diffusers_clip_model_from_ldm(
-                    transformers.CLIPTextModelWithProjection,
+                    getattr(transformers, spec.model_class),
                     state_dict,
-                    subfolder="text_encoder_2",
+                    subfolder=spec.part,
                     config=source,
-                    torch_dtype=keep.dtype_of("text_encoder_2"),
+                    torch_dtype=keep.dtype_of(spec.part),
                     local_files_only=offline,
                 )
             )
-            second["tokenizer_2"] = transformers.CLIPTokenizer.from_pretrained(
-                source, subfolder="tokenizer_2", **hub
+            state_dict = _next_part(state_dict, layout.prefix, path, fam, variant)
+            text[spec.tokenizer] = transformers.CLIPTokenizer.from_pretrained(
+                source, subfolder=spec.tokenizer, **hub
             )
+        scheduler = diffusers.DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub)
     except (OSError, ValueError, RuntimeError, KeyError, IndexError, utils.SingleFileComponentError) as exc:
         if "meta tensor" in str(exc):  # a weight the configs describe stayed unloaded
             raise ModelError(
                 f"{path} lacks weights that the component configs of {source} describe: the file is incomplete, "
                 f"or the configs are of a bigger model; give a model_config that fits the file "
-                f"(for a full {_NAME[architecture]} checkpoint e.g. {_default_repo(architecture)})"
+                f"(for a full {fam.variant_label(variant)} checkpoint e.g. {_default_repo(fam, variant)})"
             ) from exc
         raise ModelError(
             f"could not load {path} with the component configs of {source} ({_brief(exc)}). The configs do "
             "not fit the file (other layer sizes or counts) or are incomplete; give a model_config of the same "
             "model as the file "
-            f"({_A[architecture]} diffusers folder or hub id, e.g. {_default_repo(architecture)})"
+            f"({fam.variant_article(variant)} diffusers folder or hub id, e.g. {_default_repo(fam, variant)})"
         ) from exc
 
     for module in (unet, vae):  # from_single_file's one-device placement record; from_pretrained leaves none
         if len(getattr(module, "hf_device_map", None) or {}) == 1:
             del module.hf_device_map
     scheduler = _with_sampling(scheduler, path, in_file, metadata, explicit, source)
-    components = SDComponents(unet, text_encoder, tokenizer, vae, scheduler, **second)
+    components = SDComponents(unet=unet, vae=vae, noise_scheduler=scheduler, **text)
     check_prediction_type(components, str(path))
     _check_loaded(components, in_file, path, source)
     return components
 
 
-def _normalise(state_dict: dict[str, Any], architecture: str) -> None:
-    """Drop EMA weights (the training weights are loaded); give very old SD1 files transformers' text_model.
-    level (ComfyUI adds it too)."""
+def _normalise(state_dict: dict[str, Any], fam: Family, variant: str) -> None:
+    """Drop EMA weights (the training weights are loaded); rename keys as the family needs (very old SD1
+    files get transformers' text_model. level)."""
     for key in [k for k in state_dict if k.startswith("model_ema.")]:
         del state_dict[key]
-    if architecture == "sd1":
-        old = "cond_stage_model.transformer."
-        for key in [k for k in state_dict if k.startswith(old) and not k.startswith(old + "text_model.")]:
-            state_dict[old + "text_model." + key[len(old) :]] = state_dict.pop(key)
+    fam.normalise_keys(state_dict, variant)
 
 
-def _next_part(state_dict: dict[str, Any], loaded: str, path: Path, architecture: str) -> dict[str, Any]:
+def _next_part(
+    state_dict: dict[str, Any], loaded: str, path: Path, fam: Family, variant: str
+) -> dict[str, Any]:
     """The tensors still to load, without the part under `loaded` (a part placed on the GPU frees its host copy
     at once). A safetensors file's rest comes from a fresh memory map: the pages that loading the part read
     stay resident while any tensor of their map lives (a later part kept in the file's dtype is one), so
@@ -364,7 +343,7 @@ def _next_part(state_dict: dict[str, Any], loaded: str, path: Path, architecture
         return {key: state_dict[key] for key in rest}
     state_dict.clear()
     fresh, _ = read_state_dict(path)
-    _normalise(fresh, architecture)
+    _normalise(fresh, fam, variant)
     return {key: fresh[key] for key in rest}
 
 
@@ -374,39 +353,38 @@ def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.strip()[:240]}"
 
 
-def _check_parts(state_dict: Mapping[str, Any], architecture: str, path: Path) -> None:
+def _check_parts(state_dict: Mapping[str, Any], fam: Family, variant: str, path: Path) -> None:
     needed = {"UNet": (_UNET,), "VAE": (_VAE,)}
-    for i, prefix in enumerate(_TEXT[architecture]):
-        needed[f"text encoder{' ' + str(i + 1) if architecture == 'sdxl' else ''}"] = (prefix,)
+    for layout in fam.single_file_text(variant):
+        needed[layout.label] = (layout.prefix,)
     missing = [
         f"{part} ({prefixes[0]}*)" for part, prefixes in needed.items() if not _has(state_dict, *prefixes)
     ]
     if missing:
         raise ModelError(
-            f"{path} is {_A[architecture]} checkpoint without {', '.join(missing)} weights: it holds only "
-            "part of a model. edtools needs a full checkpoint with UNet, VAE and text encoder weights"
+            f"{path} is {fam.variant_article(variant)} checkpoint without {', '.join(missing)} weights: it "
+            "holds only part of a model. edtools needs a full checkpoint with UNet, VAE and text encoder weights"
         )
 
 
-def _default_repo(architecture: str) -> str:
+def _default_repo(fam: Family, variant: str) -> str:
     utils = require("diffusers.loaders.single_file_utils")
-    return utils.DIFFUSERS_DEFAULT_PIPELINE_PATHS[_MODEL_TYPE[architecture]]["pretrained_model_name_or_path"]
+    paths = utils.DIFFUSERS_DEFAULT_PIPELINE_PATHS
+    return paths[fam.diffusers_model_type(variant)]["pretrained_model_name_or_path"]
 
 
-def _default_config(state_dict: Mapping[str, Any], architecture: str) -> str:
-    """diffusers' default hub repo for the file (fetch_diffusers_config), when that is of the architecture the
-    keys show; else diffusers' default for that architecture (tiny models have widths diffusers does not
-    know)."""
+def _default_config(state_dict: Mapping[str, Any], fam: Family, variant: str) -> str:
+    """diffusers' default hub repo for the file (fetch_diffusers_config), when that is of the variant the
+    keys show; else diffusers' default for that variant (tiny models have widths diffusers does not know)."""
     utils = require("diffusers.loaders.single_file_utils")
-    arch_of_type = {model_type: arch for arch, model_type in _MODEL_TYPE.items()}
     try:
         inferred = utils.fetch_diffusers_config(state_dict)["pretrained_model_name_or_path"]
         model_type = utils.infer_diffusers_model_type(state_dict)
-    except Exception:  # noqa: BLE001 - fall back to the architecture's default below
+    except Exception:  # noqa: BLE001 - fall back to the variant's default below
         inferred, model_type = None, None
-    if inferred and arch_of_type.get(model_type) == architecture:
+    if inferred and variant_of_model_type(model_type) == variant:
         return inferred
-    return _default_repo(architecture)
+    return _default_repo(fam, variant)
 
 
 def _config_source(model_config: str | os.PathLike, offline: bool) -> tuple[str, bool]:
@@ -426,8 +404,8 @@ def _config_source(model_config: str | os.PathLike, offline: bool) -> tuple[str,
     return text, offline
 
 
-def _check_config(path: Path, architecture: str, source: str, explicit: bool, hub: dict) -> None:
-    """The config folder's UNet and text encoder configs exist and are of the file's architecture."""
+def _check_config(path: Path, fam: Family, variant: str, source: str, explicit: bool, hub: dict) -> None:
+    """The config folder's UNet and text encoder configs exist and are of the file's variant."""
     diffusers = require("diffusers")
     transformers = require("transformers")
     try:
@@ -439,31 +417,31 @@ def _check_config(path: Path, architecture: str, source: str, explicit: bool, hu
         if Path(source).is_dir():
             raise ModelError(
                 f"model_config folder {source} lacks unet/config.json or text_encoder/config.json, so it is not "
-                f"a diffusers model folder; give {_A[architecture]} diffusers folder or hub id"
+                f"a diffusers model folder; give {fam.variant_article(variant)} diffusers folder or hub id"
             ) from exc
         if explicit:
             raise ModelError(
                 f"cannot read the component configs of model_config {source} for {path}: {reason}. Run once "
                 "with the network on (only the small config and tokenizer files are downloaded), or give a "
-                f"local {_NAME[architecture]} diffusers folder as model_config"
+                f"local {fam.variant_label(variant)} diffusers folder as model_config"
             ) from exc
         raise ModelError(
-            f"{path} is {_A[architecture]} single file; loading it needs the component configs (config and "
+            f"{path} is {fam.variant_article(variant)} single file; loading it needs the component configs (config and "
             f"tokenizer files, no weights) of a diffusers model of the same architecture. No model_config was "
             f"given, so edtools uses {source} (diffusers' default for such files), but {reason}. Pass "
             f"--model-config {source} (setting model_config: {source}; edtools convert: --config {source}) with "
             "the network on once (only the config files are downloaded), or --model-config <a local "
-            f"{_NAME[architecture]} diffusers folder>"
+            f"{fam.variant_label(variant)} diffusers folder>"
         ) from exc
-    if unet_config.get("addition_embed_type") == "text_time":
-        config_architecture = "sdxl"
-    else:
-        config_architecture = "sd2" if text_config.hidden_act == "gelu" else "sd1"
-    if config_architecture != architecture:
+    config_variant = variant_of_configs(unet_config, text_config)
+    if config_variant != variant:
+        config_a = (
+            "an unknown" if config_variant is None else family(config_variant).variant_article(config_variant)
+        )
         raise ModelError(
-            f"model_config {source} is {_A[config_architecture]} model, but {path} is "
-            f"{_A[architecture]} checkpoint; give a model_config of the same architecture as the file "
-            f"(e.g. {_default_repo(architecture)} or a local {_NAME[architecture]} diffusers folder)"
+            f"model_config {source} is {config_a} model, but {path} is "
+            f"{fam.variant_article(variant)} checkpoint; give a model_config of the same architecture as the file "
+            f"(e.g. {_default_repo(fam, variant)} or a local {fam.variant_label(variant)} diffusers folder)"
         )
 
 
@@ -564,8 +542,6 @@ def _check_loaded(components: SDComponents, keys: Collection[str], path: Path, s
                 f"{path} lacks weights that the {name} config of {source} describes; give a model_config "
                 "that fits the file"
             )
-    from .single_file_layout import original_keys
-
     required, synthetic = original_keys(components)
     in_file = {key for key in keys if key.startswith(_PREFIXES)}
     missing = sorted(required - in_file)

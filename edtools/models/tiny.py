@@ -11,7 +11,10 @@ import tempfile
 from pathlib import Path
 
 from ..errors import require
-from .sd import PREDICTION_TYPES, SDComponents, save_components
+from .components import PREDICTION_TYPES, SDComponents
+from .families import family, variants
+from .families.base import TinyEncoder
+from .sd import save_components
 
 __all__ = ["ARCHITECTURES", "make_tiny_model", "tiny_components", "tiny_tokenizer"]
 
@@ -70,61 +73,19 @@ def tiny_tokenizer(folder: Path, *, pad_token: str | None = None):
     return transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-ARCHITECTURES = ("sd1", "sd2", "sdxl")
+ARCHITECTURES = variants()  # "sd1", "sd2", "sdxl": each registered family's variants
 
 
-def _unet_config(architecture: str, real_blocks: bool, sample_size: int, cross_attention_dim: int) -> dict:
-    """A UNet2DConditionModel config: small and fast by default; real_blocks keeps the real models' block
-    structure (SD 1/2: 4 levels, SDXL: 3 levels with transformer depths 1, 2, 3; 2 layers per block)."""
-    common = dict(sample_size=sample_size, in_channels=4, out_channels=4, norm_num_groups=8)
-    common["cross_attention_dim"] = cross_attention_dim
-    if architecture == "sdxl":
-        levels = 3 if real_blocks else 2
-        down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1)
-        return dict(
-            common,
-            block_out_channels=(8, 16, 32)[-levels:] if real_blocks else (16, 32),
-            layers_per_block=2 if real_blocks else 1,
-            down_block_types=down,
-            up_block_types=tuple(d.replace("Down", "Up") for d in reversed(down)),
-            transformer_layers_per_block=(1, 2, 3)[:levels] if real_blocks else (1, 2),
-            attention_head_dim=(2, 4, 8)[:levels],
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=_TE2_PROJECTION + 6 * 8,
-        )
-    down = (
-        ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-        if real_blocks
-        else ("DownBlock2D", "CrossAttnDownBlock2D")
-    )
-    return dict(
-        common,
-        block_out_channels=(8, 16, 16, 32) if real_blocks else (16, 32),
-        layers_per_block=2 if real_blocks else 1,
-        down_block_types=down,
-        up_block_types=tuple(d.replace("Down", "Up") for d in reversed(down)),
-        attention_head_dim=(2, 4, 4, 8) if architecture == "sd2" and real_blocks else 4,
-        use_linear_projection=architecture == "sd2",
-    )
-
-
-_TE_WIDTH = 32
-_TE2_WIDTH = 64
-_TE2_PROJECTION = 32
-
-
-def _text_config(tokenizer, *, width: int, layers: int, act: str, projection: int | None = None):
+def _text_config(tokenizer, encoder: TinyEncoder):
     transformers = require("transformers")
-    extra = {} if projection is None else {"projection_dim": projection}
+    extra = {} if encoder.projection is None else {"projection_dim": encoder.projection}
     return transformers.CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=layers,
+        hidden_size=encoder.width,
+        intermediate_size=2 * encoder.width,
+        num_hidden_layers=encoder.layers,
         num_attention_heads=4,
-        hidden_act=act,
+        hidden_act=encoder.act,
         max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -143,10 +104,9 @@ def tiny_components(
 ) -> SDComponents:
     """Randomly initialised tiny components (seeded) of the real diffusers/transformers classes.
 
-    sd1: CLIP text encoder (quick_gelu, width 32); sd2: OpenCLIP-style text encoder (gelu) and linear attention
-    projections; sdxl: a second text encoder with projection (width 64) and size/crop conditioning. VAE:
-    4 levels (downsample 8, like SD). real_blocks: the real block structure (see _unet_config), else a UNet
-    with one plain and one cross-attention level. DDPM scheduler like SD's.
+    The UNet and text encoders are the family's (Family.tiny: sd1 CLIP text encoder, sd2 OpenCLIP-style, sdxl
+    two encoders and size/crop conditioning). VAE: 4 levels (downsample 8, like SD). real_blocks: the real
+    block structure, else a UNet with one plain and one cross-attention level. DDPM scheduler like SD's.
     """
     torch = require("torch")
     diffusers = require("diffusers")
@@ -158,18 +118,17 @@ def tiny_components(
     if sample_size < 1:
         raise ValueError(f"sample_size (latent side) must be >= 1, got {sample_size}")
 
-    sdxl = architecture == "sdxl"
+    fam = family(architecture)
+    spec = fam.tiny(architecture, real_blocks=real_blocks)
     with tempfile.TemporaryDirectory(prefix="edtools-tokenizer-") as tmp:
-        tokenizer = tiny_tokenizer(Path(tmp) / "1")
-        tokenizer_2 = tiny_tokenizer(Path(tmp) / "2", pad_token="!") if sdxl else None
-    act = "gelu" if architecture == "sd2" else "quick_gelu"
-    cross_attention_dim = _TE_WIDTH + (_TE2_WIDTH if sdxl else 0)
+        tokenizers = [
+            tiny_tokenizer(Path(tmp) / str(i + 1), pad_token=encoder.pad_token)
+            for i, encoder in enumerate(spec.encoders)
+        ]
     # Module constructors draw initial weights from torch's global generator: seed a forked copy of it.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = diffusers.UNet2DConditionModel(
-            **_unet_config(architecture, real_blocks, sample_size, cross_attention_dim)
-        )
+        unet = diffusers.UNet2DConditionModel(sample_size=sample_size, **spec.unet)
         vae = diffusers.AutoencoderKL(
             sample_size=sample_size * 8,
             in_channels=3,
@@ -180,20 +139,16 @@ def tiny_components(
             layers_per_block=2 if real_blocks else 1,
             latent_channels=4,
             norm_num_groups=8,
-            scaling_factor=0.13025 if sdxl else 0.18215,
-            force_upcast=sdxl,
+            scaling_factor=spec.vae_scaling_factor,
+            force_upcast=spec.vae_force_upcast,
         )
-        text_encoder = transformers.CLIPTextModel(_text_config(tokenizer, width=_TE_WIDTH, layers=2, act=act))
-        text_encoder_2 = None
-        if sdxl:  # 10 layers when real: diffusers recognises SDXL files by the second encoder's 10th block
-            config_2 = _text_config(
-                tokenizer_2,
-                width=_TE2_WIDTH,
-                layers=10 if real_blocks else 2,
-                act="gelu",
-                projection=_TE2_PROJECTION,
-            )
-            text_encoder_2 = transformers.CLIPTextModelWithProjection(config_2)
+        text: dict = {}
+        for encoder_spec, text_spec, tokenizer in zip(
+            fam.text_encoders, spec.encoders, tokenizers, strict=True
+        ):
+            model_class = getattr(transformers, encoder_spec.model_class)
+            text[encoder_spec.part] = model_class(_text_config(tokenizer, text_spec))
+            text[encoder_spec.tokenizer] = tokenizer
     noise_scheduler = diffusers.DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -203,18 +158,10 @@ def tiny_components(
         prediction_type=prediction_type,
         steps_offset=1,
     )
-    for module in (unet, vae, text_encoder, text_encoder_2):
-        if module is not None:
-            module.eval()
-    return SDComponents(
-        unet,
-        text_encoder,
-        tokenizer,
-        vae,
-        noise_scheduler,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-    )
+    components = SDComponents(unet=unet, vae=vae, noise_scheduler=noise_scheduler, **text)
+    for module in (unet, vae, *components.text_encoders):
+        module.eval()
+    return components
 
 
 def make_tiny_model(

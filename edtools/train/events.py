@@ -51,7 +51,9 @@ class TrainEvent:
           images (image numbers this rank trained in the step), total_steps (the run's planned steps);
     epoch: epoch, images_per_concept (trained this epoch), expected (n_images x multiplier), multipliers and
            loss_scales (what the epoch trained with);
-    validation: global_step, epoch (epochs done), loss_per_concept (held-out loss), images_per_concept (held out);
+    validation: global_step, epoch (epochs done), loss_per_concept (held-out loss), images_per_concept (held out),
+                train_loss_per_concept (the same loss on a fixed sample of training images), gap_per_concept
+                (held-out - training), bleed ({(concept, under): margin}, see train.bleed);
     sample: global_step, paths (PNG grids); checkpoint: global_step, path; end: result.
     Under accelerate launch every process calls its callback; sample and checkpoint come from the main one."""
 
@@ -66,6 +68,9 @@ class TrainEvent:
     images: tuple[int, ...] = ()
     total_steps: int | None = None
     images_per_concept: dict[str, int] = field(default_factory=dict)
+    train_loss_per_concept: dict[str, float] = field(default_factory=dict)
+    gap_per_concept: dict[str, float] = field(default_factory=dict)
+    bleed: dict[tuple[str, str], float] = field(default_factory=dict)
     expected: dict[str, float] = field(default_factory=dict)
     multipliers: dict[str, float] = field(default_factory=dict)
     loss_scales: dict[str, float] = field(default_factory=dict)

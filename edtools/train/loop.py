@@ -153,6 +153,7 @@ def _build(
     """_start's work once the out folder is locked."""
     from tqdm.auto import tqdm
 
+    from .bleed import concept_prompts
     from .validate import Validator
 
     resume_from = prepare_out(config, out, runtime)
@@ -163,6 +164,8 @@ def _build(
     if resume_from is not None:
         check_resume(info, config, runtime.world_size, resume_from)
     dataset, validation = load_data(config, runtime.main)
+    # a folder that is not a concept: say so now
+    concept_prompts(dataset, validation, config.prompt_overrides)
     user_multipliers, balance_reasons = {c.path: c.multiplier for c in dataset.concepts}, {}
     if info.get("epoch_values") and info.get("batch"):  # resumed mid-epoch: that epoch's own values
         dataset = with_saved_values(dataset, info["epoch_values"])
@@ -192,13 +195,14 @@ def _build(
         if runtime.main:
             trim_records(out, global_step=state.global_step, epoch=state.epoch)
     captions = dataset.captions + (validation.captions if validation is not None else ())
+    captions += tuple(prompt for _, prompt in config.concept_prompts)  # bleed is measured under them
     text_cache = (
         fill_text_cache(components, captions, config, runtime) if config.cache_text_embeddings else None
     )
     validator = None
     if validation is not None and len(validation):
         validator = Validator(
-            validation, config, buckets, components.noise_scheduler.config.num_train_timesteps
+            validation, config, buckets, components.noise_scheduler.config.num_train_timesteps, dataset
         )
         if runtime.main:
             write_validation_images(out, validation)

@@ -1,5 +1,5 @@
-"""The run's records in its out folder: validation.csv, balance_history.csv, training_loss.csv, the list of
-validation images and the plots drawn from them. Appended as the run goes, trimmed back to a checkpoint on resume.
+"""The run's records in its out folder: validation.csv, bleed.csv, balance_history.csv, training_loss.csv, the
+list of validation images and the plots drawn from them. Appended as the run goes, trimmed back to a checkpoint on resume.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from ..dataset import Dataset
 
 __all__ = [
     "BALANCE_HISTORY_CSV",
+    "BLEED_CSV",
     "TRAINING_LOSS_CSV",
     "VALIDATION_CSV",
     "VALIDATION_IMAGES",
     "SKIPPED_IMAGES",
     "append_balance_history",
+    "append_bleed",
     "append_skipped",
     "append_training_loss",
     "append_validation",
@@ -30,12 +32,14 @@ __all__ = [
 ]
 
 VALIDATION_CSV = "validation.csv"
+BLEED_CSV = "bleed.csv"
 BALANCE_HISTORY_CSV = "balance_history.csv"
 TRAINING_LOSS_CSV = "training_loss.csv"
 VALIDATION_IMAGES = "validation_images.txt"
 SKIPPED_IMAGES = "skipped_images.txt"
 _COLUMNS = {
-    VALIDATION_CSV: ["step", "epoch", "concept", "loss", "images"],
+    VALIDATION_CSV: ["step", "epoch", "concept", "loss", "images", "train_loss", "gap"],
+    BLEED_CSV: ["step", "epoch", "concept", "under", "margin"],
     BALANCE_HISTORY_CSV: [
         "epoch",
         "concept",
@@ -53,18 +57,31 @@ RECORDS = (
     VALIDATION_IMAGES,
     SKIPPED_IMAGES,
     "validation.png",
+    "bleed.png",
     "balance_actual.png",
 )  # a fresh run removes them
 
 
 def _append(path: Path, rows: Sequence[Sequence]) -> None:
     new = not path.exists()
+    if not new and read_header(path) != _COLUMNS[path.name]:  # written before columns were added: renew
+        old = read_csv(path)
+        path.unlink()
+        _append(path, [[row.get(c) or "" for c in _COLUMNS[path.name]] for row in old])
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
         if new:
             writer.writerow(_COLUMNS[path.name])
         writer.writerows(rows)
+
+
+def read_header(path: Path) -> list[str]:
+    """The column names of a record (empty when the file does not exist or is empty)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as file:
+        return next(csv.reader(file), [])
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -80,6 +97,7 @@ def trim_records(out: Path, *, global_step: int, epoch: int) -> None:
     them again, so its records equal an uninterrupted run's."""
     for name, column, last in (
         (VALIDATION_CSV, "step", global_step),
+        (BLEED_CSV, "step", global_step),
         (BALANCE_HISTORY_CSV, "epoch", epoch - 1),
         (TRAINING_LOSS_CSV, "epoch", epoch - 1),
     ):
@@ -91,9 +109,34 @@ def trim_records(out: Path, *, global_step: int, epoch: int) -> None:
             _append(path, [[row.get(c) or "" for c in _COLUMNS[name]] for row in kept])
 
 
-def append_validation(out: Path, step: int, epoch: int, results: Mapping[str, tuple[float, int]]) -> None:
-    """One row per concept: step, epoch, concept, loss, images."""
-    _append(out / VALIDATION_CSV, [[step, epoch, c, f"{loss:.6g}", n] for c, (loss, n) in results.items()])
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+def append_validation(
+    out: Path,
+    step: int,
+    epoch: int,
+    results: Mapping[str, tuple[float, int]],
+    train_loss: Mapping[str, float] | None = None,
+    gap: Mapping[str, float] | None = None,
+) -> None:
+    """One row per concept: step, epoch, concept, loss, images, train_loss (the same loss on a fixed sample of
+    its training images) and gap (loss - train_loss); the last two empty where not measured."""
+    train_loss, gap = train_loss or {}, gap or {}
+    rows = [
+        [step, epoch, c, f"{loss:.6g}", n, _number(train_loss.get(c)), _number(gap.get(c))]
+        for c, (loss, n) in results.items()
+    ]
+    _append(out / VALIDATION_CSV, rows)
+
+
+def append_bleed(out: Path, step: int, epoch: int, margins: Mapping[tuple[str, str], float]) -> None:
+    """One row per (concept, under) pair: step, epoch, concept, under, margin (see bleed.bleed_margins).
+    Nothing is written (not even the header) while there are no margins."""
+    if margins:
+        rows = [[step, epoch, c, under, f"{m:.6g}"] for (c, under), m in margins.items()]
+        _append(out / BLEED_CSV, rows)
 
 
 def append_balance_history(
@@ -152,8 +195,10 @@ def write_validation_images(out: Path, validation: Dataset) -> Path:
 
 def plot_records(out: Path, dataset: Dataset) -> None:
     """out/balance_actual.png (expected images per concept beside each trained epoch's) and, with a
-    validation, out/validation.png (validation loss per concept over the steps)."""
-    from ..report import plot_balance, plot_validation
+    validation, out/validation.png (validation loss per concept over the steps, and the memorisation gap) and
+    out/bleed.png (the latest validation's bleed margins)."""
+    from ..report import plot_balance
+    from .metric_plots import plot_bleed, plot_validation_gap
 
     history = read_csv(out / BALANCE_HISTORY_CSV)
     epochs = sorted({int(row["epoch"]) for row in history})
@@ -181,4 +226,7 @@ def plot_records(out: Path, dataset: Dataset) -> None:
             for r in read_csv(out / TRAINING_LOSS_CSV)
             if int(r["epoch"]) + 1 in end_step
         ]
-        plot_validation(validation, training=training, out=out / "validation.png")
+        plot_validation_gap(validation, training=training, out=out / "validation.png")
+    bleed = read_csv(out / BLEED_CSV)
+    if bleed:
+        plot_bleed(bleed, out=out / "bleed.png")

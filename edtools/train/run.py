@@ -36,7 +36,7 @@ from .ema import ema_weights
 from .events import TrainEvent
 from .outdir import OutFolderGone
 from .rebalance import BalanceSource, saved_values
-from .records import append_validation
+from .records import append_bleed, append_validation
 from .runtime import Runtime
 from .sample import SAMPLES_DIR, save_samples
 
@@ -272,33 +272,41 @@ def file_metadata(run: Run) -> dict[str, str]:
 
 
 def validate_now(run: Run) -> None:
-    """Validation loss per concept on the held-out images (once per step), recorded and reported."""
+    """Validation loss per concept on the held-out images, the gap to the training sample and the concept
+    bleed (once per step), recorded and reported."""
     state, runtime = run.state, run.runtime
     if run.validator is None or state.global_step == run.last_validation_step:
         return
     runtime.barrier()
     if runtime.main:
         trained_text = any(p.requires_grad for e in run.components.text_encoders for p in e.parameters())
-        results = run.validator.evaluate(
+        measures = run.validator.measure(
             run.components, runtime.device, text_frozen=not trained_text, text_cache=run.text_cache
         )
         guard_out(run)
-        append_validation(run.out, state.global_step, state.epoch, results)
+        append_validation(
+            run.out, state.global_step, state.epoch, measures.results(), measures.train_loss, measures.gap
+        )
+        append_bleed(run.out, state.global_step, state.epoch, measures.bleed)
         run.say(
             "validation at step %d: %s",
             state.global_step,
-            ", ".join(f"{c} {loss:.4f}" for c, (loss, _) in results.items()),
+            ", ".join(
+                f"{c} {loss:.4f}" + (f" (gap {measures.gap[c]:+.4f})" if c in measures.gap else "")
+                for c, loss in measures.loss.items()
+            ),
         )
-        losses = {c: loss for c, (loss, _) in results.items()}
-        images = {c: n for c, (_, n) in results.items()}
         emit(
             run,
             TrainEvent(
                 "validation",
                 state.global_step,
                 state.epoch,
-                loss_per_concept=losses,
-                images_per_concept=images,
+                loss_per_concept=dict(measures.loss),
+                images_per_concept=dict(measures.images),
+                train_loss_per_concept=dict(measures.train_loss),
+                gap_per_concept=dict(measures.gap),
+                bleed=dict(measures.bleed),
             ),
         )
     runtime.barrier()

@@ -300,8 +300,9 @@ def train_step(
     models.conditioning.TextEmbeddingCache (frozen text encoders), else the encoders run on the batch.
     """
     torch = require("torch")
-    from ..loss import batch_loss, compute_snr, min_snr_weights, per_sample_mse, prediction_target
+    from ..loss import batch_loss, compute_snr, min_snr_weights, per_sample_mse
     from ..models.conditioning import encode_text, unet_conditioning
+    from ..models.families import family_of
     from ..noise import training_noise
 
     unet, vae, noise_scheduler = components.unet, components.vae, components.noise_scheduler
@@ -341,7 +342,7 @@ def train_step(
                 0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator, dtype=torch.int64
             ).to(device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = prediction_target(noise_scheduler, latents, noise, timesteps)
+            target = family_of(components).prediction_target(noise_scheduler, latents, noise, timesteps)
             with autocast(config, device):
                 if text_cache is not None:
                     embeddings = text_cache.get(batch["captions"])

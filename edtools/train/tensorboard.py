@@ -1,5 +1,5 @@
 """TensorBoard logging of a run's events under out/logs/: loss, loss per concept, learning rate, images per
-second and validation loss per concept. Open it with `tensorboard --logdir OUT/logs`.
+second, validation loss, memorisation gap and concept bleed margins per concept. Open it with `tensorboard --logdir OUT/logs`.
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ class TensorBoardLog:
         elif event.kind == "validation":
             for concept, loss in event.loss_per_concept.items():
                 self.writer.add_scalar(f"validation/{concept}", loss, step)
+            for concept, loss in event.train_loss_per_concept.items():
+                self.writer.add_scalar(f"validation_train_images/{concept}", loss, step)
+            for concept, gap in event.gap_per_concept.items():
+                self.writer.add_scalar(f"gap/{concept}", gap, step)
+            for (concept, under), margin in event.bleed.items():
+                self.writer.add_scalar(f"bleed/{concept}/under/{under}", margin, step)
         elif event.kind == "epoch":
             for concept, n in event.images_per_concept.items():
                 self.writer.add_scalar(f"images_per_epoch/{concept}", n, step)

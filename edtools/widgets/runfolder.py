@@ -26,24 +26,6 @@ __all__ = [
     "space_check",
 ]
 
-# Parameters of the models people train (diffusers' SD 1.5 and SDXL base), for hub ids not downloaded yet.
-# lora_*: parameters per unit of LoRA rank on edtools' targets (the sum of in + out features of each layer).
-TYPICAL_PARAMETERS = {
-    "sd": {
-        "unet": 859_520_964,
-        "text": 123_060_480,
-        "vae": 83_653_863,
-        "lora_unet": 423_936,
-        "lora_text": 165_888,
-    },
-    "sdxl": {
-        "unet": 2_567_463_684,
-        "text": 817_720_320,
-        "vae": 83_653_863,
-        "lora_unet": 2_659_840,
-        "lora_text": 903_168,
-    },
-}
 RUNTIME_HOURS = (
     12  # the longest a Colab runtime runs: timed checkpoints that fill the drive sooner are a problem
 )
@@ -180,7 +162,7 @@ def model_parameters(model: str) -> tuple[dict[str, int], str]:
     """Parameters of a model's parts ({"unet", "text", "vae", and "lora_unet" / "lora_text" per unit of LoRA
     rank}) and where they come from: counted from the safetensors headers when the model is here (a diffusers
     folder or one file; no weights are read), else the typical counts of its kind (a hub id)."""
-    from ..models.sd import guess_architecture
+    from ..models.families import guess_family
 
     path = Path(model).expanduser()
     try:
@@ -194,12 +176,9 @@ def model_parameters(model: str) -> tuple[dict[str, int], str]:
         counts = None
     if counts and counts["unet"]:
         return counts, f"the model's {_billions(counts)} parameters"
-    architecture = guess_architecture(model) or ("sdxl" if "xl" in model.lower() else "sd")
-    counts = dict(TYPICAL_PARAMETERS[architecture])
-    return (
-        counts,
-        f"a typical {'SDXL' if architecture == 'sdxl' else 'SD'} model's {_billions(counts)} parameters",
-    )
+    family = guess_family(model)  # its files, else its name ("xl" in a hub id)
+    counts = dict(family.typical_parameters)
+    return counts, f"a typical {family.short_label} model's {_billions(counts)} parameters"
 
 
 def _billions(counts: Mapping[str, int]) -> str:

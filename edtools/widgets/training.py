@@ -33,6 +33,7 @@ from .common import (
     smoke_mode,
     widgets,
 )
+from .metrics import MetricsView
 from .progress import LossFigure, WidgetLogHandler, counts_html, history_html
 from .runfolder import EarlierRun, SpaceCheck, find_earlier_run, resume_offer, space_check
 
@@ -327,6 +328,7 @@ class TrainingPanel(_Panel):
         self.balance_image = widgets.Image(format="png", layout=widgets.Layout(width="48%"))
         self.balance_image.add_class("edtools-actual-histogram")
         self.loss_image = widgets.Image(format="png", layout=widgets.Layout(width="48%"))
+        self.metrics = MetricsView()  # memorisation gap and concept bleed, per validation
         self.samples = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
         self.keep_samples = 3
         self.log = widgets.HTML(layout=widgets.Layout(max_height="160px", overflow="auto"))
@@ -386,6 +388,7 @@ class TrainingPanel(_Panel):
                 widgets.HBox(
                     [self.balance_image, self.loss_image], layout=widgets.Layout(flex_flow="row wrap")
                 ),
+                self.metrics.widget,
                 self.history,
                 widgets.HBox([self.suggest_button, self.apply_button]),
                 self.suggestions,
@@ -635,6 +638,7 @@ class TrainingPanel(_Panel):
         self.events, self.result, self.error = [], None, None
         self._actual = []
         self._loss_figure = LossFigure()
+        self.metrics.reset()
         self._multiplier_history, self._auto_history = [], []
         self.history.value = self.epoch_counts.value = ""
         self._last_loss_draw = 0.0
@@ -815,6 +819,7 @@ class TrainingPanel(_Panel):
         if self._loss_figure is not None:
             self._loss_figure.add_validation(int(event.global_step), event.loss_per_concept)
             self.loss_image.value = self._loss_figure.render()
+        self.metrics.add(event)
 
     def _on_sample(self, event) -> None:
         from PIL import Image

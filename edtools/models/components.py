@@ -1,0 +1,132 @@
+"""The parts of a loaded model (SDComponents), how each part is kept (Keep), and what the text encoders give.
+
+Plain containers shared by the loaders and writers. Model families never import this module: they work on any
+object with these parts (families.base.Parts), so imports go one way, components -> families.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ModelError, require
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "Keep",
+    "SDComponents",
+    "check_prediction_type",
+    "quiet_progress",
+    "unwrap",
+    "vae_force_upcast",
+]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass
+class SDComponents:
+    """The parts training touches. noise_scheduler is a DDPMScheduler built from the model's own scheduler
+    config, so betas and prediction_type ("epsilon" / "v_prediction") are the model's. SDXL models have a
+    second text encoder (CLIPTextModelWithProjection, whose pooled output conditions the UNet) and tokenizer."""
+
+    unet: Any  # diffusers UNet2DConditionModel
+    text_encoder: Any  # transformers CLIPTextModel
+    tokenizer: Any  # transformers CLIPTokenizer
+    vae: Any  # diffusers AutoencoderKL
+    noise_scheduler: Any  # diffusers DDPMScheduler
+    text_encoder_2: Any = None  # SDXL only: transformers CLIPTextModelWithProjection
+    tokenizer_2: Any = None  # SDXL only
+
+    @property
+    def architecture(self) -> str:
+        """The model family's name: "sdxl" (two text encoders, size and crop conditioning) or "sd" (SD 1.x /
+        2.x). models.families.family_of(components) gives the family itself."""
+        from .families import family_of
+
+        return family_of(self).name
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def text_encoders(self) -> tuple[Any, ...]:
+        return (
+            (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
+        )
+
+    @property
+    def tokenizers(self) -> tuple[Any, ...]:
+        return (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer, self.tokenizer_2)
+
+
+@dataclass(frozen=True)
+class Keep:
+    """How each part is kept, so that it is loaded that way and never through a float32 copy: frozen parts in
+    `dtype` (None: float32), the parts named in `float32` (those that train fully) in float32, a VAE whose
+    config asks for float32 (SDXL's force_upcast) in float32; each moved to `device` (a GPU) as soon as it is
+    loaded, so that host memory holds one part at a time."""
+
+    dtype: Any = None  # torch.float16 / torch.bfloat16 / None
+    float32: frozenset[str] = frozenset()  # of "unet", "text_encoder", "text_encoder_2"
+    device: Any = None
+
+    def dtype_of(self, part: str, *, force_upcast: bool = False) -> torch.dtype:
+        torch = require("torch")
+        if self.dtype is None or part in self.float32 or (part == "vae" and force_upcast):
+            return torch.float32
+        return self.dtype
+
+    def place(self, module: Any) -> Any:
+        torch = require("torch")
+        if self.device is not None and torch.device(self.device).type != "cpu":
+            torch.nn.Module.to(module, self.device)  # torch's own: diffusers' override warns on every move
+        return module
+
+
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers' per-model "Loading weights" / "Writing model shards" bars off for a block (downloads keep
+    theirs: those are huggingface_hub's)."""
+    logging = require("transformers.utils.logging")
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
+def vae_force_upcast(source: str, hub: dict) -> bool:
+    """Whether the VAE config of a diffusers folder or hub id asks to run in float32 (SDXL's)."""
+    diffusers = require("diffusers")
+    return bool(
+        diffusers.AutoencoderKL.load_config(source, subfolder="vae", **hub).get("force_upcast", False)
+    )
+
+
+def check_prediction_type(components: SDComponents, model: str) -> None:
+    prediction_type = components.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise ModelError(
+            f"model '{model}' has scheduler prediction_type '{prediction_type}'; "
+            f"edtools trains {' or '.join(PREDICTION_TYPES)}"
+        )
+
+
+def unwrap(module: Any) -> Any:
+    """The model inside torch.compile / DistributedDataParallel wrappers."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        elif type(module).__name__ in ("DistributedDataParallel", "DataParallel"):
+            module = module.module
+        else:
+            return module

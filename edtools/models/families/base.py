@@ -1,0 +1,284 @@
+"""The interface every model family implements: how to load it, condition it, sample it, adapt it, test it.
+
+A family (SD 1.x/2.x, SDXL) is one module with one Family subclass; the rest of edtools asks the family.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "TEXT_ENCODER_LORA_PATTERN",
+    "TEXT_ENCODER_TARGETS",
+    "UNET_LORA_PATTERN",
+    "UNET_TARGETS",
+    "Family",
+    "Parts",
+    "TextEmbeddings",
+    "TextEncoderSpec",
+    "TextLayout",
+    "TinyEncoder",
+    "TinySpec",
+    "has_prefix",
+]
+
+# LoRA target modules: the same set kohya's sd-scripts LoRA (networks.lora, its default without conv_dim) trains:
+# every Linear and 1x1 Conv2d inside the UNet's Transformer2DModel blocks, i.e. attn1/attn2 to_q, to_k, to_v,
+# to_out.0, the feed-forward ff.net.0.proj (GEGLU) and ff.net.2, and proj_in / proj_out.
+# - Why more than the attention projections (diffusers' example scripts' default): the feed-forward layers
+#   hold about half of a transformer block's weights, so adapting them gives the LoRA room for a concept or
+#   style at a small rank; and a file with kohya's module set is what A1111/ComfyUI users expect of a
+#   "networks.lora" file of a given dim and alpha (same size, same strength scale).
+# - proj_in / proj_out are 1x1 Conv2d in SD 1.x and nn.Linear in SD 2.x / SDXL. peft adapts both; a 1x1 conv
+#   LoRA is written with 4-d weights ([rank, in, 1, 1] / [out, rank, 1, 1]) exactly as kohya writes it, which
+#   A1111 requires (it builds a 1x1 Conv2d for 4-d weights on a Conv2d layer) and ComfyUI and diffusers read.
+# - Names: every target sits in down_blocks.N/up_blocks.N/mid_block .attentions.N. SD 1.x/2.x files spell
+#   that path the diffusers way, SDXL files the SGM way (input_blocks.N.1/middle_block.1/output_blocks.N.1),
+#   each as kohya's scripts write and read it (Family.kohya_unet_module); A1111
+#   (convert_diffusers_name_to_compvis), ComfyUI (its map of both spellings) and diffusers' load_lora_weights
+#   read both. ResNet 3x3 convs (kohya's optional conv_dim, "LoCon") are not targeted.
+# Text encoders: kohya's CLIPAttention + CLIPMLP linears, q/k/v/out_proj and mlp.fc1/fc2. All four attention
+# projections are always adapted together: A1111 applies q/k/v/out LoRAs to OpenCLIP's fused attention
+# (SD 2.x, SDXL's second encoder) only when all four are present.
+UNET_TARGETS = (
+    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+)  # fmt: skip
+TEXT_ENCODER_TARGETS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2",
+)  # fmt: skip
+# peft matches a str target_modules with re.fullmatch against each module's qualified name.
+UNET_LORA_PATTERN = (
+    r"(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\.(?:proj_in|proj_out|"
+    r"transformer_blocks\.\d+\.(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.(?:0\.proj|2)))"
+)
+# transformers >= 5.6 flattens CLIPTextModel (encoder.layers.N...); CLIPTextModelWithProjection and older
+# versions keep text_model.encoder.layers.N...
+TEXT_ENCODER_LORA_PATTERN = (
+    r"(?:text_model\.)?encoder\.layers\.\d+\.(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.fc[12])"
+)
+
+
+class Parts(Protocol):
+    """What a family reads of a loaded model: models.components.SDComponents, or anything with these parts
+    (families never import the loaders' classes, so imports go one way)."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+    text_encoder_2: Any
+    tokenizer_2: Any
+
+    @property
+    def prediction_type(self) -> str: ...
+
+
+@dataclass
+class TextEmbeddings:
+    """hidden: [n, tokens, cross_attention_dim]; pooled: SDXL's second encoder's projected embedding [n, d]."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a family: its SDComponents field and diffusers subfolder (`part`), its transformers
+    class, and its tokenizer's field and subfolder."""
+
+    part: str  # "text_encoder", "text_encoder_2"
+    model_class: str  # "CLIPTextModel", "CLIPTextModelWithProjection"
+    tokenizer: str  # "tokenizer", "tokenizer_2"
+
+
+@dataclass(frozen=True)
+class TextLayout:
+    """Where one text encoder's weights sit in a single file: the key prefix (OpenAI CLIP under
+    "...transformer.", OpenCLIP otherwise), the part it loads into, its name in messages, and whether the file
+    carries OpenCLIP's last layer and projection that diffusers drops (SD 2.x; written as kohya does)."""
+
+    prefix: str
+    part: str
+    label: str
+    pad_last_layer: bool = False
+
+
+@dataclass(frozen=True)
+class TinyEncoder:
+    """A tiny text encoder: CLIPTextConfig width, layers and activation; projection_dim for one with projection
+    (CLIPTextModelWithProjection); the tokenizer's pad token (None: <|endoftext|>)."""
+
+    width: int
+    layers: int
+    act: str
+    projection: int | None = None
+    pad_token: str | None = None
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """A tiny model of a variant, as plain configs that models.tiny builds: UNet2DConditionModel kwargs (less
+    sample_size), one TinyEncoder per text encoder (in the family's order), the VAE's latent scaling factor and
+    whether it asks for float32."""
+
+    unet: Mapping[str, Any]
+    encoders: tuple[TinyEncoder, ...]
+    vae_scaling_factor: float
+    vae_force_upcast: bool
+
+
+def has_prefix(keys: Iterable[str], *prefixes: str) -> bool:
+    """Whether any key starts with one of prefixes."""
+    return any(key.startswith(prefixes) for key in keys)
+
+
+_BASE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class Family(ABC):
+    """One model family. Instances are stateless; register one in families/__init__.py (FAMILIES).
+
+    Names: `name` is the family ("sd", "sdxl"): presets, SDComponents.architecture and run records use it;
+    `variants` are the kinds of checkpoint it loads ("sd1", "sd2"; "sdxl"), as single-file detection and tiny
+    models name them. Every method takes plain values or a model's Parts and returns plain values.
+    """
+
+    name: str
+    label: str  # in messages: "a diffusers {label} folder"
+    short_label: str  # "a typical {short_label} model"
+    variants: tuple[str, ...]
+    variant_labels: Mapping[str, str]  # variant -> "Stable Diffusion 1.x"
+    variant_articles: Mapping[str, str]  # variant -> "a Stable Diffusion 1.x"
+    text_encoders: tuple[TextEncoderSpec, ...]
+    # words in a hub id that tell this family when its files are not here ("xl" in "...-xl-base-1.0")
+    name_hints: tuple[str, ...] = ()
+    # parameters of a typical model of this family (unet, text, vae, and lora_unet / lora_text per unit of
+    # LoRA rank on the targets below), for hub ids not downloaded yet
+    typical_parameters: Mapping[str, int] = MappingProxyType({})
+    # whether gradient_checkpointing "none" means on whatever the GPU (it always is for SDXL's big UNet)
+    gradient_checkpointing_always: bool = False
+    unet_lora_targets: tuple[str, ...] = UNET_TARGETS
+    text_encoder_lora_targets: tuple[str, ...] = TEXT_ENCODER_TARGETS
+    unet_lora_pattern: str = UNET_LORA_PATTERN
+    text_encoder_lora_pattern: str = TEXT_ENCODER_LORA_PATTERN
+    # kohya key prefixes renamed after diffusers' PEFT -> kohya conversion (lora_te1_ -> lora_te_ for one encoder)
+    kohya_renames: Mapping[str, str] = MappingProxyType({})
+
+    # ---- loading: diffusers folders and hub ids
+
+    @property
+    def subfolders(self) -> tuple[str, ...]:
+        """The subfolders a diffusers folder of this family has (unet, vae, scheduler, the encoders' and
+        tokenizers')."""
+        extra = tuple(name for spec in self.text_encoders[1:] for name in (spec.part, spec.tokenizer))
+        return _BASE_SUBFOLDERS + extra
+
+    @abstractmethod
+    def matches_index(self, index: Mapping[str, Any], model: str) -> bool:
+        """Whether a diffusers model_index.json (already known to be a UNet2DConditionModel pipeline) is of this
+        family; a ModelError when it is of this family but not something edtools trains (an SDXL refiner)."""
+
+    @abstractmethod
+    def matches_parts(self, parts: Parts) -> bool:
+        """Whether loaded parts are of this family (families' answers exclude one another)."""
+
+    # ---- loading: single files and their key layout
+
+    @abstractmethod
+    def guess_keys(self, keys: Collection[str]) -> bool:
+        """A quick look at a .safetensors file's tensor names: whether they look like this family (no checks;
+        answers exclude one another)."""
+
+    @abstractmethod
+    def detect_keys(self, keys: Collection[str]) -> str | None:
+        """The variant of an original-layout checkpoint whose UNet input is 4 latent channels and that is none
+        of the other model types edtools refuses, from its key names alone; None when not of this family."""
+
+    @abstractmethod
+    def variant_of(self, parts: Parts) -> str:
+        """The variant of loaded parts of this family."""
+
+    @abstractmethod
+    def variant_of_configs(self, unet_config: Mapping[str, Any], text_config: Any) -> str | None:
+        """The variant that a diffusers UNet config and first text encoder CLIPTextConfig describe, or None."""
+
+    @abstractmethod
+    def single_file_text(self, variant: str) -> tuple[TextLayout, ...]:
+        """The text encoders' layouts in a single file of the variant, in the order of text_encoders."""
+
+    @abstractmethod
+    def diffusers_model_type(self, variant: str) -> str:
+        """diffusers' model type of the variant (a key of single_file_utils.DIFFUSERS_DEFAULT_PIPELINE_PATHS)."""
+
+    def normalise_keys(self, state_dict: MutableMapping[str, Any], variant: str) -> None:  # noqa: B027
+        """Rename a single file's keys in place into the layout diffusers' converters read (default: as they
+        are)."""
+
+    @abstractmethod
+    def modelspec_architecture(self, variant: str, v_prediction: bool) -> str:
+        """Stability's ModelSpec modelspec.architecture of a model of the variant."""
+
+    # ---- training: text conditioning and the noise objective
+
+    @abstractmethod
+    def encode_text(self, parts: Parts, input_ids: Sequence[torch.Tensor]) -> TextEmbeddings:
+        """Run the text encoder(s) on token ids (one tensor per tokenizer) on the encoders' device."""
+
+    def unet_conditioning(
+        self, parts: Parts, embeddings: TextEmbeddings, time_ids: torch.Tensor | None, *, device: Any
+    ) -> dict[str, Any]:
+        """Keyword arguments of unet(noisy, timesteps, **kwargs); by default the text's hidden states."""
+        return {"encoder_hidden_states": embeddings.hidden.to(device)}
+
+    def prediction_target(
+        self, noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """What the UNet learns to output: the scheduler's prediction type's target (noise for epsilon
+        models, velocity for v_prediction), as edtools.loss.prediction_target."""
+        from ...loss import prediction_target
+
+        return prediction_target(noise_scheduler, latents, noise, timesteps)
+
+    # ---- sampling
+
+    @abstractmethod
+    def make_pipeline(self, parts: Parts, scheduler: Any) -> Any:
+        """The diffusers text-to-image pipeline sharing the parts' modules, with `scheduler` as its sampler."""
+
+    # ---- LoRA
+
+    def kohya_unet_module(self, unet_config: Mapping[str, Any], path: str) -> str:
+        """A UNet module path as kohya's files of this family spell it (default: the diffusers path)."""
+        return path
+
+    @abstractmethod
+    def lora_metadata(self, parts: Parts) -> dict[str, str]:
+        """The LoRA file metadata that names the base model: ss_base_model_version, ss_v2,
+        modelspec.architecture and modelspec.implementation."""
+
+    # ---- tests
+
+    @abstractmethod
+    def tiny(self, variant: str, *, real_blocks: bool) -> TinySpec:
+        """A tiny model of the variant; real_blocks keeps the real model's block structure."""
+
+    # ---- names
+
+    def variant_label(self, variant: str) -> str:
+        return self.variant_labels[variant]
+
+    def variant_article(self, variant: str) -> str:
+        return self.variant_articles[variant]
+
+    def __repr__(self) -> str:
+        return f"<model family {self.name}: {', '.join(self.variants)}>"
