@@ -274,9 +274,12 @@ def test_a_run_raises_its_lagging_concept_and_says_why_once(tree, tiny_model, tm
     from edtools.train import train
 
     root = lagging_setup(tree, monkeypatch)
+    # bleed_images=0: the folders share their captions, so they always "bleed" and that rule would lower
+    # whichever concept was raised; here the lag rule is under test
     config = train_config(
-        root, tiny_model, tmp_path / "out", epochs=5, validation_split=0.4, auto_balance=True, lr=3e-3
-    )
+        root, tiny_model, tmp_path / "out", epochs=5, validation_split=0.4, auto_balance=True, lr=3e-3,
+        bleed_images=0,
+    )  # fmt: skip
     events = []
     with caplog.at_level(logging.INFO, logger="edtools"):
         train(config, events.append)
@@ -285,7 +288,8 @@ def test_a_run_raises_its_lagging_concept_and_says_why_once(tree, tiny_model, tm
     assert [r["user_multiply"] for r in rare] == ["1"] * 5  # the user's value never moved
     raised = [r for r in rare if r["reason"]]
     assert raised and "lags behind; raise it" in raised[0]["reason"]
-    assert float(rare[-1]["multiply"]) > 1 and float(rare[-1]["actual"]) > 3  # more of its images trained
+    # the epoch it was raised at trained more of its images (later rules, e.g. a widening gap, may lower it)
+    assert float(raised[0]["multiply"]) == 1.5 and int(raised[0]["actual"]) > 3
     # every change (lag=0.99 may catch another concept early on) is logged once, with its reason
     previous: dict[str, str] = {}
     for row in rows:
@@ -359,24 +363,18 @@ def test_a_run_with_nothing_held_out_says_auto_balance_needs_it(tree, tiny_model
 @pytest.mark.slow
 def test_a_heavily_repeated_concept_whose_gap_widens_is_lowered(tree, tiny_model, tmp_path):
     pytest.importorskip("torch")
-    import dataclasses
-
     from conftest import train_config
 
-    from edtools.config import TrainConfig
     from edtools.train import train
 
     root = tree({"rep": 4, "other": 6})
-    # bleed_images=0 where the setting exists: folders of the same captions always bleed, and that rule would
-    # speak first; here only the gap should
-    extra = {"bleed_images": 0} if "bleed_images" in {f.name for f in dataclasses.fields(TrainConfig)} else {}
+    # bleed_images=0: folders of the same captions always bleed, and that rule would speak first; here only
+    # the gap should
     config = train_config(
         root, tiny_model, tmp_path / "out", validation_split=0.5, validate_every_steps=3, epochs=2,
-        multipliers={"rep": 10.0}, auto_balance=True, **extra,
+        multipliers={"rep": 10.0}, auto_balance=True, bleed_images=0,
     )  # fmt: skip
     train(config)
-    if "gap" not in read_rows(config.out, "validation.csv")[0]:
-        pytest.skip("validation.csv has no gap column in this version: the gap rule has no signal")
     gaps = [float(r["gap"]) for r in read_rows(config.out, "validation.csv") if r["concept"] == "rep"]
     assert gaps[-1] > gaps[0]  # its 2 training images, 20 times an epoch: it memorises them
     rep = {int(r["epoch"]): r for r in read_rows(config.out, "balance_history.csv") if r["concept"] == "rep"}
