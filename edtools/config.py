@@ -183,6 +183,14 @@ class TrainConfig:
     live_balance: bool = _opt(
         False, "re-read multiply.txt / loss_scale.txt at every epoch's start: edits apply from the next epoch"
     )
+    auto_balance: bool = _opt(
+        False,
+        "at every epoch's start set each concept's multiplier from the validation history (raise a lagging "
+        "concept, lower one that memorises or bleeds); needs a validation",
+    )
+    auto_balance_bounds: tuple[float, float] = _opt(
+        (0.25, 4.0), "auto_balance keeps each multiplier within LOW HIGH times the user's value"
+    )
     kohya_repeats: bool = _opt(
         False,
         "folders named the kohya way (10_alice) repeat their images N times where no multiply.txt exists",
@@ -341,6 +349,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return _coerce_prompts(name, value)
     if name in PAIR_FIELDS:
         return _coerce_pairs(name, value)
+    if origin is tuple and typing.get_args(hint) == (float, float):  # a pair of numbers: (low, high)
+        if isinstance(value, str | bytes) or not isinstance(value, list | tuple) or len(value) != 2:
+            raise ConfigError(f"{name} is {_describe(value)}; it must be two numbers, e.g. [0.25, 4]")
+        return tuple(_coerce(name, v, float) for v in value)
     if origin is tuple:  # tuple[str, ...]
         if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
             raise ConfigError(f"{name} is {_describe(value)}; it must be a list of text")
@@ -507,6 +519,22 @@ def _check_ranges(c: TrainConfig) -> None:
     )
     need(c.validate_every_epochs >= 0, "validate_every_epochs", "it must be >= 0 (0 = not per epoch)")
     need(c.validate_every_steps >= 0, "validate_every_steps", "it must be >= 0 (0 = off)")
+    low, high = c.auto_balance_bounds
+    need(
+        0 < low <= 1 <= high,
+        "auto_balance_bounds",
+        "it must be two factors of the user's multiplier with 0 < low <= 1 <= high, e.g. 0.25 4",
+    )
+    need(
+        not c.auto_balance or bool(c.validation_split or c.validation_root),
+        "auto_balance",
+        "it decides from the validation loss per concept: set validation_split (e.g. 0.1) or validation_root",
+    )
+    need(
+        not c.auto_balance or bool(c.validate_every_epochs or c.validate_every_steps),
+        "auto_balance",
+        "it decides from the validation loss per concept: set validate_every_epochs (e.g. 1)",
+    )
     need(c.bleed_images >= 0, "bleed_images", "it must be >= 0 (0 = no bleed measure; 8 is the default)")
     for concept, value in c.multipliers:
         if value <= 0:

@@ -70,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             kwargs.update(nargs="*", type=_prompt_pair, metavar="CONCEPT=PROMPT")
         elif f.name in PAIR_FIELDS:
             kwargs.update(nargs="*", type=_pair, metavar="CONCEPT=VALUE")
+        elif typing.get_origin(hint) is tuple and typing.get_args(hint) == (float, float):
+            kwargs.update(nargs=2, type=float, metavar=("LOW", "HIGH"))
         elif typing.get_origin(hint) is tuple:
             kwargs.update(nargs="*", metavar="TEXT")
         else:
@@ -140,7 +142,7 @@ def to_args(config: TrainConfig) -> list[str]:
         elif f.name in PAIR_FIELDS:
             args += [flag, *(f"{k}={v if isinstance(v, str) else repr(v)}" for k, v in value)]
         elif isinstance(value, tuple):
-            args += [flag, *value]
+            args += [flag, *(repr(v) if isinstance(v, float) else v for v in value)]
         else:
             args += [flag, repr(value) if isinstance(value, float) else str(value)]
     return args

@@ -79,6 +79,8 @@ def full_config() -> TrainConfig:
         bleed_images=4,
         concept_prompts={"people/alice": "a photo of alice"},
         live_balance=True,
+        auto_balance=True,
+        auto_balance_bounds=(0.5, 2.0),
         kohya_repeats=True,
         center_crop=False,
         flip_p=0.5,

@@ -666,8 +666,8 @@ def test_suggestions_show_reasons_and_apply_to_the_sliders_unsaved(training_part
     training.suggest_button.click()
     assert "lags behind; raise it" in training.suggestions.value and not training.apply_button.disabled
     training.apply_button.click()
-    assert balance.multipliers["people/alice"] == 2.0
-    assert balance.changes()["people/alice"] == {"multiplier": 2.0}  # on the slider, not in the file
+    assert balance.multipliers["people/alice"] == 1.5  # one step of the auto-balance rules: x1.5
+    assert balance.changes()["people/alice"] == {"multiplier": 1.5}  # on the slider, not in the file
     assert not (balance.disk.root / "people" / "alice" / "multiply.txt").exists()
     training.out.value = str(tmp_path / "nothing")
     training.suggest_button.click()

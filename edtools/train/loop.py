@@ -33,7 +33,7 @@ from .checkpoint import (
 from .ema import ema_step, make_ema
 from .events import TrainEvent, TrainResult
 from .outdir import OutLock, prepare_out
-from .rebalance import BalanceSource, epoch_values, with_saved_values
+from .rebalance import BalanceSource, auto_epoch, epoch_values, saved_auto, with_saved_values
 from .records import (
     SKIPPED_IMAGES,
     append_balance_history,
@@ -113,7 +113,7 @@ def train(
                 if run.interrupted:  # while setting up, or between epochs
                     stop_reason = "interrupted"
                     break
-                if run.state.batch == 0 and config.live_balance:
+                if run.state.batch == 0 and (config.live_balance or config.auto_balance or _auto_left(run)):
                     _rebalance(run)
                 stop_reason = _train_epoch(run, run.state.epoch)
                 if stop_reason == "finished":
@@ -164,11 +164,13 @@ def _build(
     if resume_from is not None:
         check_resume(info, config, runtime.world_size, resume_from)
     dataset, validation = load_data(config, runtime.main)
-    concept_prompts(
-        dataset, validation, config.prompt_overrides
-    )  # a folder that is not a concept: say so now
+    # a folder that is not a concept: say so now
+    concept_prompts(dataset, validation, config.prompt_overrides)
+    user_multipliers, balance_reasons = {c.path: c.multiplier for c in dataset.concepts}, {}
     if info.get("epoch_values") and info.get("batch"):  # resumed mid-epoch: that epoch's own values
         dataset = with_saved_values(dataset, info["epoch_values"])
+        user, balance_reasons = saved_auto(info["epoch_values"])
+        user_multipliers.update({c: v for c, v in user.items() if c in user_multipliers})
     buckets = make_buckets(config.resolution)
 
     params = prepare_modules(components, config, runtime.device)
@@ -204,6 +206,11 @@ def _build(
         )
         if runtime.main:
             write_validation_images(out, validation)
+    if config.auto_balance and validator is None:
+        raise ConfigError(
+            "auto_balance decides from the validation loss per concept, and this run holds out no images: set "
+            "validation_split (e.g. 0.1) or validation_root, or auto_balance false"
+        )
     progress = tqdm(
         total=planned,
         initial=state.global_step,
@@ -243,6 +250,8 @@ def _build(
         last_checkpoint_step=state.global_step if resume_from is not None else -1,
         planned_steps=planned,
         epoch_loss={c: list(v) for c, v in (info.get("epoch_loss") or {}).items()} if state.batch else {},
+        user_multipliers=user_multipliers,
+        balance_reasons=balance_reasons,
     )
     if resume_from is not None:
         run.say("resuming from %s: step %d, epoch %d, batch %d", resume_from, *dataclasses.astuple(state)[:3])
@@ -263,9 +272,19 @@ def _build(
 
 
 def _rebalance(run: Run) -> None:
-    """At an epoch's start with live_balance: this epoch's multipliers and loss scales (the files, or the
-    notebook's sliders), and the LR schedule and progress bar stretched or shrunk to the steps that now remain."""
-    run.dataset = epoch_values(run.dataset, run.config, run.state.epoch, run.balance)
+    """At an epoch's start with live_balance or auto_balance: this epoch's multipliers and loss scales (the
+    files or the notebook's sliders, then the automatic changes), and the LR schedule and progress bar
+    stretched or shrunk to the steps that now remain."""
+    config, epoch = run.config, run.state.epoch
+    user = run.dataset.with_values(run.user_multipliers, {})  # the user's values of the last epoch
+    if config.live_balance:
+        user = epoch_values(user, config, epoch, run.balance)
+    run.user_multipliers = {c.path: c.multiplier for c in user.concepts}
+    run.dataset, run.balance_reasons = user, {}
+    if config.auto_balance:
+        run.dataset, run.balance_reasons = auto_epoch(
+            user, run.out, epoch, config.auto_balance_bounds, run.runtime
+        )
     planned = planned_steps(run.config, run.dataset, run.buckets, run.state, run.runtime.world_size)
     if planned != run.planned_steps:
         state = run.lr_scheduler.state_dict()
@@ -274,6 +293,11 @@ def _rebalance(run: Run) -> None:
         run.planned_steps = planned
         run.progress.total = planned
         run.progress.refresh()
+
+
+def _auto_left(run: Run) -> bool:
+    """A run resumed mid-epoch without auto_balance after one with it: that epoch's automatic values end."""
+    return any(c.multiplier != run.user_multipliers.get(c.path, c.multiplier) for c in run.dataset.concepts)
 
 
 def _train_epoch(run: Run, epoch: int) -> str:
@@ -398,7 +422,7 @@ def _end_epoch(run: Run) -> str:
     expected = expected_images_per_epoch(dataset)
     guard_out(run)  # the records must not recreate an out folder that went away
     if run.runtime.main:
-        append_balance_history(run.out, epoch, dataset, trained)
+        append_balance_history(run.out, epoch, dataset, trained, run.user_multipliers, run.balance_reasons)
         append_training_loss(run.out, epoch, {c: (s, int(n)) for c, (s, n) in run.epoch_loss.items()})
     run.epoch_loss = {}
     emit(

@@ -40,7 +40,16 @@ SKIPPED_IMAGES = "skipped_images.txt"
 _COLUMNS = {
     VALIDATION_CSV: ["step", "epoch", "concept", "loss", "images", "train_loss", "gap"],
     BLEED_CSV: ["step", "epoch", "concept", "under", "margin"],
-    BALANCE_HISTORY_CSV: ["epoch", "concept", "multiply", "loss_scale", "expected", "actual"],
+    BALANCE_HISTORY_CSV: [
+        "epoch",
+        "concept",
+        "multiply",
+        "loss_scale",
+        "expected",
+        "actual",
+        "user_multiply",
+        "reason",
+    ],
     TRAINING_LOSS_CSV: ["epoch", "concept", "loss", "images"],
 }
 RECORDS = (
@@ -130,11 +139,30 @@ def append_bleed(out: Path, step: int, epoch: int, margins: Mapping[tuple[str, s
         _append(out / BLEED_CSV, rows)
 
 
-def append_balance_history(out: Path, epoch: int, dataset: Dataset, actual: np.ndarray) -> None:
+def append_balance_history(
+    out: Path,
+    epoch: int,
+    dataset: Dataset,
+    actual: np.ndarray,
+    user: Mapping[str, float] | None = None,
+    reasons: Mapping[str, str] | None = None,
+) -> None:
     """One row per concept for a finished epoch: the multiplier and loss_scale it trained with, the images
-    per epoch they give (expected) and the images the epoch really held (actual)."""
+    per epoch they give (expected), the images the epoch really held (actual), the user's multiplier (the
+    files or sliders; it differs from multiply where --auto-balance changed it) and the automatic change's
+    reason (empty where none)."""
+    user, reasons = user or {}, reasons or {}
     rows = [
-        [epoch, c.path, f"{c.multiplier:g}", f"{c.loss_scale:g}", f"{c.images_per_epoch:g}", int(n)]
+        [
+            epoch,
+            c.path,
+            f"{c.multiplier:g}",
+            f"{c.loss_scale:g}",
+            f"{c.images_per_epoch:g}",
+            int(n),
+            f"{user.get(c.path, c.multiplier):g}",
+            reasons.get(c.path, ""),
+        ]  # fmt: skip
         for c, n in zip(dataset.concepts, actual, strict=True)
     ]
     _append(out / BALANCE_HISTORY_CSV, rows)

@@ -107,6 +107,8 @@ class Run:
     epoch_loss: dict[str, list[float]] = field(
         default_factory=dict
     )  # concept -> [MSE sum, images] this epoch
+    user_multipliers: dict[str, float] = field(default_factory=dict)  # the user's, this epoch (auto-balance)
+    balance_reasons: dict[str, str] = field(default_factory=dict)  # this epoch's automatic changes: why
 
     def schedule(self, epoch: int) -> EpochSchedule:
         c = self.config
@@ -202,7 +204,10 @@ def _save_or_say_why(run: Run, folder: Path, fingerprint: str | None) -> Path:
             world_size=run.runtime.world_size,
             schedule_fingerprint=fingerprint,
             metadata=file_metadata(run),
-            extra={"epoch_values": saved_values(run.dataset), "epoch_loss": run.epoch_loss}
+            extra={
+                "epoch_values": saved_values(run.dataset, run.user_multipliers, run.balance_reasons),
+                "epoch_loss": run.epoch_loss,
+            }
             if state.batch
             else None,
             ema=run.ema,

@@ -93,29 +93,37 @@ class LossFigure:
             return _png(self.figure)
 
 
-def history_html(history: Sequence[Mapping[str, float]], concepts: Sequence[str]) -> str:
-    """A table of the multiplier each epoch trained with, per concept; a changed value is bold."""
+def history_html(
+    history: Sequence[Mapping[str, float]],
+    concepts: Sequence[str],
+    auto: Sequence[Mapping[str, str]] = (),
+) -> str:
+    """A table of the multiplier each epoch trained with, per concept; a changed value is bold, one that
+    auto-balance set (`auto`: per epoch {concept: reason}) is marked 'a' with its reason on hover."""
     if not history:
         return ""
     head = "".join(f"<th style='padding:0 6px'>{e}</th>" for e in range(len(history)))
     rows = []
     for concept in concepts:
         cells, previous = [], None
-        for values in history:
+        for epoch, values in enumerate(history):
             value = values.get(concept)
             text = "" if value is None else _fmt(value)
             bold = previous is not None and value != previous
-            cells.append(
-                f"<td style='padding:0 6px;text-align:right'>{'<b>' + text + '</b>' if bold else text}</td>"
-            )
+            text = "<b>" + text + "</b>" if bold else text
+            reason = auto[epoch].get(concept) if epoch < len(auto) else None
+            if reason:
+                text = f"<span title='{html.escape(reason, quote=True)}'>{text}<sup>a</sup></span>"
+            cells.append(f"<td style='padding:0 6px;text-align:right'>{text}</td>")
             previous = value
         rows.append(
             f"<tr><td style='padding:0 6px'>{html.escape(_short(concept, 30))}</td>{''.join(cells)}</tr>"
         )
+    legend = "<br><small><sup>a</sup> set by auto-balance (hover for why)</small>" if any(auto) else ""
     return (
         "<details open><summary>multiplier per epoch</summary><table style='font-size:85%'>"
         f"<tr><th style='text-align:left;padding:0 6px'>folder / epoch</th>{head}</tr>{''.join(rows)}</table>"
-        "</details>"
+        f"{legend}</details>"
     )
 
 

@@ -46,6 +46,17 @@ __all__ = ["TrainingPanel"]
 _log = logging.getLogger("edtools")
 
 
+def _auto_reasons(out: str, epoch: int) -> dict[str, str]:
+    """{concept: why} of auto-balance's changes at epoch `epoch`'s start, from out/balance_history.csv."""
+    from ..train.records import BALANCE_HISTORY_CSV, read_csv
+
+    try:
+        rows = read_csv(Path(out).expanduser() / BALANCE_HISTORY_CSV) if out else []
+    except (OSError, ValueError):  # a drive that went away: the history just has no marks
+        return {}
+    return {r["concept"]: r["reason"] for r in rows if r.get("reason") and r["epoch"] == str(epoch)}
+
+
 def _config_field_defaults() -> dict[str, Any]:
     from ..config import TrainConfig
 
@@ -93,6 +104,7 @@ class TrainingPanel(_Panel):
         self._trained_dataset: Dataset | None = None
         self._loss_figure: LossFigure | None = None
         self._multiplier_history: list[dict[str, float]] = []
+        self._auto_history: list[dict[str, str]] = []  # per epoch: {concept: why auto-balance set it}
         self._max_steps: int | None = None
         self._colab = in_colab()
         self._quiet = True  # no free-space checks while the fields are filled in
@@ -162,6 +174,11 @@ class TrainingPanel(_Panel):
         self.live_balance = widgets.Checkbox(
             value=bool(defaults.get("live_balance")),
             description="slider changes apply from the next epoch",
+            indent=False,
+        )
+        self.auto_balance = widgets.Checkbox(
+            value=bool(defaults.get("auto_balance")),
+            description="auto-balance: raise lagging concepts, lower memorising ones (moved sliders stay)",
             indent=False,
         )
         self.suggest_button = widgets.Button(
@@ -355,6 +372,7 @@ class TrainingPanel(_Panel):
                 widgets.HBox([self.lr, self.optimizer, self.mixed_precision]),
                 widgets.HBox([self.lora_rank, self.seed, self.sample_every]),
                 widgets.HBox([self.validation_split, self.live_balance]),
+                self.auto_balance,
                 self.sample_prompts,
                 widgets.HBox([self.keep_checkpoints, self.checkpoint_minutes]),
                 widgets.HBox([self.earlier_run, self.save_single_file]),
@@ -488,6 +506,7 @@ class TrainingPanel(_Panel):
         self.sample_every.value = int(saved["sample_every_steps"])
         self.validation_split.value = float(saved["validation_split"])
         self.live_balance.value = bool(saved["live_balance"])
+        self.auto_balance.value = bool(saved.get("auto_balance", False))
         self.save_single_file.value = bool(saved["save_single_file"])
         self.keep_checkpoints.value = int(saved["keep_checkpoints"])
         self.checkpoint_minutes.value = float(saved["checkpoint_every_minutes"])
@@ -502,8 +521,8 @@ class TrainingPanel(_Panel):
         values = (
             run.info.get("epoch_values") if run.info.get("batch") and run.config.get("live_balance") else None
         )
-        if values:
-            multipliers = {c: v[0] for c, v in values.items()}
+        if values:  # the user's multiplier (v[2]), not auto-balance's: a slider that moved would lock it
+            multipliers = {c: v[2] if len(v) > 2 else v[0] for c, v in values.items()}
             loss_scales = {c: v[1] for c, v in values.items()}
         else:
             multipliers = dict(run.config.get("multipliers") or {})
@@ -571,6 +590,7 @@ class TrainingPanel(_Panel):
             "sample_every_steps": int(self.sample_every.value),
             "validation_split": float(self.validation_split.value),
             "live_balance": bool(self.live_balance.value),
+            "auto_balance": bool(self.auto_balance.value),
             "keep_checkpoints": int(self.keep_checkpoints.value),
             "checkpoint_every_minutes": float(self.checkpoint_minutes.value),
             "resume": self.earlier_run.value == "resume",
@@ -619,7 +639,7 @@ class TrainingPanel(_Panel):
         self._actual = []
         self._loss_figure = LossFigure()
         self.metrics.reset()
-        self._multiplier_history = []
+        self._multiplier_history, self._auto_history = [], []
         self.history.value = self.epoch_counts.value = ""
         self._last_loss_draw = 0.0
         self._stop.clear()
@@ -789,7 +809,8 @@ class TrainingPanel(_Panel):
         self.balance_image.value = _png(figure)
         self.epoch_counts.value = counts_html(event.epoch, event.images_per_concept)
         self._multiplier_history.append(dict(event.multipliers))
-        self.history.value = history_html(self._multiplier_history, concepts)
+        self._auto_history.append(_auto_reasons(self.out.value.strip(), event.epoch))
+        self.history.value = history_html(self._multiplier_history, concepts, self._auto_history)
         self.balance.show_trained(event.images_per_concept, event.epoch)
         if self._loss_figure is not None:
             self.loss_image.value = self._loss_figure.render()
