@@ -28,10 +28,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from decode import photo  # noqa: E402
 
+from edtools.balance.schedule import build_epoch  # noqa: E402
 from edtools.data import ScheduleBatches, make_loader  # noqa: E402
-from edtools.dataset import load_dataset  # noqa: E402
+from edtools.dataset.scan import load_dataset  # noqa: E402
 from edtools.models import tiny_tokenizer  # noqa: E402
-from edtools.schedule import build_epoch  # noqa: E402
 
 T4_NEED = (6.0, 8.0)  # images/s: SD1.5, 512 px, batch 4 at 1.5-2 steps/s on a T4 (assumption)
 KINDS = (  # (folder, width, height, format, share of the images)

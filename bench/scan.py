@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import edtools.dataset as ds
-import edtools.scanimages as scanimages
+import edtools.dataset.images as scanimages
+import edtools.dataset.scan as ds
 
 SIZES = ((64, 48), (48, 64), (64, 64), (80, 48), (48, 80), (72, 56), (56, 72), (96, 64))
 

@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 
-import edtools.schedule as schedule
-from edtools.dataset import synthetic_dataset
+import edtools.balance.schedule as schedule
+from edtools.dataset.scan import synthetic_dataset
 
 MULTIPLIERS = (1, 2.5, 0.05, 1.2, 0.5, 3)
 BUCKETS = ((512, 512), (576, 448), (448, 576), (640, 384))

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from edtools.balance.schedule import build_epoch
 from edtools.config import TrainConfig
 from edtools.data import ScheduleBatches, make_loader
-from edtools.dataset import load_dataset
+from edtools.dataset.scan import load_dataset
 from edtools.models import load_components, make_tiny_model
-from edtools.schedule import build_epoch
 from edtools.train import train
 
 WARMUP_STEPS = 5

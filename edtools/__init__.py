@@ -3,8 +3,8 @@
 Scan a data root (multiply.txt, loss_scale.txt), build exact per-epoch schedules, report the balance, train.
 """
 
-from .dataset import Concept, Dataset, DatasetError, Problem, ScanResult, load_dataset, scan
-from .schedule import EpochSchedule, build_epoch, epoch_images, make_buckets, shard, write_schedule
+from .balance.schedule import EpochSchedule, build_epoch, epoch_images, make_buckets, shard, write_schedule
+from .dataset.scan import Concept, Dataset, DatasetError, Problem, ScanResult, load_dataset, scan
 
 __all__ = [
     "Concept",

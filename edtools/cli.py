@@ -28,8 +28,8 @@ def _print_scan(result) -> None:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from .dataset import scan
-    from .report import format_table
+    from .balance.report import format_table
+    from .dataset.scan import scan
 
     result = scan(args.data_root, cache=not args.no_cache, kohya_repeats=args.kohya_repeats)
     _print_scan(result)
@@ -43,9 +43,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from .dataset import scan
-    from .report import format_table, plot_balance
-    from .schedule import build_epoch, make_buckets, write_schedule
+    from .balance.report import format_table, plot_balance
+    from .balance.schedule import build_epoch, make_buckets, write_schedule
+    from .dataset.scan import scan
 
     result = scan(args.data_root, kohya_repeats=args.kohya_repeats)
     _print_scan(result)
@@ -131,7 +131,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
-    from .suggest import format_suggestions, suggest_run
+    from .balance.suggest import format_suggestions
+    from .train.records import suggest_run
 
     suggestions = suggest_run(args.run_dir)
     print(format_suggestions(suggestions))
@@ -143,7 +144,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
             "\n* suggested changes; nothing was written. --apply writes them to the data root's multiply.txt files"
         )
         return 0
-    from .dataset import write_concept_values
+    from .dataset.scan import write_concept_values
 
     data_root = args.data_root or _run_data_root(Path(args.run_dir))
     for s in changed:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import EdtoolsError
+from .errors import ConfigError
 from .presets import PRESET_NAMES, PRESETS
 
 __all__ = [
@@ -32,10 +32,6 @@ __all__ = [
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion8bit", "adamw", "prodigy")
 _DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
-
-
-class ConfigError(EdtoolsError, ValueError):
-    """A setting that is missing, unknown or out of range; the message names it and what is allowed."""
 
 
 def _opt(default: Any, help: str) -> Any:

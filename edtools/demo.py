@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import write_concept_values
+from .dataset.scan import write_concept_values
 
 __all__ = ["DEMO_CONCEPTS", "make_demo_dataset"]
 

@@ -13,7 +13,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
-__all__ = ["EdtoolsError", "MissingDependency", "ModelError", "quiet_harmless_warnings", "require"]
+__all__ = [
+    "ConfigError",
+    "EdtoolsError",
+    "MissingDependency",
+    "ModelError",
+    "quiet_harmless_warnings",
+    "require",
+]
 
 # pyproject extras; an error names the one to install.
 _EXTRA_OF = {
@@ -34,6 +41,10 @@ class EdtoolsError(Exception):
 
 class ModelError(EdtoolsError, ValueError):
     """A model folder, single file or hub id that cannot be used: missing, damaged, of another kind."""
+
+
+class ConfigError(EdtoolsError, ValueError):
+    """A setting that is missing, unknown or out of range; the message names it and what is allowed."""
 
 
 class MissingDependency(EdtoolsError, ImportError):

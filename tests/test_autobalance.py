@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from edtools.autobalance import (
+from edtools.balance.autobalance import (
     Change,
     History,
     Rules,
@@ -256,7 +256,7 @@ def lagging_setup(tree, monkeypatch):
     """A data root whose 'rare' concept barely trains (loss_scale 0.01), so its held-out loss improves a
     little less than the others'; lag=0.99 makes that count as lagging in a run of a few epochs (the default
     0.5 waits for a much larger difference than a tiny model shows)."""
-    import edtools.autobalance as autobalance
+    import edtools.balance.autobalance as autobalance
 
     monkeypatch.setattr(autobalance, "RULES", Rules(lag=0.99))
     root = tree({"a": 5, "b": 5, "rare": 5})

@@ -14,7 +14,7 @@ import pytest
 from conftest import make_image, train_config
 
 from edtools.config import ConfigError, TrainConfig
-from edtools.dataset import load_dataset
+from edtools.dataset.scan import load_dataset
 from edtools.flags import add_arguments, from_args, to_args
 from edtools.train.bleed import bleed_margins, concept_prompts, most_frequent_caption
 from edtools.train.events import TrainEvent
@@ -99,9 +99,9 @@ torch_needed = pytest.mark.skipif(
 
 @torch_needed
 def test_same_captions_give_margins_of_exactly_zero_and_different_ones_do_not(tmp_path, tiny_model):
-    from edtools.holdout import split_validation
+    from edtools.balance.holdout import split_validation
+    from edtools.balance.schedule import make_buckets
     from edtools.models import load_components
-    from edtools.schedule import make_buckets
     from edtools.train.validate import Validator
 
     root = captioned_tree(

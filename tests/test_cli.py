@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from edtools.cli import main
-from edtools.dataset import load_dataset
+from edtools.dataset.scan import load_dataset
 from edtools.demo import DEMO_CONCEPTS
 
 

@@ -15,10 +15,10 @@ from PIL import Image, ImageFilter, ImageOps
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from edtools.balance.schedule import build_epoch, shard  # noqa: E402
 from edtools.config import TrainConfig  # noqa: E402
 from edtools.data import LatentCache, LatentStore, ScheduleBatches, load_image, make_loader  # noqa: E402
-from edtools.dataset import load_dataset  # noqa: E402
-from edtools.schedule import build_epoch, shard  # noqa: E402
+from edtools.dataset.scan import load_dataset  # noqa: E402
 
 BUCKETS = ((64, 64), (96, 48))
 # 72x64 lands in the 64x64 bucket and 100x48 in 96x48: both leave room for a random crop.
@@ -171,7 +171,7 @@ def test_exif_rotated_jpeg_is_upright(tmp_path):
     assert top[0] > 200 and top[2] < 50
     assert bottom[2] > 200 and bottom[0] < 50
 
-    from edtools.imageheader import image_size as _image_size
+    from edtools.dataset.imageheader import image_size as _image_size
 
     assert _image_size(path) == (20, 40)  # the scan sees the same upright size
 
@@ -426,7 +426,7 @@ def test_latent_cache_encodes_each_image_once(dataset, tokenizer, vae, monkeypat
 def test_every_crop_and_flip_is_its_own_entry_and_a_store_skips_decoding(
     dataset, tokenizer, vae, monkeypatch
 ):
-    import edtools.data as data_module
+    import edtools.data.batches as data_module  # where ScheduleBatches looks decode_image up
 
     store = LatentStore("memory")
     cache = LatentCache(store)
@@ -710,7 +710,8 @@ def test_decode_is_close_to_plain_pil(tmp_path, fmt, orientation, bucket, flip, 
 
 
 def test_resizing_only_the_kept_region_equals_resize_then_cut():
-    from edtools.data import _resize_and_cut, plan_crop
+    from edtools.data import plan_crop
+    from edtools.data.images import _resize_and_cut
 
     image = photo_like(500, 300, seed=2)
     for bucket in ((128, 128), (96, 160), (200, 100), (512, 512)):

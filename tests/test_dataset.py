@@ -12,7 +12,7 @@ import pytest
 from conftest import concept, make_image, make_tree, scan_summary
 from PIL import Image
 
-from edtools.dataset import (
+from edtools.dataset.scan import (
     MANIFEST_NAME,
     DatasetError,
     load_dataset,
@@ -87,7 +87,7 @@ def test_manifest_cache_is_used_and_invalidated(tree, monkeypatch):
     manifest = json.loads((root / MANIFEST_NAME).read_text())
     assert len(manifest["entries"]) == 3
 
-    import edtools.scanimages as ds
+    import edtools.dataset.images as ds
 
     calls = []
     real = ds.image_size
@@ -317,7 +317,7 @@ def every_case_tree(root):
 
 
 def test_parallel_sequential_and_cached_scans_agree_on_every_case(tmp_path):
-    from edtools.imageheader import pil_image_size as _pil_image_size
+    from edtools.dataset.imageheader import pil_image_size as _pil_image_size
 
     root = every_case_tree(tmp_path / "data")
     sequential = scan(root, workers=1, cache=False)
@@ -365,8 +365,8 @@ def test_header_reader_agrees_with_pil_or_defers(tmp_path):
     damaged copies of every file are left to PIL or agree with it."""
     import random
 
-    from edtools.imageheader import header_size as _header_size
-    from edtools.imageheader import pil_image_size as _pil_image_size
+    from edtools.dataset.imageheader import header_size as _header_size
+    from edtools.dataset.imageheader import pil_image_size as _pil_image_size
 
     root = every_case_tree(tmp_path / "data")
     Image.new("CMYK", (33, 17)).save(root / "cmyk.jpg")
@@ -411,7 +411,7 @@ def test_header_reader_agrees_with_pil_or_defers(tmp_path):
 def test_header_reader_tables_match_pil():
     from PIL import PngImagePlugin, TiffImagePlugin
 
-    import edtools.imageheader as imageheader
+    import edtools.dataset.imageheader as imageheader
 
     assert imageheader._PNG_MODES == set(PngImagePlugin._MODES)
     handled = {
@@ -426,7 +426,7 @@ def test_header_reader_tables_match_pil():
 def test_interrupted_scan_keeps_the_headers_it_read(tree, monkeypatch, workers):
     import threading
 
-    import edtools.scanimages as ds
+    import edtools.dataset.images as ds
 
     root = tree({"a": 12, "b": 12})
     (root / "a" / "a_000.txt").write_text("a caption")
@@ -457,10 +457,10 @@ def test_interrupted_scan_keeps_the_headers_it_read(tree, monkeypatch, workers):
 
 def test_manifest_is_written_during_a_scan(tree, monkeypatch):
     """A scan killed outright (no chance to save at the end) leaves the manifest of its last periodic save."""
-    import edtools.scanimages as ds
+    import edtools.dataset.images as ds
 
     root = tree({"a": 30})
-    monkeypatch.setattr("edtools.manifest._SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr("edtools.dataset.manifest._SAVE_EVERY_S", 0.0)
     monkeypatch.setattr(ds, "_PROBE", 4)
     real = ds.image_size
     on_disk_at_kill: list[bytes] = []
@@ -487,11 +487,11 @@ def test_manifest_is_written_during_a_scan(tree, monkeypatch):
 
 
 def test_headers_read_after_a_periodic_save_are_saved_too(tree, monkeypatch):
-    import edtools.scanimages as ds
+    import edtools.dataset.images as ds
 
     root = tree({"a": 20, "b": 20})
     (root / "b" / "b_003.txt").write_text("a caption")
-    monkeypatch.setattr("edtools.manifest._SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr("edtools.dataset.manifest._SAVE_EVERY_S", 0.0)
     monkeypatch.setattr(ds, "_PROBE", 4)
     scan(root, workers=1)
     manifest = json.loads((root / MANIFEST_NAME).read_text())
@@ -506,7 +506,7 @@ def test_slow_storage_moves_header_reads_to_threads(tree, monkeypatch):
     import threading
     import time
 
-    import edtools.scanimages as ds
+    import edtools.dataset.images as ds
 
     root = tree({"a": 40, "b": 40}, sizes=((64, 48), (30, 50)))
     reference = scan(root, workers=1, cache=False)
@@ -526,7 +526,7 @@ def test_slow_storage_moves_header_reads_to_threads(tree, monkeypatch):
 def test_fast_storage_reads_in_this_thread(tree, monkeypatch):
     import threading
 
-    import edtools.scanimages as ds
+    import edtools.dataset.images as ds
 
     root = tree({"a": 80})
     monkeypatch.setattr(

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edtools.dataset import DatasetError, load_dataset, synthetic_dataset
-from edtools.holdout import held_out_count, match_validation_root, split_validation
+from edtools.balance.holdout import held_out_count, match_validation_root, split_validation
+from edtools.dataset.scan import DatasetError, load_dataset, synthetic_dataset
 
 
 @pytest.mark.parametrize(

@@ -150,3 +150,54 @@ def test_the_grep_finds_architecture_tests(tmp_path):
 def test_only_the_families_test_architecture_names():
     found = architecture_tests()
     assert found == [], "architecture string tests outside edtools/models/families/:\n" + "\n".join(found)
+
+
+# The flow of the package, bottom to top: a module imports from its own layer or the ones below, never above.
+# (The package's __init__ only re-exports and is not a layer.)
+LAYERS = (
+    ("errors", "atomic"),
+    ("dataset",),  # the scan: folders, headers, captions, multiply.txt / loss_scale.txt
+    ("balance",),  # schedules, held-out images, reports, rebalancing rules
+    ("data",),  # loading: images, captions, batches, latents
+    ("models",),  # families, loaders, LoRA, single files
+    ("presets", "config", "flags"),  # settings: what the model and the GPU allow
+    ("train", "demo"),
+    ("widgets", "cli", "__main__", "install"),
+)
+
+
+def _layer(module: str) -> int | None:
+    top = module.split(".")[1] if "." in module else None
+    for number, names in enumerate(LAYERS):
+        if top in names:
+            return number
+    return None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for module, targets in sorted(graph.items()):
+        here = _layer(module)
+        for target in sorted(targets):
+            there = _layer(target)
+            if here is not None and there is not None and there > here:
+                found.append(f"{module} -> {target}")
+    return found
+
+
+def test_every_module_has_a_layer():
+    tops = {m.split(".")[1] for m in import_graph() if "." in m}
+    assert sorted(t for t in tops if _layer(f"edtools.{t}") is None) == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    graph = {"edtools.dataset.scan": {"edtools.train.loop"}, "edtools.train.loop": {"edtools.dataset.scan"}}
+    assert upward_imports(graph) == ["edtools.dataset.scan -> edtools.train.loop"]
+
+
+def test_imports_only_go_down_the_flow():
+    found = upward_imports(import_graph())
+    assert found == [], (
+        "imports up the flow (scan -> balance -> data -> models -> settings -> train -> UI):\n"
+        + ("\n".join(found))
+    )

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from edtools.loss import (  # noqa: E402
+from edtools.train.loss import (  # noqa: E402
     batch_loss,
     compute_snr,
     min_snr_weights,

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from conftest import train_config
 
+from edtools.balance.schedule import build_epoch
 from edtools.config import TrainConfig
-from edtools.dataset import load_dataset, scan
+from edtools.dataset.scan import load_dataset, scan
 from edtools.models import load_components, make_tiny_model
-from edtools.schedule import build_epoch
 
 WORKER = textwrap.dedent(
     """

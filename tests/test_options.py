@@ -15,8 +15,8 @@ pytest.importorskip("diffusers")
 
 from edtools.config import ConfigError, TrainConfig  # noqa: E402
 from edtools.models import load_components  # noqa: E402
-from edtools.noise import noise_scheduler_for, training_noise  # noqa: E402
 from edtools.train import train  # noqa: E402
+from edtools.train.noise import noise_scheduler_for, training_noise  # noqa: E402
 
 
 def make_config(root: Path, model: Path, out: Path, **values) -> TrainConfig:
@@ -189,7 +189,7 @@ def test_tensorboard_logs_losses_learning_rate_speed_and_validation(tree, tiny_m
 
 @pytest.mark.slow
 def test_disk_cache_serves_a_second_run_without_decoding_or_encoding(tree, tiny_model, tmp_path, monkeypatch):
-    import edtools.data as data_module
+    import edtools.data.batches as data_module  # where ScheduleBatches looks decode_image up
 
     root = tree({"a": 3, "b": 2}, sizes=((64, 64), (96, 64)))
     config = make_config(

@@ -15,9 +15,9 @@ pytest.importorskip("diffusers")
 
 from conftest import train_config  # noqa: E402
 
+from edtools.balance.schedule import build_epoch, make_buckets  # noqa: E402
 from edtools.cli import main  # noqa: E402
 from edtools.models import Keep, load_components, make_tiny_model, save_single_file  # noqa: E402
-from edtools.schedule import build_epoch, make_buckets  # noqa: E402
 from edtools.train.checkpoint import TrainState  # noqa: E402
 from edtools.train.runtime import Runtime  # noqa: E402
 from edtools.train.setup import kept_as, load_data, planned_steps  # noqa: E402

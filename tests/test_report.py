@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edtools.dataset import synthetic_dataset
-from edtools.report import actual_images_per_concept, balance_rows, format_table, plot_balance
+from edtools.balance.report import actual_images_per_concept, balance_rows, format_table, plot_balance
+from edtools.dataset.scan import synthetic_dataset
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import concept, make_image, make_tree, scan_summary
 
-import edtools.dataset as ds
-import edtools.scanimages as scanimages
-from edtools.dataset import (
+import edtools.dataset.images as scanimages
+import edtools.dataset.scan as ds
+from edtools.dataset.scan import (
     MANIFEST_NAME,
     MAX_IMAGES_PER_EPOCH,
     DatasetError,
@@ -162,7 +162,7 @@ def test_broken_links_are_named_and_skipped(tmp_path, symlinks):
 
 
 def test_a_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
-    import edtools.walk as walk_module
+    import edtools.dataset.walk as walk_module
 
     root = make_tree(tmp_path / "root", {"a": 2, "locked": 1})
     real = os.scandir
@@ -262,7 +262,7 @@ def test_a_warm_rescan_keeps_the_end_check_verdict_without_reading(tmp_path, mon
     assert entries["a/big_cut.jpg"][4] == 0 and entries["a/big.jpg"][4] == 1  # truncated files stay cached
     assert len(entries) == 9
 
-    import edtools.imageheader as imageheader
+    import edtools.dataset.imageheader as imageheader
 
     opened = []
     real_open = os.open
@@ -287,7 +287,7 @@ def test_a_warm_rescan_keeps_the_end_check_verdict_without_reading(tmp_path, mon
 
 
 def test_images_of_an_older_manifest_are_read_once_for_the_end_check(tmp_path, monkeypatch):
-    import edtools.manifest as manifest_module
+    import edtools.dataset.manifest as manifest_module
 
     root = truncated_tree(tmp_path / "root")
     (root / "a" / "big.txt").write_text("a caption")
@@ -331,7 +331,7 @@ def test_a_caption_that_is_not_utf8_is_read_as_cp1252_with_a_warning(tmp_path, m
         assert warnings_by_path(result) == expected_warnings
 
     first = scan(root)
-    import edtools.manifest as manifest_module
+    import edtools.dataset.manifest as manifest_module
 
     reads = []
     real = manifest_module.read_bytes

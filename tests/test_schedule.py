@@ -12,9 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import edtools.schedule as schedule_module
-from edtools.dataset import load_dataset, synthetic_dataset
-from edtools.schedule import (
+import edtools.balance.schedule as schedule_module
+from edtools.balance.schedule import (
     _CycleOrders,
     assign_buckets,
     build_epoch,
@@ -24,6 +23,7 @@ from edtools.schedule import (
     shard,
     write_schedule,
 )
+from edtools.dataset.scan import load_dataset, synthetic_dataset
 
 FOUR_BUCKETS = ((512, 512), (576, 448), (448, 576), (640, 384))
 
@@ -351,7 +351,7 @@ def test_an_epoch_beyond_the_limit_is_refused_before_anything_is_allocated():
     import dataclasses
     import tracemalloc
 
-    from edtools.dataset import MAX_IMAGES_PER_EPOCH
+    from edtools.dataset.scan import MAX_IMAGES_PER_EPOCH
 
     dataset = synthetic_dataset({"people/bob": (6, 1), "style": (3, 0.5)})
     bob = dataclasses.replace(dataset.concepts[0], multiplier=1e9)  # past the checks of scan and with_values

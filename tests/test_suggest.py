@@ -1,7 +1,7 @@
 """Suggestions from a run's records: lower a concept whose validation loss rises while its training loss falls,
 raise one that lags behind the others, keep the rest; nothing is written unless asked.
 
-The rules are --auto-balance's (edtools.autobalance): one step is x1.5 or /1.5 (it was x2 or /2 before the
+The rules are --auto-balance's (edtools.balance.autobalance): one step is x1.5 or /1.5 (it was x2 or /2 before the
 suggestions and the controller shared their rules; a smaller step is safer for a controller that repeats it
 every two validations), and a lagging concept is raised only while its validation loss still falls."""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from edtools.balance.suggest import format_suggestions, suggest
 from edtools.cli import main
-from edtools.suggest import format_suggestions, suggest
 
 
 def validation(curves: dict[str, list[float]]) -> list[dict[str, str]]:

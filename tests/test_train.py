@@ -15,11 +15,11 @@ import pytest
 import torch
 from conftest import train_config
 
+from edtools.balance.schedule import build_epoch
 from edtools.config import ConfigError, TrainConfig
 from edtools.data import ScheduleBatches
-from edtools.dataset import load_dataset
+from edtools.dataset.scan import load_dataset
 from edtools.models import load_components, make_tiny_model
-from edtools.schedule import build_epoch
 from edtools.train import (
     TrainState,
     find_checkpoints,
@@ -463,7 +463,7 @@ def test_missing_bitsandbytes_says_what_to_do(monkeypatch, tmp_path):
 def test_an_image_that_fails_to_decode_mid_run_is_skipped_and_listed(
     tree, tiny_model, tmp_path, monkeypatch, caplog
 ):
-    import edtools.data as data_module
+    import edtools.data.batches as data_module  # where ScheduleBatches looks decode_image up
 
     root = tree({"a": 4, "b": 2})
     real = data_module.decode_image

@@ -193,10 +193,10 @@ def test_an_empty_batch_under_ddp_runs_a_stand_in_that_adds_nothing(
     import os
 
     import edtools.train.step as step_module
+    from edtools.balance.schedule import build_epoch
     from edtools.data import ScheduleBatches
-    from edtools.dataset import load_dataset, scan
+    from edtools.dataset.scan import load_dataset, scan
     from edtools.models.conditioning import TextEmbeddingCache
-    from edtools.schedule import build_epoch
     from edtools.train import make_lr_scheduler, make_optimizer, prepare_modules, step_generator, train_step
     from edtools.train.setup import make_latent_cache
 

@@ -13,10 +13,10 @@ from conftest import train_config
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from edtools.dataset import load_dataset  # noqa: E402
-from edtools.holdout import split_validation  # noqa: E402
+from edtools.balance.holdout import split_validation  # noqa: E402
+from edtools.balance.schedule import make_buckets  # noqa: E402
+from edtools.dataset.scan import load_dataset  # noqa: E402
 from edtools.models import load_components  # noqa: E402
-from edtools.schedule import make_buckets  # noqa: E402
 from edtools.train import train  # noqa: E402
 from edtools.train.validate import TIMESTEPS_PER_IMAGE, Validator, validation_timesteps  # noqa: E402
 

@@ -15,8 +15,8 @@ import pytest
 pytest.importorskip("ipywidgets")
 
 from edtools import widgets as ew  # noqa: E402
-from edtools.dataset import scan, synthetic_dataset, write_concept_values  # noqa: E402
-from edtools.schedule import expected_images_per_epoch  # noqa: E402
+from edtools.balance.schedule import expected_images_per_epoch  # noqa: E402
+from edtools.dataset.scan import scan, synthetic_dataset, write_concept_values  # noqa: E402
 
 
 def value_files(root: Path) -> dict[str, bytes]:

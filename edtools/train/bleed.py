@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ..config import ConfigError
-from ..dataset import Dataset
+from ..dataset.scan import Dataset
 
 __all__ = ["bleed_margins", "concept_prompts", "most_frequent_caption"]
 

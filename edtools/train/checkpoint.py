@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..atomic import atomic_file, atomic_folder
+from ..balance.schedule import EpochSchedule
 from ..config import ConfigError, TrainConfig
 from ..errors import require
 from ..models.sd import quiet_progress
-from ..schedule import EpochSchedule
 
 if TYPE_CHECKING:
     from ..models import SDComponents

@@ -15,14 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError, TrainConfig
-from ..errors import require
-from ..schedule import (
+from ..balance.schedule import (
     expected_images_per_epoch,
     make_buckets,
     shard,
     write_schedule,
 )
+from ..config import ConfigError, TrainConfig
+from ..errors import require
 from .checkpoint import (
     TrainState,
     check_resume,

@@ -42,7 +42,7 @@ def plot_validation_gap(
 ) -> Any:
     """report.plot_validation's chart with the gap panel beside it. Returns the Figure; writes a PNG when
     `out` is given."""
-    from ..report import plot_validation
+    from ..balance.report import plot_validation
 
     fig = plot_validation(rows, training=training)
     grid = fig.add_gridspec(1, 2)

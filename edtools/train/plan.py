@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from ..balance.schedule import build_epoch, make_buckets
 from ..config import TrainConfig
 from ..errors import require
 from ..presets import PRESETS
-from ..schedule import build_epoch, make_buckets
 from .checkpoint import TrainState, checkpoint_info
 from .host_memory import GIB, HostMemory, PeakHostMemory, current_host_memory
 from .outdir import resume_point

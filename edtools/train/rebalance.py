@@ -1,7 +1,7 @@
 """Live rebalancing: each epoch's multipliers and loss scales, read at its start from multiply.txt / loss_scale.txt
 (or from the notebook's sliders), so edits made while a run trains apply from the next epoch, each logged once.
 
-With auto_balance the controller (edtools.autobalance) then moves the unlocked concepts' multipliers. An epoch in
+With auto_balance the controller (edtools.balance.autobalance) then moves the unlocked concepts' multipliers. An epoch in
 progress never changes: its values (and the user's) travel in its checkpoints, so a resume finishes it with them.
 """
 
@@ -12,9 +12,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..autobalance import Change, balance_state, decide, read_history
+from ..balance.autobalance import Change, balance_state, decide
 from ..config import TrainConfig
-from ..dataset import Dataset, DatasetError, scan
+from ..dataset.scan import Dataset, DatasetError, scan
+from .records import read_history
 
 __all__ = [
     "BalanceSource",

@@ -1,5 +1,6 @@
 """The run's records in its out folder: validation.csv, bleed.csv, balance_history.csv, training_loss.csv, the
-list of validation images and the plots drawn from them. Appended as the run goes, trimmed back to a checkpoint on resume.
+list of validation images and the plots drawn from them. Appended as the run goes, trimmed back to a checkpoint on resume;
+read back for the balance rules (auto-balance, suggestions).
 """
 
 from __future__ import annotations
@@ -7,10 +8,15 @@ from __future__ import annotations
 import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..dataset import Dataset
+from ..dataset.scan import Dataset
+
+if TYPE_CHECKING:
+    from ..balance.autobalance import History
+    from ..balance.suggest import Suggestion
 
 __all__ = [
     "BALANCE_HISTORY_CSV",
@@ -27,6 +33,8 @@ __all__ = [
     "RECORDS",
     "plot_records",
     "read_csv",
+    "read_history",
+    "suggest_run",
     "trim_records",
     "write_validation_images",
 ]
@@ -197,7 +205,7 @@ def plot_records(out: Path, dataset: Dataset) -> None:
     """out/balance_actual.png (expected images per concept beside each trained epoch's) and, with a
     validation, out/validation.png (validation loss per concept over the steps, and the memorisation gap) and
     out/bleed.png (the latest validation's bleed margins)."""
-    from ..report import plot_balance
+    from ..balance.report import plot_balance
     from .metric_plots import plot_bleed, plot_validation_gap
 
     history = read_csv(out / BALANCE_HISTORY_CSV)
@@ -230,3 +238,36 @@ def plot_records(out: Path, dataset: Dataset) -> None:
     bleed = read_csv(out / BLEED_CSV)
     if bleed:
         plot_bleed(bleed, out=out / "bleed.png")
+
+
+def read_history(out: str | Path) -> History:
+    """A run's records, as the auto-balance rules read them from its out folder (missing files are empty)."""
+    from ..balance.autobalance import History
+
+    out = Path(out)
+    return History(
+        validation=tuple(read_csv(out / VALIDATION_CSV)),
+        bleed=tuple(read_csv(out / BLEED_CSV)),
+        balance=tuple(read_csv(out / BALANCE_HISTORY_CSV)),
+        training=tuple(read_csv(out / TRAINING_LOSS_CSV)),
+    )
+
+
+def suggest_run(run_dir: str | Path) -> list[Suggestion]:
+    """Suggestions from a run's out folder: validation.csv, balance_history.csv, training_loss.csv, bleed.csv."""
+    from ..balance.suggest import suggest
+    from ..errors import EdtoolsError
+
+    run_dir = Path(run_dir).expanduser()
+    validation = read_csv(run_dir / VALIDATION_CSV)
+    if not validation:
+        raise EdtoolsError(
+            f"{run_dir} has no {VALIDATION_CSV}: train with a validation (validation_split, e.g. 0.1, or "
+            "validation_root) to get suggestions"
+        )
+    return suggest(
+        validation,
+        read_csv(run_dir / BALANCE_HISTORY_CSV),
+        read_csv(run_dir / TRAINING_LOSS_CSV),
+        read_csv(run_dir / BLEED_CSV),
+    )

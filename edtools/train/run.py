@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..balance.schedule import EpochSchedule, build_epoch
 from ..config import TrainConfig
-from ..dataset import Dataset
+from ..dataset.scan import Dataset
 from ..errors import EdtoolsError
-from ..schedule import EpochSchedule, build_epoch
 from .checkpoint import (
     CHECKPOINTS_DIR,
     TrainState,

@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..balance.schedule import build_epoch
 from ..config import ConfigError, TrainConfig
-from ..dataset import Dataset, scan
+from ..dataset.scan import Dataset, scan
 from ..errors import require
-from ..schedule import build_epoch
 from .checkpoint import TrainState
 from .runtime import Runtime
 from .step import autocast
@@ -142,7 +142,7 @@ def make_latent_cache(config: TrainConfig, components: Any) -> Any:
 def configure_noise(components: Any, config: TrainConfig) -> None:
     """The noise scheduler the run trains with: the model's, with the chosen prediction type and zero terminal
     SNR (recorded in its config, so saved models say what they were trained for)."""
-    from ..noise import noise_scheduler_for
+    from .noise import noise_scheduler_for
 
     components.noise_scheduler = noise_scheduler_for(
         components.noise_scheduler,
@@ -192,9 +192,9 @@ def load_data(config: TrainConfig, main: bool) -> tuple[Dataset, Dataset | None]
     """Scan the data root (logging each applied multiply.txt / loss_scale.txt and each warning on the main
     process), refuse errors, apply the config's overrides, hold out the validation images. Returns
     (training images, validation images or None)."""
+    from ..balance.holdout import match_validation_root, split_validation
     from ..data import concept_caption_settings
-    from ..dataset import DatasetError
-    from ..holdout import match_validation_root, split_validation
+    from ..dataset.scan import DatasetError
 
     result = scan(config.data_root, kohya_repeats=config.kohya_repeats)
     for line in result.log:

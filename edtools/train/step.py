@@ -300,10 +300,10 @@ def train_step(
     models.conditioning.TextEmbeddingCache (frozen text encoders), else the encoders run on the batch.
     """
     torch = require("torch")
-    from ..loss import batch_loss, compute_snr, min_snr_weights, per_sample_mse
     from ..models.conditioning import encode_text, unet_conditioning
     from ..models.families import family_of
-    from ..noise import training_noise
+    from .loss import batch_loss, compute_snr, min_snr_weights, per_sample_mse
+    from .noise import training_noise
 
     unet, vae, noise_scheduler = components.unet, components.vae, components.noise_scheduler
     encoders = components.text_encoders

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..balance.schedule import assign_buckets
 from ..config import TrainConfig
-from ..dataset import Dataset
+from ..dataset.scan import Dataset
 from ..errors import require
-from ..schedule import assign_buckets
 from .bleed import bleed_margins, concept_prompts
 from .step import autocast
 
@@ -259,8 +259,9 @@ class Validator:
         """Each image's MSE averaged over its timesteps, under the given captions."""
         torch = require("torch")
         from ..data import decode_image, token_ids
-        from ..loss import per_sample_mse, prediction_target
         from ..models.conditioning import TextEmbeddings, encode_text, unet_conditioning
+        from ..models.families import family_of
+        from .loss import per_sample_mse
 
         vae, unet, scheduler = components.vae, components.unet, components.noise_scheduler
         missing = [image for image in group if image.latents is None]
@@ -295,7 +296,7 @@ class Validator:
             pooled = torch.stack([e.pooled for e in embeddings]).repeat_interleave(t, 0)
         time_ids = torch.tensor([image.crop.time_ids() for image in group]).repeat_interleave(t, 0)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = prediction_target(scheduler, latents, noise, timesteps)
+        target = family_of(components).prediction_target(scheduler, latents, noise, timesteps)
         conditioning = unet_conditioning(components, TextEmbeddings(hidden, pooled), time_ids, device=device)
         prediction = unet(noisy, timesteps, **conditioning)
         per_sample = per_sample_mse(prediction.sample, target).reshape(len(group), t).mean(dim=1)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..dataset import Dataset, DatasetError, ScanResult, scan, write_concept_values
-from ..schedule import build_epoch, expected_images_per_epoch, make_buckets
+from ..balance.schedule import build_epoch, expected_images_per_epoch, make_buckets
+from ..dataset.scan import Dataset, DatasetError, ScanResult, scan, write_concept_values
 from .common import MULTIPLIER_RANGE, ROWS_HEIGHT, _fmt, _Panel, _png, _short, widgets
 from .data import DataPanel
 

@@ -10,8 +10,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..dataset import DatasetError, ScanResult, scan
-from ..schedule import expected_images_per_epoch
+from ..balance.schedule import expected_images_per_epoch
+from ..dataset.scan import DatasetError, ScanResult, scan
 from .common import ROWS_HEIGHT, _fmt, _Panel, _short, default_data_root, widgets
 
 __all__ = ["DataPanel"]

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..dataset import Dataset
+from ..balance.schedule import build_epoch, make_buckets
+from ..dataset.scan import Dataset
 from ..presets import PRESETS, choose_preset
-from ..schedule import build_epoch, make_buckets
 from .balance import BalancePanel
 from .colab import drive_settings, end_runtime, in_colab
 from .common import (
@@ -753,7 +753,7 @@ class TrainingPanel(_Panel):
 
     def _set_progress_total(self, config) -> None:
         """Optimizer steps as train() plans them (until the first step event says so itself)."""
-        from ..holdout import split_validation
+        from ..balance.holdout import split_validation
 
         dataset = self._trained_dataset
         if config.validation_split:
@@ -795,7 +795,7 @@ class TrainingPanel(_Panel):
             self.loss_image.value = self._loss_figure.render()
 
     def _on_epoch(self, event) -> None:
-        from ..report import plot_balance
+        from ..balance.report import plot_balance
 
         dataset = self._trained_dataset
         concepts = dataset.concept_paths
@@ -842,7 +842,7 @@ class TrainingPanel(_Panel):
     def suggest(self) -> None:
         """Proposals from the output folder's records, shown with their reasons; nothing changes yet."""
         from ..errors import EdtoolsError
-        from ..suggest import suggest_run
+        from ..train.records import suggest_run
 
         try:
             suggestions = suggest_run(self.out.value.strip())

@@ -244,8 +244,8 @@ class Family(ABC):
         self, noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
         """What the UNet learns to output: the scheduler's prediction type's target (noise for epsilon
-        models, velocity for v_prediction), as edtools.loss.prediction_target."""
-        from ...loss import prediction_target
+        models, velocity for v_prediction), as edtools.models.objective.prediction_target."""
+        from ..objective import prediction_target
 
         return prediction_target(noise_scheduler, latents, noise, timesteps)
 

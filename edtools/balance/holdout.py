@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from .dataset import Dataset, DatasetError
+from ..dataset.scan import Dataset, DatasetError
 
 __all__ = ["held_out_count", "match_validation_root", "split_validation", "subset"]
 

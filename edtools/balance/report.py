@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import Dataset
+from ..dataset.scan import Dataset
 from .schedule import build_epoch, expected_images_per_epoch, make_buckets
 
 __all__ = [

@@ -17,10 +17,10 @@ from typing import Literal
 
 import numpy as np
 
-from .atomic import write_text
-from .errors import EdtoolsError
+from ..atomic import write_text
+from ..errors import EdtoolsError
+from .images import ImageTable
 from .manifest import Manifest
-from .scanimages import ImageTable
 from .walk import CAPTION_EXTENSIONS as CAPTION_EXTENSIONS  # re-exported: scan's names stay where they were
 from .walk import IMAGE_EXTENSIONS, untrained_message, walk
 

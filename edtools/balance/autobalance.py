@@ -12,7 +12,6 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 __all__ = [
     "Change",
@@ -25,7 +24,6 @@ __all__ = [
     "check_bounds",
     "decide",
     "judge",
-    "read_history",
     "round_multiplier",
     "verdicts",
 ]
@@ -345,16 +343,3 @@ def decide(
         bound = " (its bound)" if new in (floor, ceiling) else ""
         out.append(Change(concept, old, new, f"{verdict.reason}{bound}"))
     return tuple(out)
-
-
-def read_history(out: str | Path) -> History:
-    """A run's records from its out folder (missing files are empty)."""
-    from .train.records import BALANCE_HISTORY_CSV, BLEED_CSV, TRAINING_LOSS_CSV, VALIDATION_CSV, read_csv
-
-    out = Path(out)
-    return History(
-        validation=tuple(read_csv(out / VALIDATION_CSV)),
-        bleed=tuple(read_csv(out / BLEED_CSV)),
-        balance=tuple(read_csv(out / BALANCE_HISTORY_CSV)),
-        training=tuple(read_csv(out / TRAINING_LOSS_CSV)),
-    )

@@ -1,5 +1,5 @@
 """Suggested multipliers, never applied by themselves: read a run's validation and balance history and propose
-per concept to lower, raise or keep it, by the rules --auto-balance applies (edtools.autobalance).
+per concept to lower, raise or keep it, by the rules --auto-balance applies (edtools.balance.autobalance).
 
 Pure functions over the rows of validation.csv, bleed.csv, training_loss.csv and balance_history.csv; the
 reason is words.
@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from .autobalance import History, round_multiplier, verdicts
 
-__all__ = ["Suggestion", "format_suggestions", "suggest", "suggest_run"]
+__all__ = ["Suggestion", "format_suggestions", "suggest"]
 
 MAX_MULTIPLIER = 100.0
 
@@ -58,26 +57,6 @@ def suggest(
         )
         out.append(Suggestion(concept, current, suggested, verdict.reason))
     return out
-
-
-def suggest_run(run_dir: str | Path) -> list[Suggestion]:
-    """Suggestions from a run's out folder: validation.csv, balance_history.csv, training_loss.csv, bleed.csv."""
-    from .errors import EdtoolsError
-    from .train.records import BALANCE_HISTORY_CSV, BLEED_CSV, TRAINING_LOSS_CSV, VALIDATION_CSV, read_csv
-
-    run_dir = Path(run_dir).expanduser()
-    validation = read_csv(run_dir / VALIDATION_CSV)
-    if not validation:
-        raise EdtoolsError(
-            f"{run_dir} has no {VALIDATION_CSV}: train with a validation (validation_split, e.g. 0.1, or "
-            "validation_root) to get suggestions"
-        )
-    return suggest(
-        validation,
-        read_csv(run_dir / BALANCE_HISTORY_CSV),
-        read_csv(run_dir / TRAINING_LOSS_CSV),
-        read_csv(run_dir / BLEED_CSV),
-    )
 
 
 def format_suggestions(suggestions: Sequence[Suggestion]) -> str:

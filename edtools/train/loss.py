@@ -8,31 +8,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from ..models.objective import check_prediction_type, prediction_target
+
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["batch_loss", "compute_snr", "min_snr_weights", "per_sample_mse", "prediction_target"]
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-def _check_prediction_type(prediction_type: str) -> None:
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(
-            f"prediction_type is '{prediction_type}'; edtools trains {' or '.join(PREDICTION_TYPES)} models "
-            "(set by the model's scheduler/scheduler_config.json)"
-        )
-
-
-def prediction_target(
-    noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """What the UNet should output: the noise (epsilon models) or the velocity (v_prediction models)."""
-    prediction_type = noise_scheduler.config.prediction_type
-    _check_prediction_type(prediction_type)
-    if prediction_type == "epsilon":
-        return noise
-    return noise_scheduler.get_velocity(latents, noise, timesteps)
 
 
 def compute_snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -53,7 +34,7 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
         or gamma <= 0
     ):
         raise ValueError(f"min_snr_gamma is {gamma!r}; it must be a finite number > 0 (5 is the usual value)")
-    _check_prediction_type(prediction_type)
+    check_prediction_type(prediction_type)
     snr = snr.float()
     clipped = torch.clamp(snr, max=float(gamma))
     if prediction_type == "v_prediction":

@@ -50,7 +50,7 @@ def noise_scheduler_for(noise_scheduler: Any, *, prediction_type: str | None, ze
     """The model's DDPM noise scheduler with the training's prediction type and, when asked, its betas rescaled
     to zero terminal SNR (diffusers' rescale_betas_zero_snr); the config records both, so saved models and
     their samplers know what was trained. Trailing timestep spacing goes with zero terminal SNR (its paper)."""
-    from .errors import require
+    from ..errors import require
 
     diffusers = require("diffusers")
     changes: dict[str, Any] = {}

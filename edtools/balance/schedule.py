@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import MAX_IMAGES_PER_EPOCH, Dataset
+from ..dataset.scan import MAX_IMAGES_PER_EPOCH, Dataset
 
 __all__ = [
     "EpochSchedule",

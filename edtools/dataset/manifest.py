@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from .atomic import write_text
+from ..atomic import write_text
 
 __all__ = ["Manifest", "Saver", "decode_text", "encoding_note", "read_bytes", "read_caption", "read_text"]
 
