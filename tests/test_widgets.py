@@ -589,13 +589,13 @@ def test_preset_is_suggested_from_the_model_and_the_gpu_memory(training_parts, t
     from edtools.models import make_tiny_model
 
     _, training = training_parts
-    monkeypatch.setattr("edtools.widgets.training.gpu_memory_gib", lambda: 15.0)
+    monkeypatch.setattr("edtools.widgets.settings.gpu_memory_gib", lambda: 15.0)
     training.model.value = str(make_tiny_model(tmp_path / "sdxl", "sdxl"))
     assert training.preset.value == "sdxl-lora-t4" and training.lora_rank.value == 16
     assert "the GPU has 15 GB" in training.preset_note.value
     training.model.value = str(make_tiny_model(tmp_path / "sd", "sd1"))
     assert training.preset.value == "sd15-full-t4" and training.lora_rank.value == 0
-    monkeypatch.setattr("edtools.widgets.training.gpu_memory_gib", lambda: None)
+    monkeypatch.setattr("edtools.widgets.settings.gpu_memory_gib", lambda: None)
     training.suggest_preset()
     assert training.preset.value == "" and "no GPU" in training.preset_note.value
 
