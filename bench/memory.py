@@ -34,6 +34,7 @@ from memory_bytes import component_table
 from memory_crosscheck import cross_check_child, cross_check_setup, finish_cross_check, start_cross_check
 from memory_presets import EVERYDREAM2_T4, preset_task, replace, step_task
 from memory_report import report
+from models import ARCHS
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
@@ -74,8 +75,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     child = None if args.quick else start_cross_check()
 
-    # Largest first (SDXL runs take longest), so the workers finish together.
-    order = sorted(names, key=lambda n: PRESETS[n].architecture != "sdxl")
+    # Largest first (SDXL runs, two text encoders, take longest), so the workers finish together.
+    order = sorted(names, key=lambda n: -len(ARCHS[PRESETS[n].architecture].texts))
     tasks = {("preset", n): (preset_task, (n, args.quick)) for n in order}
     if not args.quick:
         tasks["reference"] = (step_task, (EVERYDREAM2_T4,))

@@ -55,7 +55,7 @@ class Setup:
             lora_alpha=s.get("lora_alpha"),
             train_text_encoder=bool(s.get("train_text_encoder", False)),
             train_text_encoder_2=bool(s.get("train_text_encoder_2", s.get("train_text_encoder", False)))
-            and preset.architecture == "sdxl",
+            and len(ARCHS[preset.architecture].texts) > 1,
             cache_latents=bool(s.get("cache_latents", False)),
             cache_text_embeddings=bool(s.get("cache_text_embeddings", False)),
         )
@@ -205,13 +205,13 @@ def simulate_step(setup: Setup, attention: str = "efficient") -> StepMemory:
                         continue
                     encoder, trained = found[0]
                     with torch.set_grad_enabled(trained):
-                        out = encoder(input_ids, output_hidden_states=setup.arch == "sdxl")
-                    hidden_parts.append(out.hidden_states[-2] if setup.arch == "sdxl" else out[0])
+                        out = encoder(input_ids, output_hidden_states=arch.penultimate_hidden)
+                    hidden_parts.append(out.hidden_states[-2] if arch.penultimate_hidden else out[0])
                     if projection:
                         pooled = out.text_embeds
                 hidden = torch.cat(hidden_parts, dim=-1) if len(hidden_parts) > 1 else hidden_parts[0]
                 kwargs = {}
-                if setup.arch == "sdxl":
+                if arch.added_conditioning:
                     kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.empty(b, 6)}
                 pred = unet(noisy, timesteps, hidden, **kwargs).sample
             result.held_after_forward = live.current

@@ -40,12 +40,19 @@ class Arch:
     vae: dict
     texts: tuple  # (name, config, with_projection)
     vae_fp32: bool  # the VAE config has force_upcast: it runs in fp32
+    penultimate_hidden: bool = False  # the UNet reads the text encoders' second-to-last hidden states
+    added_conditioning: bool = False  # pooled text embeddings and size/crop time ids go in beside the text
 
 
 ARCHS = {
     "sd": Arch(ARCHITECTURES["sd"]["unet"], ARCHITECTURES["sd"]["vae"], ARCHITECTURES["sd"]["texts"], False),
     "sdxl": Arch(
-        ARCHITECTURES["sdxl"]["unet"], ARCHITECTURES["sdxl"]["vae"], ARCHITECTURES["sdxl"]["texts"], True
+        ARCHITECTURES["sdxl"]["unet"],
+        ARCHITECTURES["sdxl"]["vae"],
+        ARCHITECTURES["sdxl"]["texts"],
+        True,
+        penultimate_hidden=True,
+        added_conditioning=True,
     ),
 }
 ARCH_LABEL = {"sd": "SD1.5", "sdxl": "SDXL"}
@@ -115,8 +122,9 @@ def smoke_architecture(architecture: str) -> tuple[dict, tuple]:
     """Tiny configs of an architecture (edtools.models.tiny_components, real block structure) and its tokenizers:
     the same build, setup and step as the real sizes, on the CPU in seconds."""
     from edtools.models import tiny_components
+    from edtools.models.families import family
 
-    tiny = tiny_components("sdxl" if architecture == "sdxl" else "sd1", real_blocks=True, sample_size=16)
+    tiny = tiny_components(family(architecture).variants[0], real_blocks=True, sample_size=16)
 
     def diffusers_config(module) -> dict:
         return {k: v for k, v in module.config.items() if not k.startswith("_")}
@@ -145,10 +153,15 @@ def tokenizers_for(architecture: str) -> tuple:
     """CLIP tokenizers with a generated vocabulary (nothing to download): every caption is padded or cut to 77
     tokens as by the real ones, so the text encoders do the same work."""
     from edtools.models import tiny_tokenizer
+    from edtools.models.families import family
 
     with tempfile.TemporaryDirectory(prefix="gpu-step-tokenizer-") as tmp:
         first = tiny_tokenizer(Path(tmp) / "1")
-        second = tiny_tokenizer(Path(tmp) / "2", pad_token="!") if architecture == "sdxl" else None
+        second = (
+            tiny_tokenizer(Path(tmp) / "2", pad_token="!")
+            if len(family(architecture).text_encoders) > 1
+            else None
+        )
     return (first,) if second is None else (first, second)
 
 
