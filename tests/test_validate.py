@@ -62,6 +62,27 @@ def test_validator_depends_on_the_weights_only(tree, tiny_model):
     assert validator.evaluate(components, "cpu", text_frozen=True) != first
 
 
+def test_an_image_that_vanishes_is_left_out_with_a_warning(tree, tiny_model, caplog):
+    dataset = load_dataset(tree({"a": 4, "b": 4}, sizes=((64, 64),)))
+    training, held = split_validation(dataset, 0.5, seed=1)
+    config = make_config(dataset.root, tiny_model, dataset.root / "out")
+    components = load_components(str(tiny_model))
+    before = Validator(held, config, make_buckets(64), 1000, training).measure(
+        components, "cpu", text_frozen=True
+    )
+    validator = Validator(held, config, make_buckets(64), 1000, training)
+    gone = [p for p in held.paths if p.startswith("a/")][0]
+    (dataset.root / gone).unlink()  # a synced drive dropped it before the first validation
+    with caplog.at_level("WARNING", logger="edtools"):
+        measures = validator.measure(components, "cpu", text_frozen=True)
+    assert measures.images == {"a": 1, "b": 2}
+    assert measures.loss["b"] == before.loss["b"] and measures.loss["a"] != before.loss["a"]
+    assert gone in caplog.text and "left out" in caplog.text
+    caplog.clear()
+    assert validator.measure(components, "cpu", text_frozen=True) == measures  # said once, the same numbers
+    assert "left out" not in caplog.text
+
+
 @pytest.mark.slow
 def test_validation_in_runs_identical_and_independent_of_the_learning_rate(tree, tiny_model, tmp_path):
     root = tree({"people/alice": 5, "people/bob": 3, "single": 1})

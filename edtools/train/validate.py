@@ -7,6 +7,7 @@ under the other concepts' prompts (concept bleed, see bleed.py).
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     import torch
 
     from ..models import SDComponents
+
+_log = logging.getLogger("edtools")
 
 __all__ = ["TIMESTEPS_PER_IMAGE", "Measures", "Validator", "training_sample", "validation_timesteps"]
 
@@ -163,6 +166,7 @@ class Validator:
         """{concept: (mean loss, images)} over the held-out images, in eval mode and under no_grad; train/eval
         modes are restored. text_frozen: caption embeddings may be kept between evaluations; text_cache: the
         run's TextEmbeddingCache holding the validation captions too (the encoders may be off the GPU)."""
+        self._leave_out_vanished()
         with self._judging(components, device, text_frozen):
             own = self._score(components, [(i, i.caption) for i in self.images], device, text_cache)
         return _per_concept(self.dataset.concepts, self.images, own, self.config.batch_size)
@@ -173,6 +177,7 @@ class Validator:
         """evaluate()'s loss per concept (the same values), the same loss on the training sample, the gap
         between them and the bleed margins. An image is judged with the same noise and timesteps under every
         prompt; a prompt equal to the image's own caption reuses its own loss, so its margin is exactly 0."""
+        self._leave_out_vanished()
         with self._judging(components, device, text_frozen):
             own = self._score(components, [(i, i.caption) for i in self.images], device, text_cache)
             trained = self._score(components, [(i, i.caption) for i in self.train_images], device, text_cache)
@@ -211,6 +216,26 @@ class Validator:
                 under,
             ),
         )
+
+    def _leave_out_vanished(self) -> None:
+        """Images not encoded yet whose file is gone (deleted, a synced drive that went away) are left out of
+        this and every later validation, with a warning: like a training image that vanished, never the end of
+        a long run. Encoded ones keep their latents, so they are judged as before."""
+        for name in ("images", "train_images"):
+            kept, gone = [], []
+            for image in getattr(self, name):
+                readable = image.latents is not None or (Path(image.root) / image.path).is_file()
+                (kept if readable else gone).append(image)
+            if gone:
+                setattr(self, name, kept)
+                which = "held-out" if name == "images" else "training-sample"
+                _log.warning(
+                    "validation: %d %s image(s) disappeared during the run and are left out from now on "
+                    "(deleted, or on a synced drive that went away): %s",
+                    len(gone),
+                    which,
+                    ", ".join(image.path for image in gone[:5]) + (" ..." if len(gone) > 5 else ""),
+                )
 
     @contextmanager
     def _judging(self, components: SDComponents, device: Any, text_frozen: bool) -> Iterator[None]:
