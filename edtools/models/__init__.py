@@ -1,6 +1,7 @@
 """Models: Stable Diffusion 1.x/2.x and SDXL from diffusers folders, hub ids or single files; LoRA; tiny ones.
 
-`families` holds one module per model family (what differs between SD and SDXL); `components` the loaded parts;
+`families` holds one module per model family (what differs between SD and SDXL); `objective` the denoiser's
+target; `components` the loaded parts;
 `sd` loads and saves diffusers folders; `single_file` reads A1111/ComfyUI files and `single_file_layout` writes
 them (key tables in `keymap`); `conditioning` encodes text; `lora` adds and saves adapters; `tiny` builds test
 models.

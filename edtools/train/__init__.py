@@ -1,7 +1,9 @@
 """Training: train(config, callback) runs the loop; train_step trains one batch; checkpoints resume exactly.
 
-`step` is one batch, `loop` the epochs, `checkpoint` saving and resuming, `sample` the sample grids,
-`runtime` one or several processes.
+`loop` the epochs; `step` one batch, with `loss` (the loss maths) and `noise` (training noise, schedules);
+`validate` loss, gap and bleed per concept (`bleed`, `metric_plots`); `rebalance` each epoch's values (files,
+sliders, auto-balance); `records` the CSV histories; `checkpoint` saving and resuming; `sample` the sample
+grids; `runtime` one or several processes; `setup`, `plan`, `outdir`, `host_memory`, `tensorboard`, `events`.
 """
 
 from .checkpoint import TrainState, find_checkpoints, load_checkpoint, save_checkpoint

@@ -1,6 +1,7 @@
 """Notebook panels: scan a data root, balance concepts with live histograms, and train with a Stop button.
 
-The cells only create the panels (`data`, `balance`, `training`); `common`, `colab` and `runfolder` serve them.
+The cells only create the panels (`data`, `balance`, `training`, whose form is `settings`); `progress`,
+`metrics`, `runfolder`, `colab` and `common` serve them.
 """
 
 from .balance import (
