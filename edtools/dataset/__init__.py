@@ -2,8 +2,5 @@
 per-folder multiply.txt / loss_scale.txt turned into a Dataset of plain numbers that everything downstream uses.
 
 walk (folders) -> readpool, imageheader, manifest (reading files fast) -> images (sizes, captions) -> scan (Dataset).
+The public names are edtools' own (`edtools.scan`, `edtools.Dataset`, ...).
 """
-
-from .scan import Concept, Dataset, DatasetError, Problem, ScanResult, load_dataset, scan
-
-__all__ = ["Concept", "Dataset", "DatasetError", "Problem", "ScanResult", "load_dataset", "scan"]
