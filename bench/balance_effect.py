@@ -245,7 +245,23 @@ def read_run(out: Path, steps: int) -> dict[str, Any]:
             ]
             margins = [m for m in margins if m is not None]
             bleed[c] = statistics.mean(margins) if margins else None
-    return {"loss": final, "start": start, "gap": gap, "bleed": bleed}
+    # the multipliers the last epoch trained with, and the automatic changes that led there with their reasons
+    history = read_csv(out / "balance_history.csv")
+    last_epoch = max((int(r["epoch"]) for r in history), default=None)
+    multipliers = {r["concept"]: float(r["multiply"]) for r in history if int(r["epoch"]) == last_epoch}
+    changes = [
+        f"epoch {r['epoch']} {r['concept']} x{float(r['multiply']):g}: {r['reason']}"
+        for r in history
+        if r.get("reason")
+    ]
+    return {
+        "loss": final,
+        "start": start,
+        "gap": gap,
+        "bleed": bleed,
+        "multipliers": multipliers,
+        "changes": changes,
+    }
 
 
 def run_arm(arm: Arm, seed: int, settings: Settings, base: Path, work: Path) -> dict[str, Any]:
@@ -401,7 +417,17 @@ def table(runs: list[dict[str, Any]]) -> str:
                 values = [v for v in _values(runs, arm, metric, c).values() if v is not None]
                 cells.append(_mean_sd(values) if len(values) == len(seeds) else "n/a")
         extra.append(_row(cells))
-    return "\n\n".join("\n".join(part) for part in (loss, paired, extra))
+    tables = [loss, paired, extra]
+    if "auto" in arms:  # what the controller did: the multipliers the last epoch trained with, per seed
+        concepts = list(CONCEPTS)
+        ended = [_row(["auto, last epoch's multiplier", *map(_label, concepts), "changes"])]
+        ended.append("|" + "---|" * (len(concepts) + 2))
+        for run in sorted((r for r in runs if r["arm"] == "auto"), key=lambda r: r["seed"]):
+            held = run.get("multipliers", {})
+            cells = [f"seed {run['seed']}"] + [f"{held[c]:g}" if c in held else "n/a" for c in concepts]
+            ended.append(_row([*cells, str(len(run.get("changes", ())))]))
+        tables.append(ended)
+    return "\n\n".join("\n".join(part) for part in tables)
 
 
 def verdict(runs: list[dict[str, Any]]) -> list[str]:
