@@ -95,8 +95,10 @@ ARMS = (
     Arm("loss_scale10", "loss_scale.txt 10", loss_scale=10),
     Arm("multiply10_aug", "multiply.txt 10, caption dropout 0.2, tags shuffled", 10, None, 0.2, True),
     Arm("auto", "auto_balance", auto=True),
+    # the usual advice followed (repeat the small folder ten times) with auto_balance on: does it undo the harm?
+    Arm("auto10", "multiply.txt 10 and auto_balance", multiplier=10, auto=True),
 )
-FIXED = tuple(a.name for a in ARMS if a.name not in ("none", "auto"))
+FIXED = tuple(a.name for a in ARMS if a.name != "none" and not a.auto)
 # a control, run when asked (--arms ... absent): the rare images load but teach nothing (loss_scale 0), which
 # shows how much they help at all, i.e. whether the set-up can see an effect on the rare concept
 ABSENT = Arm("absent", "loss_scale.txt 0 (control)", loss_scale=0)
@@ -453,6 +455,14 @@ def verdict(runs: list[dict[str, Any]]) -> list[str]:
         name = concept or "forgetting"
         lines.append(f"{name}: auto - none = {diff:+.4f} (spread of none over the seeds {spread:.4f})")
     lines.append(f"target {'met' if ok else 'NOT met'} (best fixed arm on the rare concept: {best})")
+    if any(r["arm"] == "auto10" for r in runs):  # auto started from the usual advice, multiply.txt 10
+        for other in ("multiply10", "none"):
+            diff = _paired(runs, "auto10", other, "loss", RARE)
+            if diff:
+                lines.append(
+                    f"rare ({RARE}): auto10 - {other} = {statistics.mean(diff):+.4f}, lower in "
+                    f"{sum(d < 0 for d in diff)} of {len(diff)} seeds"
+                )
     return lines
 
 
