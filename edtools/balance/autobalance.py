@@ -261,7 +261,8 @@ def verdicts(history: History, rules: Rules | None = None) -> dict[str, Verdict]
                 concept,
                 up,
                 f"validation loss improved {s.improvement:.0%} ({s.first:.4g} -> {s.last:.4g}) while the other "
-                f"concepts improved {s.others_median:.0%} (median) and it still falls: it lags behind; raise it",
+                f"concepts improved {s.others_median:.0%} (median) and it still falls: it lags behind; raise it "
+                "one step (a folder of few images memorises them when repeated much: watch its gap)",
             )
         else:
             out[concept] = Verdict(
