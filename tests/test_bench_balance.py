@@ -111,8 +111,10 @@ def test_tiny_bench_trains_every_arm_from_one_cached_base_model(be, tmp_path, on
         assert said[0] == "auto arm skipped: this edtools's TrainConfig has no auto_balance field"
     # paired: every arm starts from the same base model on the same held-out images and noise
     assert all(r["start"] == runs[0]["start"] for r in runs)
-    # and the arms trained differently (the balance reached the training)
-    assert len({r["loss"][be.RARE] for r in runs}) == len(runs)
+    # and the arms trained differently (the balance reached the training); auto10 starts as multiply10 does
+    # and may not have changed anything in these few steps
+    distinct = [r for r in runs if r["arm"] != "auto10"]
+    assert len({r["loss"][be.RARE] for r in distinct}) == len(distinct)
     text = be.table(runs)
     assert all(f"| {name} | " in text for name in expected)
     # the base model is cached by seed and settings: asked again, it is not trained again
