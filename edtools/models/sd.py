@@ -77,14 +77,11 @@ def _model_index(source: str, *, local: bool, hub: dict) -> dict:
 def _family_of(index: dict, model: str) -> Family:
     """The model family of a model_index.json; every other pipeline is refused with what it is."""
     kind = index.get("_class_name", "this pipeline")
-    unet = index.get("unet") or [None, None]
-    found = None
-    if unet[1] == "UNet2DConditionModel" and "transformer" not in index:
-        found = family_of_index(index, model)
+    found = family_of_index(index, model)
     if found is None:
         raise ModelError(
-            f"'{model}' is a {kind} model; edtools trains Stable Diffusion 1.x/2.x and SDXL "
-            "(a UNet2DConditionModel with CLIP text encoders)"
+            f"'{model}' is a {kind} model; edtools trains Stable Diffusion 1.x/2.x, SDXL "
+            "(a UNet2DConditionModel with CLIP text encoders) and Stable Diffusion 3"
         )
     return found
 
@@ -152,8 +149,8 @@ def _load_parts(source: str, family: Family, keep: Keep, hub: dict) -> SDCompone
     transformers = require("transformers")
     upcast = vae_force_upcast(source, hub)
     unet = keep.place(
-        diffusers.UNet2DConditionModel.from_pretrained(
-            source, subfolder="unet", torch_dtype=keep.dtype_of("unet"), **hub
+        getattr(diffusers, family.denoiser_class).from_pretrained(
+            source, subfolder=family.denoiser_part, torch_dtype=keep.dtype_of("unet"), **hub
         )
     )
     vae = keep.place(
@@ -171,7 +168,8 @@ def _load_parts(source: str, family: Family, keep: Keep, hub: dict) -> SDCompone
         text[spec.tokenizer] = transformers.CLIPTokenizer.from_pretrained(
             source, subfolder=spec.tokenizer, **hub
         )
-    noise_scheduler = diffusers.DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub)
+    scheduler_class = getattr(diffusers, family.noise_scheduler_class)
+    noise_scheduler = scheduler_class.from_pretrained(source, subfolder="scheduler", **hub)
     return SDComponents(unet=unet, vae=vae, noise_scheduler=noise_scheduler, **text)
 
 
@@ -182,12 +180,8 @@ def _load_parts(source: str, family: Family, keep: Keep, hub: dict) -> SDCompone
 def make_pipeline(components: SDComponents, *, device: str | torch.device | None = None) -> Any:
     """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline) sharing the training modules (no copies),
     with a DDIM sampler built from the noise scheduler's config (same betas and prediction type)."""
-    diffusers = require("diffusers")
-    # set_alpha_to_one=False is SD's own sampler setting; a value in the config wins.
-    scheduler = diffusers.DDIMScheduler.from_config(
-        {"set_alpha_to_one": False, **components.noise_scheduler.config}
-    )
-    pipeline = family_of(components).make_pipeline(components, scheduler)
+    family = family_of(components)
+    pipeline = family.make_pipeline(components, family.sampling_scheduler(components.noise_scheduler))
     pipeline.set_progress_bar_config(disable=True)
     if device is not None:
         pipeline.to(device)
