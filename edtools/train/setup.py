@@ -142,8 +142,23 @@ def make_latent_cache(config: TrainConfig, components: Any) -> Any:
 def configure_noise(components: Any, config: TrainConfig) -> None:
     """The noise scheduler the run trains with: the model's, with the chosen prediction type and zero terminal
     SNR (recorded in its config, so saved models say what they were trained for)."""
+    from ..models.components import FLOW_MATCHING
     from .noise import noise_scheduler_for
 
+    if components.prediction_type == FLOW_MATCHING:
+        asked = {
+            "prediction_type": config.prediction_type,
+            "zero_terminal_snr": config.zero_terminal_snr or None,
+            "min_snr_gamma": config.min_snr_gamma,
+        }
+        asked = {name: value for name, value in asked.items() if value is not None}
+        if asked:
+            settings = ", ".join(f"{name} {value}" for name, value in asked.items())
+            raise ConfigError(
+                f"the model {config.model} is trained by flow matching (it learns noise - latents at shifted "
+                f"sigmas), which has no DDPM noise schedule: {settings} do not apply to it; leave them unset"
+            )
+        return
     components.noise_scheduler = noise_scheduler_for(
         components.noise_scheduler,
         prediction_type=config.prediction_type,

@@ -326,10 +326,12 @@ def train_step(
                 for module in (unet, *encoders):
                     if isinstance(module, torch.nn.parallel.DistributedDataParallel):
                         stack.enter_context(module.no_sync())
+            family = family_of(components)
             if stand_in:
                 latents = batch["latents"]
             else:
                 latents = latent_cache.latents(batch, vae, vae.config.scaling_factor, generator=generator)
+                latents = family.shift_latents(vae, latents)
             latents = latents.float()
             n = latents.shape[0]
             noise = training_noise(
@@ -338,11 +340,10 @@ def train_step(
                 offset=config.offset_noise,
                 pyramid_discount=config.pyramid_noise_discount,
             ).to(device)
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator, dtype=torch.int64
-            ).to(device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = family_of(components).prediction_target(noise_scheduler, latents, noise, timesteps)
+            # schedule positions: DDPM timesteps, or indices of a flow-matching model's sigmas
+            timesteps = family.training_positions(noise_scheduler, n, generator).to(device)
+            noisy, model_timesteps = family.noisy_input(noise_scheduler, latents, noise, timesteps)
+            target = family.prediction_target(noise_scheduler, latents, noise, timesteps)
             with autocast(config, device):
                 if text_cache is not None:
                     embeddings = text_cache.get(batch["captions"])
@@ -351,9 +352,9 @@ def train_step(
                     with torch.set_grad_enabled(text_grad):
                         embeddings = encode_text(components, ids)
                 conditioning = unet_conditioning(components, embeddings, batch.get("time_ids"), device=device)
-                model_pred = unet(noisy, timesteps, **conditioning).sample
+                model_pred = family.denoise(unet, noisy, model_timesteps, conditioning)
             per_sample = per_sample_mse(model_pred, target)
-            snr_weights = None
+            snr_weights = family.loss_weights(noise_scheduler, timesteps)  # flow matching's loss weighting
             if config.min_snr_gamma is not None:
                 snr_weights = min_snr_weights(
                     compute_snr(noise_scheduler, timesteps),
