@@ -204,6 +204,9 @@ class Family(ABC):
     # or "diffusers" (peft keys "<denoiser_part>.<module>.lora_A.weight", what the family's pipeline's
     # save_lora_weights writes and load_lora_weights reads).
     lora_file_format: str = "kohya"
+    # whether edtools reads and writes single files (A1111 / ComfyUI checkpoints) of this family; the
+    # single-file methods below are only asked when it does
+    single_files: bool = True
 
     # ---- loading: diffusers folders and hub ids
 

@@ -92,6 +92,7 @@ class StableDiffusion3(Family):
     denoiser_class = _TRANSFORMER
     noise_scheduler_class = "FlowMatchEulerDiscreteScheduler"
     lora_file_format = "diffusers"
+    single_files = False
 
     # ---- loading
 
