@@ -112,6 +112,42 @@ def test_flow_matching_objective(sd3_model):
     assert fam.loss_weights(scheduler, at) is None  # the density weights the noise levels
 
 
+def test_flow_settings_choose_the_density_the_weighting_and_the_shift(tree, sd3_model, tmp_path):
+    from edtools.models.families.base import FlowSettings
+    from edtools.train.setup import configure_noise
+
+    components = load_components(str(sd3_model))
+    fam, scheduler = family_of(components), components.noise_scheduler
+
+    def middle_share(flow: FlowSettings) -> float:
+        positions = fam.training_positions(scheduler, 4096, torch.Generator().manual_seed(0), flow)
+        return float(((positions >= 250) & (positions < 750)).float().mean())
+
+    assert abs(middle_share(FlowSettings(timestep_sampling="uniform")) - 0.5) < 0.05
+    assert middle_share(FlowSettings(logit_std=0.3)) > middle_share(FlowSettings()) > 0.6
+    low, high = (
+        fam.training_positions(scheduler, 4096, torch.Generator().manual_seed(0), FlowSettings(logit_mean=m))
+        for m in (-1.0, 1.0)
+    )
+    assert (
+        low.float().mean() < 400 < 600 < high.float().mean()
+    )  # diffusers' indexing: high positions, low noise
+    assert middle_share(FlowSettings(timestep_sampling="mode")) != middle_share(
+        FlowSettings(timestep_sampling="uniform")
+    )
+    at = torch.tensor([10, 500, 990])
+    weights = fam.loss_weights(scheduler, at, FlowSettings(loss_weighting="sigma_sqrt"))
+    sigmas, _ = flow_sigmas(scheduler.config)
+    assert torch.allclose(weights, sigmas[at] ** -2)
+    assert fam.loss_weights(scheduler, at, FlowSettings(loss_weighting="cosmap")).shape == (3,)
+
+    configure_noise(components, train_config(tree({"a": 1}), sd3_model, tmp_path, flow_shift=1.0))
+    shifted, _ = flow_sigmas(components.noise_scheduler.config)
+    assert components.noise_scheduler.config.shift == 1.0
+    assert torch.allclose(shifted, torch.linspace(1, 1000, 1000).flip(0) / 1000)  # shift 1: no shift
+    assert float(sigmas[500]) > float(shifted[500])  # SD3's shift 3 trains at more noise
+
+
 def test_conditioning_matches_the_pipeline_without_t5(sd3_model):
     """The training conditioning equals what StableDiffusion3Pipeline.encode_prompt gives (zero T5 tokens)."""
     from edtools.data import token_ids
@@ -129,12 +165,28 @@ def test_conditioning_matches_the_pipeline_without_t5(sd3_model):
     assert torch.equal(kwargs["pooled_projections"], pooled)
 
 
-def test_flow_models_refuse_ddpm_settings(tree, sd3_model, tmp_path):
+def test_each_objective_refuses_the_others_settings(tree, sd3_model, tmp_path):
     from edtools.errors import EdtoolsError
+    from edtools.train.setup import configure_noise
 
-    config = train_config(tree({"a": 2}), sd3_model, tmp_path / "out", min_snr_gamma=5.0, epochs=1)
+    root = tree({"a": 2})
+    config = train_config(root, sd3_model, tmp_path / "out", min_snr_gamma=5.0, epochs=1)
     with pytest.raises(EdtoolsError, match="min_snr_gamma 5.0 do not apply"):
         train(config)
+    for bad, message in (
+        ({"logit_std": 0.0}, "logit_std is 0.0; it must be > 0"),
+        ({"flow_shift": -1.0}, "flow_shift is -1.0"),
+    ):
+        with pytest.raises(EdtoolsError, match=message):
+            train_config(root, sd3_model, tmp_path / "o", **bad)
+    sd = make_tiny_model(tmp_path / "sd", "sd1")
+    with pytest.raises(
+        EdtoolsError, match="timestep_sampling mode, flow_shift 3.0: these settings are for flow"
+    ):
+        configure_noise(
+            load_components(str(sd)),
+            train_config(root, sd, tmp_path / "o2", timestep_sampling="mode", flow_shift=3.0),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------

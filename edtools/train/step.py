@@ -21,9 +21,11 @@ if TYPE_CHECKING:
     import torch
 
     from ..models import SDComponents
+    from ..models.families.base import FlowSettings
 
 __all__ = [
     "StepResult",
+    "flow_settings",
     "make_grad_scaler",
     "make_lr_scheduler",
     "learning_rate",
@@ -51,6 +53,19 @@ class StepResult:
     skipped: bool = False
     grad_norm: float | None = None
     lr: float | None = None
+
+
+def flow_settings(config: TrainConfig) -> FlowSettings:
+    """A flow-matching family's training density and loss weighting, from the run's settings."""
+    from ..models.families.base import FlowSettings
+
+    return FlowSettings(
+        timestep_sampling=config.timestep_sampling,
+        logit_mean=config.logit_mean,
+        logit_std=config.logit_std,
+        mode_scale=config.mode_scale,
+        loss_weighting=config.flow_loss_weighting,
+    )
 
 
 def step_generator(seed: int, epoch: int, rank: int, batch: int) -> torch.Generator:
@@ -341,7 +356,8 @@ def train_step(
                 pyramid_discount=config.pyramid_noise_discount,
             ).to(device)
             # schedule positions: DDPM timesteps, or indices of a flow-matching model's sigmas
-            timesteps = family.training_positions(noise_scheduler, n, generator).to(device)
+            flow = flow_settings(config)
+            timesteps = family.training_positions(noise_scheduler, n, generator, flow).to(device)
             noisy, model_timesteps = family.noisy_input(noise_scheduler, latents, noise, timesteps)
             target = family.prediction_target(noise_scheduler, latents, noise, timesteps)
             with autocast(config, device):
@@ -354,7 +370,7 @@ def train_step(
                 conditioning = unet_conditioning(components, embeddings, batch.get("time_ids"), device=device)
                 model_pred = family.denoise(unet, noisy, model_timesteps, conditioning)
             per_sample = per_sample_mse(model_pred, target)
-            snr_weights = family.loss_weights(noise_scheduler, timesteps)  # flow matching's loss weighting
+            snr_weights = family.loss_weights(noise_scheduler, timesteps, flow)  # flow matching's weighting
             if config.min_snr_gamma is not None:
                 snr_weights = min_snr_weights(
                     compute_snr(noise_scheduler, timesteps),

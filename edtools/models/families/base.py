@@ -20,6 +20,7 @@ __all__ = [
     "UNET_LORA_PATTERN",
     "UNET_TARGETS",
     "Family",
+    "FlowSettings",
     "Parts",
     "TextEmbeddings",
     "TextEncoderSpec",
@@ -91,6 +92,23 @@ class TextEmbeddings:
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    """How a flow-matching family trains: the noise levels' density (diffusers'
+    compute_density_for_timestep_sampling: "logit_normal" with logit_mean / logit_std, "mode" with mode_scale,
+    "uniform") and the loss weighting per level (compute_loss_weighting_for_sd3: "none", "sigma_sqrt",
+    "cosmap"). The defaults are the SD3 paper's logit-normal(0, 1), unweighted. DDPM families ignore it."""
+
+    timestep_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    loss_weighting: str = "none"
+
+
+_DEFAULT_FLOW = FlowSettings()
 
 
 @dataclass(frozen=True)
@@ -288,10 +306,10 @@ class Family(ABC):
     # sigmas). Validation draws its fixed positions per image the same way for every family.
 
     def training_positions(
-        self, noise_scheduler: Any, count: int, generator: torch.Generator
+        self, noise_scheduler: Any, count: int, generator: torch.Generator, flow: FlowSettings = _DEFAULT_FLOW
     ) -> torch.Tensor:
         """`count` schedule positions (int64, CPU) for a training batch, drawn from `generator`; by default
-        uniform over the timesteps, as diffusers' training scripts draw them."""
+        uniform over the timesteps, as diffusers' training scripts draw them (flow: a flow family's density)."""
         import torch
 
         steps = noise_scheduler.config.num_train_timesteps
@@ -304,7 +322,9 @@ class Family(ABC):
         scheduler's add_noise and the positions themselves."""
         return noise_scheduler.add_noise(latents, noise, positions), positions
 
-    def loss_weights(self, noise_scheduler: Any, positions: torch.Tensor) -> torch.Tensor | None:
+    def loss_weights(
+        self, noise_scheduler: Any, positions: torch.Tensor, flow: FlowSettings = _DEFAULT_FLOW
+    ) -> torch.Tensor | None:
         """Per-image weights of the MSE at the positions from the objective itself (flow matching's loss
         weighting), or None (the default: Min-SNR and loss_scale alone weight it)."""
         return None

@@ -11,29 +11,28 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ModelError, require
-from .base import Family, Parts, TextEmbeddings, TextEncoderSpec, TextLayout, TinyEncoder, TinySpec, unwrapped
+from .base import (
+    Family,
+    FlowSettings,
+    Parts,
+    TextEmbeddings,
+    TextEncoderSpec,
+    TextLayout,
+    TinyEncoder,
+    TinySpec,
+    unwrapped,
+)
 from .sd import device_of
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FLOW_MATCHING", "StableDiffusion3", "flow_sigmas"]
+__all__ = ["StableDiffusion3", "flow_sigmas"]
 
-FLOW_MATCHING = MappingProxyType(
-    {
-        # diffusers.training_utils.compute_density_for_timestep_sampling's scheme and its parameters; the
-        # SD3 paper's logit-normal(0, 1) is its best, and what Stability trained SD3 with
-        "timestep_sampling": "logit_normal",
-        "logit_mean": 0.0,
-        "logit_std": 1.0,
-        "mode_scale": 1.29,
-        # compute_loss_weighting_for_sd3's scheme: "none" (the density above already weights the noise levels)
-        "loss_weighting": "none",
-    }
-)
 # StableDiffusion3Pipeline's max_sequence_length: how many (zero) T5 tokens it conditions on without T5
 _T5_TOKENS = 256
 _TRANSFORMER = "SD3Transformer2DModel"
+_DEFAULT_FLOW = FlowSettings()
 _LORA_TARGETS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -159,18 +158,19 @@ class StableDiffusion3(Family):
     # ---- the flow-matching objective
 
     def training_positions(
-        self, noise_scheduler: Any, count: int, generator: torch.Generator
+        self, noise_scheduler: Any, count: int, generator: torch.Generator, flow: FlowSettings = _DEFAULT_FLOW
     ) -> torch.Tensor:
-        """Positions from diffusers' compute_density_for_timestep_sampling (FLOW_MATCHING's scheme), as its
-        SD3 training scripts turn them into indices of the (shifted) schedule."""
+        """Positions from diffusers' compute_density_for_timestep_sampling (flow's density; the SD3 paper's
+        logit-normal(0, 1) by default), as its SD3 training scripts turn them into indices of the shifted
+        schedule."""
         torch = require("torch")
         training_utils = require("diffusers.training_utils")
         u = training_utils.compute_density_for_timestep_sampling(
-            weighting_scheme=FLOW_MATCHING["timestep_sampling"],
+            weighting_scheme=flow.timestep_sampling,
             batch_size=count,
-            logit_mean=FLOW_MATCHING["logit_mean"],
-            logit_std=FLOW_MATCHING["logit_std"],
-            mode_scale=FLOW_MATCHING["mode_scale"],
+            logit_mean=flow.logit_mean,
+            logit_std=flow.logit_std,
+            mode_scale=flow.mode_scale,
             generator=generator,
         )
         steps = noise_scheduler.config.num_train_timesteps
@@ -195,13 +195,16 @@ class StableDiffusion3(Family):
         """The velocity noise - latents."""
         return noise - latents
 
-    def loss_weights(self, noise_scheduler: Any, positions: torch.Tensor) -> torch.Tensor | None:
-        """compute_loss_weighting_for_sd3 at the positions' sigmas (None for "none": all ones)."""
-        if FLOW_MATCHING["loss_weighting"] == "none":
+    def loss_weights(
+        self, noise_scheduler: Any, positions: torch.Tensor, flow: FlowSettings = _DEFAULT_FLOW
+    ) -> torch.Tensor | None:
+        """compute_loss_weighting_for_sd3 at the positions' sigmas (None for "none": all ones; the density
+        already weights the noise levels)."""
+        if flow.loss_weighting == "none":
             return None
         training_utils = require("diffusers.training_utils")
         sigmas, _ = self._sigmas(noise_scheduler, positions)
-        return training_utils.compute_loss_weighting_for_sd3(FLOW_MATCHING["loss_weighting"], sigmas).float()
+        return training_utils.compute_loss_weighting_for_sd3(flow.loss_weighting, sigmas).float()
 
     def denoise(self, model: Any, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Mapping) -> Any:
         return model(hidden_states=noisy, timestep=timesteps, **conditioning).sample
