@@ -148,6 +148,25 @@ def test_flow_settings_choose_the_density_the_weighting_and_the_shift(tree, sd3_
     assert float(sigmas[500]) > float(shifted[500])  # SD3's shift 3 trains at more noise
 
 
+@pytest.mark.parametrize("scheme", ["logit_normal", "mode", "uniform"])
+def test_density_without_a_generator_argument_is_diffusers_own(monkeypatch, scheme):
+    """Older diffusers (Colab's 0.30) take no generator: the same formulas then draw from ours."""
+    import diffusers.training_utils as training_utils
+
+    from edtools.models.families.base import FlowSettings
+    from edtools.models.families.sd3 import _density
+
+    flow = FlowSettings(timestep_sampling=scheme, logit_mean=0.3, logit_std=0.7, mode_scale=0.9)
+    new = _density(flow, 64, torch.Generator().manual_seed(5))
+    original = training_utils.compute_density_for_timestep_sampling
+
+    def old(weighting_scheme, batch_size, logit_mean=None, logit_std=None, mode_scale=None):
+        return original(weighting_scheme, batch_size, logit_mean, logit_std, mode_scale)
+
+    monkeypatch.setattr(training_utils, "compute_density_for_timestep_sampling", old)
+    assert torch.allclose(_density(flow, 64, torch.Generator().manual_seed(5)), new, atol=1e-7)
+
+
 def test_conditioning_matches_the_pipeline_without_t5(sd3_model):
     """The training conditioning equals what StableDiffusion3Pipeline.encode_prompt gives (zero T5 tokens)."""
     from edtools.data import token_ids

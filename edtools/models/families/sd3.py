@@ -6,6 +6,7 @@ tokens are zeros, exactly as the pipeline conditions without it; LoRA files are 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,32 @@ def flow_sigmas(config: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.linspace(1, steps, steps, dtype=torch.float32).flip(0) / steps
     sigmas = shift * t / (1 + (shift - 1) * t)
     return sigmas, sigmas * steps
+
+
+def _density(flow: FlowSettings, count: int, generator: torch.Generator) -> torch.Tensor:
+    """diffusers' compute_density_for_timestep_sampling drawing from `generator`; diffusers before 0.32 takes
+    no generator, and then its formulas are used here as they are there."""
+    import inspect
+
+    torch = require("torch")
+    training_utils = require("diffusers.training_utils")
+    density = training_utils.compute_density_for_timestep_sampling
+    kwargs = dict(
+        weighting_scheme=flow.timestep_sampling,
+        batch_size=count,
+        logit_mean=flow.logit_mean,
+        logit_std=flow.logit_std,
+        mode_scale=flow.mode_scale,
+    )
+    if "generator" in inspect.signature(density).parameters:
+        return density(**kwargs, generator=generator)
+    if flow.timestep_sampling == "logit_normal":
+        normal = torch.normal(flow.logit_mean, flow.logit_std, size=(count,), generator=generator)
+        return torch.sigmoid(normal)
+    u = torch.rand(size=(count,), generator=generator)
+    if flow.timestep_sampling == "mode":
+        u = 1 - u - flow.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
 
 
 class StableDiffusion3(Family):
@@ -164,15 +191,7 @@ class StableDiffusion3(Family):
         logit-normal(0, 1) by default), as its SD3 training scripts turn them into indices of the shifted
         schedule."""
         torch = require("torch")
-        training_utils = require("diffusers.training_utils")
-        u = training_utils.compute_density_for_timestep_sampling(
-            weighting_scheme=flow.timestep_sampling,
-            batch_size=count,
-            logit_mean=flow.logit_mean,
-            logit_std=flow.logit_std,
-            mode_scale=flow.mode_scale,
-            generator=generator,
-        )
+        u = _density(flow, count, generator)
         steps = noise_scheduler.config.num_train_timesteps
         return (u * steps).long().clamp(0, steps - 1).to(torch.int64)
 
