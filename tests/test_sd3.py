@@ -264,7 +264,16 @@ def test_lora_through_the_cli_loads_in_diffusers_like_the_trained_adapter(tree, 
 def test_sd3_lora_stop_and_resume_equals_the_uninterrupted_run(tree, sd3_model, tmp_path):
     root = tree({"a": 3, "b": 3}, sizes=((64, 64), (128, 64)))
     config = train_config(
-        root, sd3_model, tmp_path / "whole", lora_rank=4, lora_dropout=0.1, flip_p=0.5, grad_accum=2
+        root,
+        sd3_model,
+        tmp_path / "whole",
+        lora_rank=4,
+        lora_dropout=0.1,
+        flip_p=0.5,
+        grad_accum=2,
+        cache_text_embeddings=True,
+        timestep_sampling="mode",
+        flow_loss_weighting="cosmap",
     )
     whole = train(config)
     parts = dataclasses.replace(config, out=str(tmp_path / "parts"))
