@@ -107,6 +107,14 @@ def resolve_config(config: TrainConfig, components: Any, runtime: Runtime) -> Tr
         raise ConfigError(
             f"the model's own resolution is {resolved.resolution}, not a multiple of 64: set resolution, e.g. 512"
         )
+    from ..models.families import family_of
+
+    family = family_of(components)
+    if resolved.save_single_file and not resolved.lora_rank and not family.single_files:
+        raise ConfigError(
+            f"save_single_file is set, but edtools writes {family.label} models as diffusers folders only (each "
+            "checkpoint is one): set save_single_file false"
+        )
     return resolved
 
 
