@@ -73,6 +73,31 @@ def test_tiny_sd3_folder_loads_as_the_sd3_family_and_in_diffusers(sd3_model):
     assert torch.equal(latents_of(ours), latents_of(pipeline))
 
 
+def test_real_blocks_have_sd35s_second_attention_and_run():
+    from edtools.models import tiny_components
+
+    components = tiny_components("sd3", real_blocks=True)
+    blocks = components.unet.transformer_blocks
+    assert blocks[0].attn2 is not None and getattr(blocks[1], "attn2", None) is None
+    assert components.unet.config.qk_norm == "rms_norm" and components.unet.config.patch_size == 2
+    from edtools.models.lora import add_lora, lora_parameters
+
+    add_lora(components, rank=2)
+    names = {n for n, _ in components.unet.named_modules() if n.endswith("lora_A")}
+    assert any(".attn2.to_q." in n for n in names) and any(".attn.add_k_proj." in n for n in names)
+    assert lora_parameters(components)
+    fam = family_of(components)
+    latents = torch.randn(1, 16, 8, 8)
+    hidden, pooled = torch.randn(1, 77, 96), torch.randn(1, 64)
+    from edtools.models.families.base import TextEmbeddings
+
+    kwargs = fam.unet_conditioning(components, TextEmbeddings(hidden, pooled), None, device="cpu")
+    assert kwargs["encoder_hidden_states"].shape == (1, 77 + 256, 128)
+    with torch.no_grad():
+        out = fam.denoise(components.unet, latents, torch.tensor([500.0]), kwargs)
+    assert out.shape == latents.shape
+
+
 def test_model_indexes_of_sd3_and_others():
     from edtools.models.families import family_of_index
 
@@ -276,8 +301,13 @@ def test_sd3_lora_stop_and_resume_equals_the_uninterrupted_run(tree, sd3_model, 
         cache_text_embeddings=True,
         timestep_sampling="mode",
         flow_loss_weighting="cosmap",
+        sample_prompts=("a photo of a cat",),
+        sample_steps=2,
+        sample_every_steps=1,
     )
-    whole = train(config)
+    events = []
+    whole = train(config, events.append)
+    assert [e for e in events if e.kind == "sample"]  # samples from StableDiffusion3Pipeline, mid-run too
     parts = dataclasses.replace(config, out=str(tmp_path / "parts"))
     first = train(dataclasses.replace(parts, max_steps=1))
     assert first.stop_reason == "max_steps"

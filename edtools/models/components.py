@@ -39,11 +39,11 @@ class SDComponents:
     config, so betas and prediction_type ("epsilon" / "v_prediction") are the model's. SDXL models have a
     second text encoder (CLIPTextModelWithProjection, whose pooled output conditions the UNet) and tokenizer."""
 
-    unet: Any  # diffusers UNet2DConditionModel
+    unet: Any  # the denoiser: diffusers UNet2DConditionModel, SD3Transformer2DModel (its family's denoiser_class)
     text_encoder: Any  # transformers CLIPTextModel
     tokenizer: Any  # transformers CLIPTokenizer
     vae: Any  # diffusers AutoencoderKL
-    noise_scheduler: Any  # diffusers DDPMScheduler
+    noise_scheduler: Any  # diffusers DDPMScheduler (SD3: FlowMatchEulerDiscreteScheduler)
     text_encoder_2: Any = None  # SDXL only: transformers CLIPTextModelWithProjection
     tokenizer_2: Any = None  # SDXL only
 
