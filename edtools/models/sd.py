@@ -194,7 +194,9 @@ def write_components(components: SDComponents, folder: str | os.PathLike) -> Non
     folder = Path(folder)
     with quiet_progress():
         make_pipeline(components).save_pretrained(folder, safe_serialization=True)
-    _prefix_text_model(folder / "text_encoder")
+    for spec in family_of(components).text_encoders:
+        if spec.model_class == "CLIPTextModel":  # WithProjection keeps text_model. and has text_projection
+            _prefix_text_model(folder / spec.part)
     for name, tokenizer in zip(("tokenizer", "tokenizer_2"), components.tokenizers, strict=False):
         _write_vocab_files(tokenizer, folder / name)
 

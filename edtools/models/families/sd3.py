@@ -6,7 +6,9 @@ tokens are zeros, exactly as the pipeline conditions without it; LoRA files are 
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 from collections.abc import Collection, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["StableDiffusion3", "flow_sigmas"]
 
-# StableDiffusion3Pipeline's max_sequence_length: how many (zero) T5 tokens it conditions on without T5
+# StableDiffusion3Pipeline's max_sequence_length (its default), for the T5 tokens
 _T5_TOKENS = 256
 _TRANSFORMER = "SD3Transformer2DModel"
 _DEFAULT_FLOW = FlowSettings()
@@ -61,6 +63,24 @@ def flow_sigmas(config: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.linspace(1, steps, steps, dtype=torch.float32).flip(0) / steps
     sigmas = shift * t / (1 + (shift - 1) * t)
     return sigmas, sigmas * steps
+
+
+@functools.cache
+def _zero_t5_tokens() -> int:
+    """How many zero T5 tokens the installed StableDiffusion3Pipeline conditions on without T5: its own
+    _get_t5_prompt_embeds, asked on a stand-in (diffusers before 0.31 uses the CLIP length 77, later ones
+    max_sequence_length). Training then sees what this diffusers' sampling sees."""
+    torch = require("torch")
+    diffusers = require("diffusers")
+    stand_in = types.SimpleNamespace(
+        text_encoder_3=None,
+        tokenizer_max_length=77,
+        transformer=types.SimpleNamespace(config=types.SimpleNamespace(joint_attention_dim=1)),
+    )
+    zeros = diffusers.StableDiffusion3Pipeline._get_t5_prompt_embeds(
+        stand_in, prompt=[""], max_sequence_length=_T5_TOKENS, device=torch.device("cpu"), dtype=torch.float32
+    )
+    return int(zeros.shape[1])
 
 
 def _density(flow: FlowSettings, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -176,7 +196,7 @@ class StableDiffusion3(Family):
         clip = embeddings.hidden.to(device)
         joint = int(unwrapped(parts.unet).config.joint_attention_dim)
         clip = torch.nn.functional.pad(clip, (0, joint - clip.shape[-1]))
-        t5 = torch.zeros(clip.shape[0], _T5_TOKENS, joint, device=device, dtype=clip.dtype)
+        t5 = torch.zeros(clip.shape[0], _zero_t5_tokens(), joint, device=device, dtype=clip.dtype)
         return {
             "encoder_hidden_states": torch.cat([clip, t5], dim=-2),
             "pooled_projections": embeddings.pooled.to(device),
