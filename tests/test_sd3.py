@@ -279,7 +279,7 @@ def test_lora_through_the_cli_loads_in_diffusers_like_the_trained_adapter(tree, 
 
     pipeline = diffusers_pipeline(sd3_model)
     base = latents_of(pipeline)
-    pipeline.load_lora_weights(str(lora_file))
+    pipeline.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
     loaded = latents_of(pipeline)
     change = (trained - base).abs().max()
     assert change > 1e-3  # the LoRA changes the output
