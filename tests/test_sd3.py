@@ -330,3 +330,32 @@ def test_sd3_lora_stop_and_resume_equals_the_uninterrupted_run(tree, sd3_model, 
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert any(v.abs().sum() > 0 for k, v in state_a.items() if "lora_B" in k)  # it trained
+
+
+@pytest.mark.slow
+def test_full_fine_tune_writes_a_folder_the_sd3_pipeline_loads(tree, sd3_model, tmp_path):
+    before = files_of(sd3_model)
+    config = train_config(
+        tree({"a": 2, "b": 2}),
+        sd3_model,
+        tmp_path / "out",
+        epochs=1,
+        train_text_encoder=False,
+        cache_text_embeddings=True,
+        gradient_checkpointing=True,
+        flow_shift=2.0,
+    )
+    result = train(config)
+    assert files_of(sd3_model) == before
+    trained = diffusers_pipeline(Path(result.checkpoint))
+    base = diffusers_pipeline(sd3_model)
+    assert trained.scheduler.config.shift == 2.0  # the shift it was trained with
+    changed = [
+        name
+        for name, value in trained.transformer.state_dict().items()
+        if not torch.equal(value, base.transformer.state_dict()[name])
+    ]
+    assert changed and all(
+        torch.equal(a, b)
+        for a, b in zip(trained.text_encoder.parameters(), base.text_encoder.parameters(), strict=True)
+    )
