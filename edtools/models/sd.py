@@ -7,6 +7,7 @@ what differs between families (subfolders, text encoders, pipeline) the family s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -192,13 +193,28 @@ def write_components(components: SDComponents, folder: str | os.PathLike) -> Non
     """Write the diffusers pipeline files (safetensors) into folder (not atomically: see save_components), in
     the form the hub's SD folders have, which transformers 4.x and 5.x both read (5.x writes another)."""
     folder = Path(folder)
-    with quiet_progress():
-        make_pipeline(components).save_pretrained(folder, safe_serialization=True)
+    saving = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    absent = _AbsentPartFilter()
+    saving.addFilter(absent)
+    try:
+        with quiet_progress():
+            make_pipeline(components).save_pretrained(folder, safe_serialization=True)
+    finally:
+        saving.removeFilter(absent)
     for spec in family_of(components).text_encoders:
         if spec.model_class == "CLIPTextModel":  # WithProjection keeps text_model. and has text_projection
             _prefix_text_model(folder / spec.part)
     for name, tokenizer in zip(("tokenizer", "tokenizer_2"), components.tokenizers, strict=False):
         _write_vocab_files(tokenizer, folder / name)
+
+
+class _AbsentPartFilter(logging.Filter):
+    """Drops diffusers' warning for a part a pipeline holds as None (SD3 without T5): model_index.json
+    records it as absent, which is what is meant."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.endswith("cannot be saved.") and "=None of type" in message)
 
 
 def _write_vocab_files(tokenizer: Any, folder: Path) -> None:
