@@ -438,7 +438,8 @@ def save_lora_file(
 ) -> Path:
     """Write the adapter as a kohya-format LoRA .safetensors (see kohya_state_dict) that A1111, ComfyUI,
     diffusers' load_lora_weights and kohya's scripts read; for a family whose lora_file_format is "diffusers"
-    (SD3), diffusers' peft keys with alpha / rank folded into lora_B (Family.lora_file_tensors). dtype: "fp16" (default), "bf16", "fp32".
+    (SD3), diffusers' peft keys with alpha / rank folded into lora_B (Family.lora_file_tensors), which its
+    pipeline's load_lora_weights reads. dtype: "fp16" (default), "bf16", "fp32".
 
     Metadata: kohya's ss_network_module "networks.lora", ss_network_dim, ss_network_alpha, ss_network_dropout,
     ss_base_model_version ("sd_v1", "sd_v2", "sdxl_base_v1-0", ...), ss_v2, and ModelSpec modelspec.*

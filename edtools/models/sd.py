@@ -179,8 +179,9 @@ def _load_parts(source: str, family: Family, keep: Keep, hub: dict) -> SDCompone
 
 
 def make_pipeline(components: SDComponents, *, device: str | torch.device | None = None) -> Any:
-    """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline) sharing the training modules (no copies),
-    with a DDIM sampler built from the noise scheduler's config (same betas and prediction type)."""
+    """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline)
+    sharing the training modules (no copies), with the family's sampler built from the noise scheduler's config
+    (DDIM with the same betas and prediction type; SD3: its flow-matching Euler sampler with the same shift)."""
     family = family_of(components)
     pipeline = family.make_pipeline(components, family.sampling_scheduler(components.noise_scheduler))
     pipeline.set_progress_bar_config(disable=True)

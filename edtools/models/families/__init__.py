@@ -1,4 +1,4 @@
-"""Model families: one module per family (sd: SD 1.x/2.x, sdxl: SDXL, sd3: SD3/3.5), each a Family (see base.py), registered here.
+"""Model families: one module per family (sd: SD 1.x/2.x, sdxl: SDXL, sd3: SD3/3.5), each a Family (base.py).
 
 The rest of edtools asks `family(name)` or `family_of(components)` instead of testing architecture names.
 """

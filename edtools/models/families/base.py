@@ -148,8 +148,8 @@ class TinyEncoder:
 @dataclass(frozen=True)
 class TinySpec:
     """A tiny model of a variant, as plain configs that models.tiny builds: the denoiser's kwargs (less
-    sample_size; UNet2DConditionModel or the family's denoiser_class), one TinyEncoder per text encoder (in the family's order), the VAE's latent scaling factor and
-    whether it asks for float32."""
+    sample_size; for the family's denoiser_class), one TinyEncoder per text encoder (in the family's order),
+    the VAE's latent scaling factor and whether it asks for float32."""
 
     unet: Mapping[str, Any]
     encoders: tuple[TinyEncoder, ...]
