@@ -115,6 +115,14 @@ def test_model_indexes_of_sd3_and_others():
     assert family_of_index(sd3, "m").name == "sd3"
     flux = {"transformer": ["diffusers", "FluxTransformer2DModel"], "text_encoder_2": ["transformers", "X"]}
     assert family_of_index(flux, "m") is None
+    from edtools.models.families import guess_family
+
+    for hub_id in (
+        "stabilityai/stable-diffusion-3-medium-diffusers",
+        "stabilityai/stable-diffusion-3.5-large",
+    ):
+        assert guess_family(hub_id).name == "sd3"
+    assert guess_family("stabilityai/stable-diffusion-xl-base-1.0").name == "sdxl"
 
 
 def test_make_tiny_model_cli_writes_an_sd3_folder(tmp_path, capsys):
