@@ -68,7 +68,7 @@ def flow_sigmas(config: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
 @functools.cache
 def _zero_t5_tokens() -> int:
     """How many zero T5 tokens the installed StableDiffusion3Pipeline conditions on without T5: its own
-    _get_t5_prompt_embeds, asked on a stand-in (diffusers before 0.31 uses the CLIP length 77, later ones
+    _get_t5_prompt_embeds, asked on a stand-in (older diffusers, 0.30 among them, use the CLIP length 77; newer ones
     max_sequence_length). Training then sees what this diffusers' sampling sees."""
     torch = require("torch")
     diffusers = require("diffusers")
@@ -84,7 +84,7 @@ def _zero_t5_tokens() -> int:
 
 
 def _density(flow: FlowSettings, count: int, generator: torch.Generator) -> torch.Tensor:
-    """diffusers' compute_density_for_timestep_sampling drawing from `generator`; diffusers before 0.32 takes
+    """diffusers' compute_density_for_timestep_sampling drawing from `generator`; older diffusers (0.30) take
     no generator, and then its formulas are used here as they are there."""
     import inspect
 
