@@ -68,8 +68,8 @@ def flow_sigmas(config: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
 @functools.cache
 def _zero_t5_tokens() -> int:
     """How many zero T5 tokens the installed StableDiffusion3Pipeline conditions on without T5: its own
-    _get_t5_prompt_embeds, asked on a stand-in (older diffusers, 0.30 among them, use the CLIP length 77; newer ones
-    max_sequence_length). Training then sees what this diffusers' sampling sees."""
+    _get_t5_prompt_embeds, asked on a stand-in (diffusers 0.30 uses the CLIP length 77, 0.42 its
+    max_sequence_length 256). Training then sees what this diffusers' sampling sees."""
     torch = require("torch")
     diffusers = require("diffusers")
     stand_in = types.SimpleNamespace(
