@@ -88,7 +88,7 @@ def cmd_make_demo(args: argparse.Namespace) -> int:
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from .models import make_tiny_model
 
-    architecture = "sdxl" if args.sdxl else args.architecture
+    architecture = "sdxl" if args.sdxl else "sd3" if args.sd3 else args.architecture
     path = make_tiny_model(
         args.dir,
         architecture,
@@ -250,8 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
-    p.add_argument("--architecture", choices=("sd1", "sd2", "sdxl"), default="sd1")
+    from .models.families import variants
+
+    p.add_argument("--architecture", choices=variants(), default="sd1")
     p.add_argument("--sdxl", action="store_true", help="same as --architecture sdxl")
+    p.add_argument("--sd3", action="store_true", help="same as --architecture sd3")
     p.add_argument("--real-blocks", action="store_true", help="the real models' block structure (slower)")
     p.set_defaults(func=cmd_make_tiny_model)
 

@@ -111,6 +111,24 @@ class TrainConfig:
     zero_terminal_snr: bool = _opt(
         False, "rescale the noise schedule to zero SNR at its last step (needs v_prediction)"
     )
+    timestep_sampling: Literal["logit_normal", "mode", "uniform"] = _opt(
+        "logit_normal",
+        "flow-matching models (SD3): how training draws noise levels (diffusers' "
+        "compute_density_for_timestep_sampling)",
+    )
+    logit_mean: float = _opt(
+        0.0,
+        "timestep_sampling logit_normal: the normal's mean (> 0 favours less noise, as diffusers indexes it)",
+    )
+    logit_std: float = _opt(1.0, "timestep_sampling logit_normal: the normal's standard deviation")
+    mode_scale: float = _opt(1.29, "timestep_sampling mode: its scale (0 = uniform)")
+    flow_shift: float | None = _opt(
+        None, "flow-matching models: the noise schedule's shift (SD3: 3.0; 'none' = the model's own)"
+    )
+    flow_loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = _opt(
+        "none",
+        "flow-matching models: the loss weighting per noise level (diffusers' compute_loss_weighting_for_sd3)",
+    )
     offset_noise: float = _opt(
         0.0, "offset noise, e.g. 0.05: lets the model learn very dark and bright images"
     )
@@ -462,6 +480,10 @@ def _check_ranges(c: TrainConfig) -> None:
         "min_snr_gamma",
         "it must be > 0 (5 is usual), or none",
     )
+    need(c.logit_std > 0, "logit_std", "it must be > 0 (1 is usual)")
+    need(math.isfinite(c.logit_mean), "logit_mean", "it must be a number (0 is usual)")
+    need(math.isfinite(c.mode_scale), "mode_scale", "it must be a number (1.29 is usual)")
+    need(c.flow_shift is None or c.flow_shift > 0, "flow_shift", "it must be > 0 (3.0 is SD3's), or none")
     need(c.sample_every_steps >= 0, "sample_every_steps", "it must be >= 0 (0 = only at the end)")
     need(c.sample_steps >= 1, "sample_steps", "it must be >= 1")
     need(c.sample_guidance_scale >= 0, "sample_guidance_scale", "it must be >= 0 (1 = no guidance)")

@@ -24,11 +24,11 @@ VARIANTS = [(f.name, v) for f in FAMILIES for v in f.variants]
 
 
 def test_registry_names_families_and_variants():
-    assert family_names() == ("sd", "sdxl")
-    assert variants() == ("sd1", "sd2", "sdxl")
+    assert family_names() == ("sd", "sdxl", "sd3")
+    assert variants() == ("sd1", "sd2", "sdxl", "sd3")
     assert family("sd1") is family("sd2") is family("sd")
     assert family("sdxl").name == "sdxl"
-    with pytest.raises(ValueError, match=r"'flux'; allowed: sd, sdxl, sd1, sd2, sdxl"):
+    with pytest.raises(ValueError, match=r"'flux'; allowed: sd, sdxl, sd3, sd1, sd2, sdxl, sd3"):
         family("flux")
 
 
@@ -36,12 +36,16 @@ def test_registry_names_families_and_variants():
 def test_each_family_names_its_variants_consistently(name, variant):
     fam = family(variant)
     assert isinstance(fam, Family) and fam.name == name
+    assert fam.variant_label(variant) in fam.variant_article(variant)
+    assert fam.subfolders[:5] == (fam.denoiser_part, "vae", "text_encoder", "tokenizer", "scheduler")
+    if not fam.single_files:
+        with pytest.raises(ModelError, match="diffusers folders"):
+            fam.single_file_text(variant)
+        return
     assert variant_of_model_type(fam.diffusers_model_type(variant)) == variant
     layouts = fam.single_file_text(variant)
     assert [layout.part for layout in layouts] == [spec.part for spec in fam.text_encoders]
     assert len({layout.label for layout in layouts}) == len(layouts)
-    assert fam.variant_label(variant) in fam.variant_article(variant)
-    assert fam.subfolders[:5] == ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def test_families_tell_model_indexes_apart():
@@ -98,6 +102,10 @@ def test_tiny_model_of_every_family_round_trips(tmp_path, name, variant):
     fam = family_of(loaded)
     assert (fam.name, fam.variant_of(loaded), loaded.architecture) == (name, variant, name)
     assert guess_family(str(folder)) is fam
+    if not fam.single_files:
+        with pytest.raises(ModelError, match="not single files"):
+            save_single_file(loaded, tmp_path / "model.safetensors", dtype="fp32")
+        return
     single = save_single_file(loaded, tmp_path / "model.safetensors", dtype="fp32")
     assert guess_family(str(single)) is fam
     back = load_components(str(single), model_config=str(folder))
@@ -117,13 +125,19 @@ def test_conditioning_and_target_come_from_the_family(name, variant):
     ids = [
         tok(["a cat"], padding="max_length", return_tensors="pt").input_ids for tok in components.tokenizers
     ]
+    channels = components.vae.config.latent_channels
     with torch.no_grad():
         embeddings = encode_text(components, ids)
         kwargs = unet_conditioning(components, embeddings, torch.zeros(1, 6), device="cpu")
-        latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-        out = components.unet(latents, torch.tensor([10]), **kwargs).sample
+        latents = torch.randn(1, channels, 16, 16, generator=torch.Generator().manual_seed(0))
+        noise = torch.ones_like(latents)
+        noisy, timesteps = fam.noisy_input(components.noise_scheduler, latents, noise, torch.tensor([10]))
+        out = fam.denoise(components.unet, noisy, timesteps, kwargs)
     assert out.shape == latents.shape
-    assert ("added_cond_kwargs" in kwargs) == (len(fam.text_encoders) > 1)
-    noise = torch.ones_like(latents)
+    assert ("added_cond_kwargs" in kwargs) == (name == "sdxl")
+    assert ("pooled_projections" in kwargs) == (name == "sd3")
     target = fam.prediction_target(components.noise_scheduler, latents, noise, torch.tensor([10]))
-    assert torch.equal(target, noise)  # epsilon models learn the noise
+    if name == "sd3":
+        assert torch.equal(target, noise - latents)  # flow matching learns the velocity
+    else:
+        assert torch.equal(target, noise)  # epsilon models learn the noise

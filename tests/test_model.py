@@ -250,9 +250,7 @@ def test_not_a_diffusers_folder_says_what_is_missing(tmp_path, tiny_models):
     (flux / "model_index.json").write_text(
         json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]})
     )
-    with pytest.raises(
-        ModelError, match="FluxPipeline model; edtools trains Stable Diffusion 1.x/2.x and SDXL"
-    ):
+    with pytest.raises(ModelError, match="FluxPipeline model; edtools trains Stable Diffusion 1.x/2.x, SDXL"):
         load_components(str(flux))
     refiner = tmp_path / "refiner"
     refiner.mkdir()

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "FLOW_MATCHING",
     "PREDICTION_TYPES",
     "Keep",
     "SDComponents",
@@ -27,6 +28,9 @@ __all__ = [
 ]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# What a flow-matching model (SD3's FlowMatchEulerDiscreteScheduler, which has no prediction_type) learns:
+# the velocity noise - latents.
+FLOW_MATCHING = "flow_matching"
 
 
 @dataclass
@@ -35,11 +39,11 @@ class SDComponents:
     config, so betas and prediction_type ("epsilon" / "v_prediction") are the model's. SDXL models have a
     second text encoder (CLIPTextModelWithProjection, whose pooled output conditions the UNet) and tokenizer."""
 
-    unet: Any  # diffusers UNet2DConditionModel
+    unet: Any  # the denoiser: diffusers UNet2DConditionModel, SD3Transformer2DModel (its family's denoiser_class)
     text_encoder: Any  # transformers CLIPTextModel
     tokenizer: Any  # transformers CLIPTokenizer
     vae: Any  # diffusers AutoencoderKL
-    noise_scheduler: Any  # diffusers DDPMScheduler
+    noise_scheduler: Any  # diffusers DDPMScheduler (SD3: FlowMatchEulerDiscreteScheduler)
     text_encoder_2: Any = None  # SDXL only: transformers CLIPTextModelWithProjection
     tokenizer_2: Any = None  # SDXL only
 
@@ -53,7 +57,7 @@ class SDComponents:
 
     @property
     def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
+        return self.noise_scheduler.config.get("prediction_type", FLOW_MATCHING)
 
     @property
     def text_encoders(self) -> tuple[Any, ...]:
@@ -114,7 +118,7 @@ def vae_force_upcast(source: str, hub: dict) -> bool:
 
 def check_prediction_type(components: SDComponents, model: str) -> None:
     prediction_type = components.prediction_type
-    if prediction_type not in PREDICTION_TYPES:
+    if prediction_type not in PREDICTION_TYPES and prediction_type != FLOW_MATCHING:
         raise ModelError(
             f"model '{model}' has scheduler prediction_type '{prediction_type}'; "
             f"edtools trains {' or '.join(PREDICTION_TYPES)}"

@@ -373,6 +373,10 @@ def base_model_version(components: SDComponents) -> str:
     return family_of(components).lora_metadata(components)["ss_base_model_version"]
 
 
+# ModelSpec's modelspec.prediction_type of each prediction type (flow matching: "flow")
+_PREDICTION_NAMES = {"epsilon": "epsilon", "v_prediction": "v", "flow_matching": "flow"}
+
+
 def _number(value: float) -> str:
     return str(float(value))  # as kohya writes its float settings: "4.0", "0.1"
 
@@ -396,7 +400,7 @@ def _metadata(components: SDComponents, title: str, extra: Mapping[str, str] | N
         "modelspec.implementation": named["modelspec.implementation"],
         "modelspec.title": title,
         "modelspec.resolution": f"{side}x{side}",
-        "modelspec.prediction_type": "v" if components.prediction_type == "v_prediction" else "epsilon",
+        "modelspec.prediction_type": _PREDICTION_NAMES.get(components.prediction_type, "epsilon"),
         "edtools_lora_targets": json.dumps(
             {
                 name: list(family.unet_lora_targets if name == "unet" else family.text_encoder_lora_targets)
@@ -404,6 +408,10 @@ def _metadata(components: SDComponents, title: str, extra: Mapping[str, str] | N
             }
         ),
     }
+    if family.lora_file_format == "diffusers":
+        # the file holds alpha / rank folded into lora_B (see Family.lora_file_tensors): its alpha is its rank
+        metadata["ss_network_alpha"] = _number(config.r)
+        metadata["edtools_lora_alpha"] = _number(config.lora_alpha)
     for key, value in (extra or {}).items():
         if not isinstance(key, str):
             raise ValueError(f"LoRA file metadata keys must be strings, got {key!r}")
@@ -429,7 +437,9 @@ def save_lora_file(
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write the adapter as a kohya-format LoRA .safetensors (see kohya_state_dict) that A1111, ComfyUI,
-    diffusers' load_lora_weights and kohya's scripts read. dtype: "fp16" (default), "bf16", "fp32".
+    diffusers' load_lora_weights and kohya's scripts read; for a family whose lora_file_format is "diffusers"
+    (SD3), diffusers' peft keys with alpha / rank folded into lora_B (Family.lora_file_tensors), which its
+    pipeline's load_lora_weights reads. dtype: "fp16" (default), "bf16", "fp32".
 
     Metadata: kohya's ss_network_module "networks.lora", ss_network_dim, ss_network_alpha, ss_network_dropout,
     ss_base_model_version ("sd_v1", "sd_v2", "sdxl_base_v1-0", ...), ss_v2, and ModelSpec modelspec.*
@@ -444,7 +454,15 @@ def save_lora_file(
     if out.is_dir():
         raise ValueError(f"LoRA file path {out} is a folder; give a file name ending in .safetensors")
     info = _metadata(components, out.stem, metadata)
-    tensors = kohya_state_dict(components, dtype=dtype)
+    family = family_of(components)
+    if family.lora_file_format == "diffusers":
+        config = _config(components)
+        named = {
+            name: p.detach().to("cpu", _torch_dtype(dtype)) for name, p in _named_lora_parameters(components)
+        }
+        tensors = family.lora_file_tensors(named, config.r, config.lora_alpha)
+    else:
+        tensors = kohya_state_dict(components, dtype=dtype)
     data = safetensors_torch.save(tensors, metadata=info)  # a LoRA is small: serialise in memory
     with atomic_file(out) as tmp:
         tmp.write_bytes(data)

@@ -7,6 +7,7 @@ what differs between families (subfolders, text encoders, pipeline) the family s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -77,14 +78,11 @@ def _model_index(source: str, *, local: bool, hub: dict) -> dict:
 def _family_of(index: dict, model: str) -> Family:
     """The model family of a model_index.json; every other pipeline is refused with what it is."""
     kind = index.get("_class_name", "this pipeline")
-    unet = index.get("unet") or [None, None]
-    found = None
-    if unet[1] == "UNet2DConditionModel" and "transformer" not in index:
-        found = family_of_index(index, model)
+    found = family_of_index(index, model)
     if found is None:
         raise ModelError(
-            f"'{model}' is a {kind} model; edtools trains Stable Diffusion 1.x/2.x and SDXL "
-            "(a UNet2DConditionModel with CLIP text encoders)"
+            f"'{model}' is a {kind} model; edtools trains Stable Diffusion 1.x/2.x, SDXL "
+            "(a UNet2DConditionModel with CLIP text encoders) and Stable Diffusion 3"
         )
     return found
 
@@ -152,8 +150,8 @@ def _load_parts(source: str, family: Family, keep: Keep, hub: dict) -> SDCompone
     transformers = require("transformers")
     upcast = vae_force_upcast(source, hub)
     unet = keep.place(
-        diffusers.UNet2DConditionModel.from_pretrained(
-            source, subfolder="unet", torch_dtype=keep.dtype_of("unet"), **hub
+        getattr(diffusers, family.denoiser_class).from_pretrained(
+            source, subfolder=family.denoiser_part, torch_dtype=keep.dtype_of("unet"), **hub
         )
     )
     vae = keep.place(
@@ -171,7 +169,8 @@ def _load_parts(source: str, family: Family, keep: Keep, hub: dict) -> SDCompone
         text[spec.tokenizer] = transformers.CLIPTokenizer.from_pretrained(
             source, subfolder=spec.tokenizer, **hub
         )
-    noise_scheduler = diffusers.DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub)
+    scheduler_class = getattr(diffusers, family.noise_scheduler_class)
+    noise_scheduler = scheduler_class.from_pretrained(source, subfolder="scheduler", **hub)
     return SDComponents(unet=unet, vae=vae, noise_scheduler=noise_scheduler, **text)
 
 
@@ -180,14 +179,11 @@ def _load_parts(source: str, family: Family, keep: Keep, hub: dict) -> SDCompone
 
 
 def make_pipeline(components: SDComponents, *, device: str | torch.device | None = None) -> Any:
-    """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline) sharing the training modules (no copies),
-    with a DDIM sampler built from the noise scheduler's config (same betas and prediction type)."""
-    diffusers = require("diffusers")
-    # set_alpha_to_one=False is SD's own sampler setting; a value in the config wins.
-    scheduler = diffusers.DDIMScheduler.from_config(
-        {"set_alpha_to_one": False, **components.noise_scheduler.config}
-    )
-    pipeline = family_of(components).make_pipeline(components, scheduler)
+    """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline)
+    sharing the training modules (no copies), with the family's sampler built from the noise scheduler's config
+    (DDIM with the same betas and prediction type; SD3: its flow-matching Euler sampler with the same shift)."""
+    family = family_of(components)
+    pipeline = family.make_pipeline(components, family.sampling_scheduler(components.noise_scheduler))
     pipeline.set_progress_bar_config(disable=True)
     if device is not None:
         pipeline.to(device)
@@ -198,11 +194,28 @@ def write_components(components: SDComponents, folder: str | os.PathLike) -> Non
     """Write the diffusers pipeline files (safetensors) into folder (not atomically: see save_components), in
     the form the hub's SD folders have, which transformers 4.x and 5.x both read (5.x writes another)."""
     folder = Path(folder)
-    with quiet_progress():
-        make_pipeline(components).save_pretrained(folder, safe_serialization=True)
-    _prefix_text_model(folder / "text_encoder")
+    saving = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    absent = _AbsentPartFilter()
+    saving.addFilter(absent)
+    try:
+        with quiet_progress():
+            make_pipeline(components).save_pretrained(folder, safe_serialization=True)
+    finally:
+        saving.removeFilter(absent)
+    for spec in family_of(components).text_encoders:
+        if spec.model_class == "CLIPTextModel":  # WithProjection keeps text_model. and has text_projection
+            _prefix_text_model(folder / spec.part)
     for name, tokenizer in zip(("tokenizer", "tokenizer_2"), components.tokenizers, strict=False):
         _write_vocab_files(tokenizer, folder / name)
+
+
+class _AbsentPartFilter(logging.Filter):
+    """Drops diffusers' warning for a part a pipeline holds as None (SD3 without T5): model_index.json
+    records it as absent, which is what is meant."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.endswith("cannot be saved.") and "=None of type" in message)
 
 
 def _write_vocab_files(tokenizer: Any, folder: Path) -> None:

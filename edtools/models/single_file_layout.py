@@ -159,6 +159,12 @@ def save_single_file(
     dtype: "fp16" (default), "bf16" or "fp32". metadata: extra string entries for the safetensors header
     (they may override title and date; architecture, prediction type and resolution always describe the
     model). Written to a temp file beside path and renamed, so path is either untouched or complete."""
+    family = family_of(components)
+    if not family.single_files:
+        raise ModelError(
+            f"edtools writes {family.label} models as diffusers folders, not single files: "
+            "set save_single_file false (the checkpoint folder is a diffusers folder)"
+        )
     safetensors_torch = require("safetensors.torch")
     torch = require("torch")
     path = Path(path).expanduser().resolve()

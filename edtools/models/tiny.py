@@ -128,7 +128,10 @@ def tiny_components(
     # Module constructors draw initial weights from torch's global generator: seed a forked copy of it.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = diffusers.UNet2DConditionModel(sample_size=sample_size, **spec.unet)
+        unet = getattr(diffusers, fam.denoiser_class)(sample_size=sample_size, **spec.unet)
+        extra_vae = {} if spec.vae_quant_conv else {"use_quant_conv": False, "use_post_quant_conv": False}
+        if spec.vae_shift_factor is not None:
+            extra_vae["shift_factor"] = spec.vae_shift_factor
         vae = diffusers.AutoencoderKL(
             sample_size=sample_size * 8,
             in_channels=3,
@@ -137,10 +140,11 @@ def tiny_components(
             up_block_types=("UpDecoderBlock2D",) * 4,
             block_out_channels=(8, 8, 16, 16),
             layers_per_block=2 if real_blocks else 1,
-            latent_channels=4,
+            latent_channels=spec.vae_latent_channels,
             norm_num_groups=8,
             scaling_factor=spec.vae_scaling_factor,
             force_upcast=spec.vae_force_upcast,
+            **extra_vae,
         )
         text: dict = {}
         for encoder_spec, text_spec, tokenizer in zip(
@@ -149,15 +153,18 @@ def tiny_components(
             model_class = getattr(transformers, encoder_spec.model_class)
             text[encoder_spec.part] = model_class(_text_config(tokenizer, text_spec))
             text[encoder_spec.tokenizer] = tokenizer
-    noise_scheduler = diffusers.DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        prediction_type=prediction_type,
-        steps_offset=1,
-    )
+    if spec.scheduler is not None:  # a family's own training scheduler (SD3: flow matching)
+        noise_scheduler = getattr(diffusers, fam.noise_scheduler_class)(**spec.scheduler)
+    else:
+        noise_scheduler = diffusers.DDPMScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            prediction_type=prediction_type,
+            steps_offset=1,
+        )
     components = SDComponents(unet=unet, vae=vae, noise_scheduler=noise_scheduler, **text)
     for module in (unet, vae, *components.text_encoders):
         module.eval()

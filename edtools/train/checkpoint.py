@@ -69,6 +69,7 @@ _RESUME_MUST_MATCH = (
     "text_encoder_lr",
     "prediction_type",
     "zero_terminal_snr",
+    "flow_shift",
     "ema_decay",
 )
 

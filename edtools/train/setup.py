@@ -107,6 +107,14 @@ def resolve_config(config: TrainConfig, components: Any, runtime: Runtime) -> Tr
         raise ConfigError(
             f"the model's own resolution is {resolved.resolution}, not a multiple of 64: set resolution, e.g. 512"
         )
+    from ..models.families import family_of
+
+    family = family_of(components)
+    if resolved.save_single_file and not resolved.lora_rank and not family.single_files:
+        raise ConfigError(
+            f"save_single_file is set, but edtools writes {family.label} models as diffusers folders only (each "
+            "checkpoint is one): set save_single_file false"
+        )
     return resolved
 
 
@@ -139,11 +147,53 @@ def make_latent_cache(config: TrainConfig, components: Any) -> Any:
     return LatentCache(LatentStore("disk", cache_folder(config), vae_key(components.vae)))
 
 
+_FLOW_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
 def configure_noise(components: Any, config: TrainConfig) -> None:
     """The noise scheduler the run trains with: the model's, with the chosen prediction type and zero terminal
-    SNR (recorded in its config, so saved models say what they were trained for)."""
+    SNR, or for a flow-matching model its flow_shift (recorded in its config, so saved models say what they
+    were trained for). Settings of the other kind of objective are refused."""
+    from ..models.components import FLOW_MATCHING
     from .noise import noise_scheduler_for
 
+    if components.prediction_type == FLOW_MATCHING:
+        asked = {
+            "prediction_type": config.prediction_type,
+            "zero_terminal_snr": config.zero_terminal_snr or None,
+            "min_snr_gamma": config.min_snr_gamma,
+        }
+        asked = {name: value for name, value in asked.items() if value is not None}
+        if asked:
+            settings = ", ".join(f"{name} {value}" for name, value in asked.items())
+            raise ConfigError(
+                f"the model {config.model} is trained by flow matching (it learns noise - latents at shifted "
+                f"sigmas), which has no DDPM noise schedule: {settings} do not apply to it; leave them unset"
+            )
+        if config.flow_shift is not None:  # recorded in the scheduler's config: saved models say it
+            scheduler = components.noise_scheduler
+            components.noise_scheduler = type(scheduler).from_config(
+                {**scheduler.config, "shift": config.flow_shift}
+            )
+        return
+    flow = {
+        name: getattr(config, name)
+        for name in (
+            "timestep_sampling",
+            "logit_mean",
+            "logit_std",
+            "mode_scale",
+            "flow_shift",
+            "flow_loss_weighting",
+        )
+        if getattr(config, name) != _FLOW_DEFAULTS[name]
+    }
+    if flow:
+        settings = ", ".join(f"{name} {value}" for name, value in flow.items())
+        raise ConfigError(
+            f"{settings}: these settings are for flow-matching models (SD3); the model {config.model} is "
+            f"trained on a DDPM noise schedule ({components.prediction_type}). Leave them at their defaults"
+        )
     components.noise_scheduler = noise_scheduler_for(
         components.noise_scheduler,
         prediction_type=config.prediction_type,

@@ -21,9 +21,11 @@ if TYPE_CHECKING:
     import torch
 
     from ..models import SDComponents
+    from ..models.families.base import FlowSettings
 
 __all__ = [
     "StepResult",
+    "flow_settings",
     "make_grad_scaler",
     "make_lr_scheduler",
     "learning_rate",
@@ -51,6 +53,19 @@ class StepResult:
     skipped: bool = False
     grad_norm: float | None = None
     lr: float | None = None
+
+
+def flow_settings(config: TrainConfig) -> FlowSettings:
+    """A flow-matching family's training density and loss weighting, from the run's settings."""
+    from ..models.families.base import FlowSettings
+
+    return FlowSettings(
+        timestep_sampling=config.timestep_sampling,
+        logit_mean=config.logit_mean,
+        logit_std=config.logit_std,
+        mode_scale=config.mode_scale,
+        loss_weighting=config.flow_loss_weighting,
+    )
 
 
 def step_generator(seed: int, epoch: int, rank: int, batch: int) -> torch.Generator:
@@ -326,10 +341,12 @@ def train_step(
                 for module in (unet, *encoders):
                     if isinstance(module, torch.nn.parallel.DistributedDataParallel):
                         stack.enter_context(module.no_sync())
+            family = family_of(components)
             if stand_in:
                 latents = batch["latents"]
             else:
                 latents = latent_cache.latents(batch, vae, vae.config.scaling_factor, generator=generator)
+                latents = family.shift_latents(vae, latents)
             latents = latents.float()
             n = latents.shape[0]
             noise = training_noise(
@@ -338,11 +355,11 @@ def train_step(
                 offset=config.offset_noise,
                 pyramid_discount=config.pyramid_noise_discount,
             ).to(device)
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator, dtype=torch.int64
-            ).to(device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = family_of(components).prediction_target(noise_scheduler, latents, noise, timesteps)
+            # schedule positions: DDPM timesteps, or indices of a flow-matching model's sigmas
+            flow = flow_settings(config)
+            timesteps = family.training_positions(noise_scheduler, n, generator, flow).to(device)
+            noisy, model_timesteps = family.noisy_input(noise_scheduler, latents, noise, timesteps)
+            target = family.prediction_target(noise_scheduler, latents, noise, timesteps)
             with autocast(config, device):
                 if text_cache is not None:
                     embeddings = text_cache.get(batch["captions"])
@@ -351,9 +368,9 @@ def train_step(
                     with torch.set_grad_enabled(text_grad):
                         embeddings = encode_text(components, ids)
                 conditioning = unet_conditioning(components, embeddings, batch.get("time_ids"), device=device)
-                model_pred = unet(noisy, timesteps, **conditioning).sample
+                model_pred = family.denoise(unet, noisy, model_timesteps, conditioning)
             per_sample = per_sample_mse(model_pred, target)
-            snr_weights = None
+            snr_weights = family.loss_weights(noise_scheduler, timesteps, flow)  # flow matching's weighting
             if config.min_snr_gamma is not None:
                 snr_weights = min_snr_weights(
                     compute_snr(noise_scheduler, timesteps),

@@ -294,7 +294,7 @@ class Validator:
             pixels = torch.stack([decode_image(Path(i.root) / i.path, i.crop) for i in missing])
             means = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().float().cpu()
             for image, mean in zip(missing, means, strict=True):
-                image.latents = mean * vae.config.scaling_factor
+                image.latents = family_of(components).shift_latents(vae, mean * vae.config.scaling_factor)
         if text_cache is not None:
             cached = text_cache.get(captions)
             for row, caption in enumerate(captions):
@@ -320,11 +320,13 @@ class Validator:
         if embeddings[0].pooled is not None:
             pooled = torch.stack([e.pooled for e in embeddings]).repeat_interleave(t, 0)
         time_ids = torch.tensor([image.crop.time_ids() for image in group]).repeat_interleave(t, 0)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = family_of(components).prediction_target(scheduler, latents, noise, timesteps)
+        # timesteps are schedule positions (DDPM timesteps, or indices of a flow-matching model's sigmas)
+        family = family_of(components)
+        noisy, model_timesteps = family.noisy_input(scheduler, latents, noise, timesteps)
+        target = family.prediction_target(scheduler, latents, noise, timesteps)
         conditioning = unet_conditioning(components, TextEmbeddings(hidden, pooled), time_ids, device=device)
-        prediction = unet(noisy, timesteps, **conditioning)
-        per_sample = per_sample_mse(prediction.sample, target).reshape(len(group), t).mean(dim=1)
+        prediction = family.denoise(unet, noisy, model_timesteps, conditioning)
+        per_sample = per_sample_mse(prediction, target).reshape(len(group), t).mean(dim=1)
         return per_sample.cpu().tolist()
 
 

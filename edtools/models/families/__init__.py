@@ -1,4 +1,4 @@
-"""Model families: one module per family (sd: SD 1.x/2.x, sdxl: SDXL), each a Family (see base.py), registered here.
+"""Model families: one module per family (sd: SD 1.x/2.x, sdxl: SDXL, sd3: SD3/3.5), each a Family (base.py).
 
 The rest of edtools asks `family(name)` or `family_of(components)` instead of testing architecture names.
 """
@@ -12,6 +12,7 @@ from typing import Any
 
 from .base import Family, Parts, TextEmbeddings
 from .sd import StableDiffusion
+from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
 __all__ = [
@@ -31,7 +32,7 @@ __all__ = [
 ]
 
 # The registered families, in the order they are tried; adding a family is adding its module and one entry.
-FAMILIES: tuple[Family, ...] = (StableDiffusion(), StableDiffusionXL())
+FAMILIES: tuple[Family, ...] = (StableDiffusion(), StableDiffusionXL(), StableDiffusion3())
 
 
 def family_names() -> tuple[str, ...]:

@@ -20,6 +20,7 @@ __all__ = [
     "UNET_LORA_PATTERN",
     "UNET_TARGETS",
     "Family",
+    "FlowSettings",
     "Parts",
     "TextEmbeddings",
     "TextEncoderSpec",
@@ -27,6 +28,8 @@ __all__ = [
     "TinyEncoder",
     "TinySpec",
     "has_prefix",
+    "is_unet_index",
+    "unwrapped",
 ]
 
 # LoRA target modules: the same set kohya's sd-scripts LoRA (networks.lora, its default without conv_dim) trains:
@@ -92,6 +95,23 @@ class TextEmbeddings:
 
 
 @dataclass(frozen=True)
+class FlowSettings:
+    """How a flow-matching family trains: the noise levels' density (diffusers'
+    compute_density_for_timestep_sampling: "logit_normal" with logit_mean / logit_std, "mode" with mode_scale,
+    "uniform") and the loss weighting per level (compute_loss_weighting_for_sd3: "none", "sigma_sqrt",
+    "cosmap"). The defaults are the SD3 paper's logit-normal(0, 1), unweighted. DDPM families ignore it."""
+
+    timestep_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    loss_weighting: str = "none"
+
+
+_DEFAULT_FLOW = FlowSettings()
+
+
+@dataclass(frozen=True)
 class TextEncoderSpec:
     """One text encoder of a family: its SDComponents field and diffusers subfolder (`part`), its transformers
     class, and its tokenizer's field and subfolder."""
@@ -127,14 +147,20 @@ class TinyEncoder:
 
 @dataclass(frozen=True)
 class TinySpec:
-    """A tiny model of a variant, as plain configs that models.tiny builds: UNet2DConditionModel kwargs (less
-    sample_size), one TinyEncoder per text encoder (in the family's order), the VAE's latent scaling factor and
-    whether it asks for float32."""
+    """A tiny model of a variant, as plain configs that models.tiny builds: the denoiser's kwargs (less
+    sample_size; for the family's denoiser_class), one TinyEncoder per text encoder (in the family's order),
+    the VAE's latent scaling factor and whether it asks for float32."""
 
     unet: Mapping[str, Any]
     encoders: tuple[TinyEncoder, ...]
     vae_scaling_factor: float
     vae_force_upcast: bool
+    # a VAE with other latent channels, SD3's shift_factor, no quant convs (SD3's); the training scheduler's
+    # kwargs when it is not SD's DDPM (the family's noise_scheduler_class)
+    vae_latent_channels: int = 4
+    vae_shift_factor: float | None = None
+    vae_quant_conv: bool = True
+    scheduler: Mapping[str, Any] | None = None
 
 
 def has_prefix(keys: Iterable[str], *prefixes: str) -> bool:
@@ -142,7 +168,21 @@ def has_prefix(keys: Iterable[str], *prefixes: str) -> bool:
     return any(key.startswith(prefixes) for key in keys)
 
 
-_BASE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+def is_unet_index(index: Mapping[str, Any]) -> bool:
+    """Whether a diffusers model_index.json is of a UNet2DConditionModel pipeline (no transformer)."""
+    unet = index.get("unet") or [None, None]
+    return unet[1] == "UNet2DConditionModel" and "transformer" not in index
+
+
+def unwrapped(module: Any) -> Any:
+    """The model inside torch.compile / DistributedDataParallel wrappers (families read its config)."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        elif type(module).__name__ in ("DistributedDataParallel", "DataParallel"):
+            module = module.module
+        else:
+            return module
 
 
 class Family(ABC):
@@ -173,6 +213,18 @@ class Family(ABC):
     text_encoder_lora_pattern: str = TEXT_ENCODER_LORA_PATTERN
     # kohya key prefixes renamed after diffusers' PEFT -> kohya conversion (lora_te1_ -> lora_te_ for one encoder)
     kohya_renames: Mapping[str, str] = MappingProxyType({})
+    # The denoiser (SDComponents.unet, whatever its kind): its diffusers subfolder and pipeline argument
+    # ("unet", "transformer") and its diffusers class; the training scheduler's diffusers class.
+    denoiser_part: str = "unet"
+    denoiser_class: str = "UNet2DConditionModel"
+    noise_scheduler_class: str = "DDPMScheduler"
+    # How the LoRA file is written: "kohya" (kohya-ss / A1111 / ComfyUI keys, see models.lora.kohya_state_dict)
+    # or "diffusers" (peft keys "<denoiser_part>.<module>.lora_A.weight", what the family's pipeline's
+    # save_lora_weights writes and load_lora_weights reads).
+    lora_file_format: str = "kohya"
+    # whether edtools reads and writes single files (A1111 / ComfyUI checkpoints) of this family; the
+    # single-file methods below are only asked when it does
+    single_files: bool = True
 
     # ---- loading: diffusers folders and hub ids
 
@@ -181,7 +233,7 @@ class Family(ABC):
         """The subfolders a diffusers folder of this family has (unet, vae, scheduler, the encoders' and
         tokenizers')."""
         extra = tuple(name for spec in self.text_encoders[1:] for name in (spec.part, spec.tokenizer))
-        return _BASE_SUBFOLDERS + extra
+        return (self.denoiser_part, "vae", "text_encoder", "tokenizer", "scheduler") + extra
 
     @abstractmethod
     def matches_index(self, index: Mapping[str, Any], model: str) -> bool:
@@ -248,6 +300,68 @@ class Family(ABC):
         from ..objective import prediction_target
 
         return prediction_target(noise_scheduler, latents, noise, timesteps)
+
+    # The noise objective in four steps, each on "positions": integers in [0, num_train_timesteps) that index
+    # the training schedule (DDPM: the timestep itself; flow matching: an index into the scheduler's shifted
+    # sigmas). Validation draws its fixed positions per image the same way for every family.
+
+    def training_positions(
+        self, noise_scheduler: Any, count: int, generator: torch.Generator, flow: FlowSettings = _DEFAULT_FLOW
+    ) -> torch.Tensor:
+        """`count` schedule positions (int64, CPU) for a training batch, drawn from `generator`; by default
+        uniform over the timesteps, as diffusers' training scripts draw them (flow: a flow family's density)."""
+        import torch
+
+        steps = noise_scheduler.config.num_train_timesteps
+        return torch.randint(0, steps, (count,), generator=generator, dtype=torch.int64)
+
+    def noisy_input(
+        self, noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noisy latents, the timestep values the denoiser is given) at the positions; by default the
+        scheduler's add_noise and the positions themselves."""
+        return noise_scheduler.add_noise(latents, noise, positions), positions
+
+    def loss_weights(
+        self, noise_scheduler: Any, positions: torch.Tensor, flow: FlowSettings = _DEFAULT_FLOW
+    ) -> torch.Tensor | None:
+        """Per-image weights of the MSE at the positions from the objective itself (flow matching's loss
+        weighting), or None (the default: Min-SNR and loss_scale alone weight it)."""
+        return None
+
+    def denoise(self, model: Any, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Mapping) -> Any:
+        """The denoiser's output tensor on noisy latents (conditioning: unet_conditioning's keywords)."""
+        return model(noisy, timesteps, **conditioning).sample
+
+    def shift_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        """Latents already multiplied by the VAE's scaling_factor as the denoiser sees them (default: as they
+        are; a VAE with a shift_factor subtracts shift * scaling)."""
+        return latents
+
+    def sampling_scheduler(self, noise_scheduler: Any) -> Any:
+        """The sampler of the family's pipeline, from the training scheduler's config (a new object, so
+        sampling never changes the training scheduler): DDIM with SD's own set_alpha_to_one=False unless the
+        config says otherwise."""
+        from ...errors import require
+
+        diffusers = require("diffusers")
+        return diffusers.DDIMScheduler.from_config({"set_alpha_to_one": False, **noise_scheduler.config})
+
+    def lora_file_tensors(self, named: Mapping[str, torch.Tensor], rank: int, alpha: float) -> dict[str, Any]:
+        """The LoRA file's tensors when lora_file_format is "diffusers": `named` is the adapter's peft
+        weights "<unet|text_encoder|text_encoder_2>.<module>.lora_A.weight" / lora_B. The denoiser's keys are
+        named for denoiser_part, and the scale alpha / rank is folded into lora_B, so that a loader that
+        assumes alpha = rank (diffusers without adapter metadata) applies exactly the trained update."""
+        scale = float(alpha) / float(rank)
+        result = {}
+        for name, value in named.items():
+            component, rest = name.split(".", 1)
+            if component == "unet":
+                component = self.denoiser_part
+            if rest.endswith(".lora_B.weight") and scale != 1.0:
+                value = (value.float() * scale).to(value.dtype)
+            result[f"{component}.{rest}"] = value.contiguous()
+        return result
 
     # ---- sampling
 

@@ -19,6 +19,8 @@ from .base import (
     TinyEncoder,
     TinySpec,
     has_prefix,
+    is_unet_index,
+    unwrapped,
 )
 
 if TYPE_CHECKING:
@@ -55,10 +57,10 @@ class StableDiffusion(Family):
     kohya_renames = MappingProxyType({"lora_te1_": "lora_te_"})  # SD 1.x/2.x files have one "lora_te"
 
     def matches_index(self, index: Mapping[str, Any], model: str) -> bool:
-        return "text_encoder_2" not in index
+        return is_unet_index(index) and "text_encoder_2" not in index
 
     def matches_parts(self, parts: Parts) -> bool:
-        return parts.text_encoder_2 is None
+        return parts.text_encoder_2 is None and hasattr(unwrapped(parts.unet).config, "cross_attention_dim")
 
     def guess_keys(self, keys: Collection[str]) -> bool:
         return has_prefix(keys, "cond_stage_model.") and not has_prefix(keys, "conditioner.embedders.1.")

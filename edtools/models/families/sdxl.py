@@ -20,6 +20,8 @@ from .base import (
     TinyEncoder,
     TinySpec,
     has_prefix,
+    is_unet_index,
+    unwrapped,
 )
 from .sd import device_of
 
@@ -56,7 +58,7 @@ class StableDiffusionXL(Family):
     gradient_checkpointing_always = True
 
     def matches_index(self, index: Mapping[str, Any], model: str) -> bool:
-        if "text_encoder_2" not in index:
+        if not is_unet_index(index) or "text_encoder_2" not in index:
             return False
         if (index.get("text_encoder") or [None, None])[0] is None:
             kind = index.get("_class_name", "this pipeline")
@@ -66,7 +68,8 @@ class StableDiffusionXL(Family):
         return True
 
     def matches_parts(self, parts: Parts) -> bool:
-        return parts.text_encoder_2 is not None
+        unet_config = unwrapped(parts.unet).config
+        return parts.text_encoder_2 is not None and hasattr(unet_config, "cross_attention_dim")
 
     def guess_keys(self, keys: Collection[str]) -> bool:
         return has_prefix(keys, "conditioner.embedders.1.")
