@@ -11,7 +11,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from .config import PAIR_FIELDS, ConfigError, TrainConfig, field_types, split_optional
+from .coerce import PAIR_FIELDS, split_optional
+from .config import ConfigError, TrainConfig, field_types
 
 __all__ = ["add_arguments", "from_args", "settings_table", "to_args"]
 

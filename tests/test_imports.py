@@ -160,7 +160,7 @@ LAYERS = (
     ("balance",),  # schedules, held-out images, reports, rebalancing rules
     ("data",),  # loading: images, captions, batches, latents
     ("models",),  # families, loaders, LoRA, single files
-    ("presets", "config", "flags"),  # settings: what the model and the GPU allow
+    ("presets", "coerce", "config", "flags"),  # settings: what the model and the GPU allow
     ("train", "demo"),
     ("widgets", "cli", "__main__", "install"),
 )
