@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
+from .errors import ConfigError
 from .models.families import family
 
 # auto_settings takes and returns a config.TrainConfig; config imports this module, so it is not named here
@@ -227,7 +228,14 @@ def auto_settings(
         )
     if config.num_workers is None:
         changes["num_workers"] = 1 if device_type == "cuda" and (os.cpu_count() or 1) >= 2 else 0
+    second_trains = (
+        "text_encoder_2" in model_family.trainable_text_encoders and len(model_family.text_encoders) > 1
+    )
     if config.train_text_encoder_2 is None:
-        has_second = len(model_family.text_encoders) > 1
-        changes["train_text_encoder_2"] = config.train_text_encoder if has_second else False
+        changes["train_text_encoder_2"] = config.train_text_encoder if second_trains else False
+    elif config.train_text_encoder_2 and not second_trains:
+        raise ConfigError(
+            f"train_text_encoder_2 is true, but {model_family.label} models have no second text encoder that "
+            "can train (Flux.1's T5 always stays frozen); set train_text_encoder_2 false"
+        )
     return dataclasses.replace(config, **changes) if changes else config

@@ -17,7 +17,7 @@ diffusers = pytest.importorskip("diffusers")
 from edtools.cli import main  # noqa: E402
 from edtools.models import load_components, make_pipeline, make_tiny_model, tiny_components  # noqa: E402
 from edtools.models.families import family, family_of  # noqa: E402
-from edtools.models.families.sd3 import flow_sigmas  # noqa: E402
+from edtools.models.families.flow import flow_sigmas  # noqa: E402
 from edtools.train import train  # noqa: E402
 
 
@@ -197,7 +197,7 @@ def test_density_without_a_generator_argument_is_diffusers_own(monkeypatch, sche
     import diffusers.training_utils as training_utils
 
     from edtools.models.families.base import FlowSettings
-    from edtools.models.families.sd3 import _density
+    from edtools.models.families.flow import _density
 
     flow = FlowSettings(timestep_sampling=scheme, logit_mean=0.3, logit_std=0.7, mode_scale=0.9)
     new = _density(flow, 64, torch.Generator().manual_seed(5))

@@ -174,7 +174,7 @@ def add_lora(
     if text_encoders:
         targets += [
             (name, getattr(components, name), family.text_encoder_lora_pattern)
-            for name in ("text_encoder", "text_encoder_2")
+            for name in family.trainable_text_encoders  # never Flux's T5
             if getattr(components, name) is not None
         ]
     cuda = sorted(
@@ -383,10 +383,9 @@ def _number(value: float) -> str:
 
 def _metadata(components: SDComponents, title: str, extra: Mapping[str, str] | None) -> dict[str, str]:
     config = _config(components)
-    unet_config = components.unet.config
-    side = int(unet_config.sample_size) * 2 ** (len(components.vae.config.block_out_channels) - 1)
-    trained = [name for name, _ in _adapted_modules(components)]
     family = family_of(components)
+    side = family.native_resolution(components)
+    trained = [name for name, _ in _adapted_modules(components)]
     named = family.lora_metadata(components)
     metadata = {
         "ss_network_module": "networks.lora",

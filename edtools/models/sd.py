@@ -166,7 +166,7 @@ def _load_parts(source: str, family: Family, keep: Keep, hub: dict) -> SDCompone
                 source, subfolder=spec.part, dtype=keep.dtype_of(spec.part), **hub
             )
         )
-        text[spec.tokenizer] = transformers.CLIPTokenizer.from_pretrained(
+        text[spec.tokenizer] = getattr(transformers, spec.tokenizer_class).from_pretrained(
             source, subfolder=spec.tokenizer, **hub
         )
     scheduler_class = getattr(diffusers, family.noise_scheduler_class)
@@ -205,8 +205,8 @@ def write_components(components: SDComponents, folder: str | os.PathLike) -> Non
     for spec in family_of(components).text_encoders:
         if spec.model_class == "CLIPTextModel":  # WithProjection keeps text_model. and has text_projection
             _prefix_text_model(folder / spec.part)
-    for name, tokenizer in zip(("tokenizer", "tokenizer_2"), components.tokenizers, strict=False):
-        _write_vocab_files(tokenizer, folder / name)
+        if spec.tokenizer_class == "CLIPTokenizer":
+            _write_vocab_files(getattr(components, spec.tokenizer), folder / spec.tokenizer)
 
 
 class _AbsentPartFilter(logging.Filter):

@@ -133,9 +133,7 @@ def _modelspec(components: SDComponents, path: Path) -> dict[str, str]:
     """Stability's ModelSpec 1.0.0 keys for the model."""
     family = family_of(components)
     v = components.prediction_type == "v_prediction"
-    size = components.unet.config.sample_size
-    latent_side = size[0] if isinstance(size, (list, tuple)) else size
-    side = latent_side * 2 ** (len(components.vae.config.block_out_channels) - 1)  # VAE downsampling
+    side = family.native_resolution(components)
     return {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": family.modelspec_architecture(family.variant_of(components), v),

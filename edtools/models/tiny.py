@@ -1,10 +1,11 @@
 """Tiny SD-shaped models for tests and the demo: the real diffusers classes and file layout, random weights.
 
-A generated CLIP vocabulary (bytes plus a few whole words) stands in for the real tokenizer files.
+Generated vocabularies (CLIP's bytes, T5's characters, plus a few whole words) stand in for the tokenizer files.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -16,7 +17,7 @@ from .families import family, variants
 from .families.base import TinyEncoder
 from .sd import save_components
 
-__all__ = ["ARCHITECTURES", "make_tiny_model", "tiny_components", "tiny_tokenizer"]
+__all__ = ["ARCHITECTURES", "make_tiny_model", "tiny_components", "tiny_t5_tokenizer", "tiny_tokenizer"]
 
 # Words that get whole-word BPE merges, so captions tokenize like a real CLIP vocabulary would.
 _TINY_WORDS = (
@@ -73,11 +74,53 @@ def tiny_tokenizer(folder: Path, *, pad_token: str | None = None):
     return transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
+def tiny_t5_tokenizer(folder: Path, *, max_length: int):
+    """A T5TokenizerFast of a generated sentencepiece-style unigram vocabulary (<pad> 0, </s> 1, <unk> 2;
+    printable characters, "▁"-prefixed characters and words): unknown words split into characters, as T5's
+    would, so distinct captions stay distinct."""
+    transformers = require("transformers")
+    tokenizers = require("tokenizers")
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -5.0) for c in chars] + [("\u2581" + c, -4.0) for c in chars]
+    vocab += [("\u2581" + word, -1.0) for word in _TINY_WORDS if len(word) > 1]
+    backend = tokenizers.Tokenizer(tokenizers.models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = tokenizers.decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    tokenizer = transformers.T5TokenizerFast(
+        tokenizer_object=backend,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=max_length,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    return transformers.T5TokenizerFast.from_pretrained(folder, local_files_only=True)
+
+
 ARCHITECTURES = variants()  # "sd1", "sd2", "sdxl": each registered family's variants
 
 
 def _text_config(tokenizer, encoder: TinyEncoder):
     transformers = require("transformers")
+    if encoder.kind == "t5":  # T5-XXL's kind: gated GELU, relative attention, no biases
+        return transformers.T5Config(
+            vocab_size=len(tokenizer),
+            d_model=encoder.width,
+            d_kv=encoder.width // 4,
+            d_ff=2 * encoder.width,
+            num_layers=encoder.layers,
+            num_heads=4,
+            feed_forward_proj=encoder.act,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
     extra = {} if encoder.projection is None else {"projection_dim": encoder.projection}
     return transformers.CLIPTextConfig(
         vocab_size=len(tokenizer),
@@ -122,13 +165,17 @@ def tiny_components(
     spec = fam.tiny(architecture, real_blocks=real_blocks)
     with tempfile.TemporaryDirectory(prefix="edtools-tokenizer-") as tmp:
         tokenizers = [
-            tiny_tokenizer(Path(tmp) / str(i + 1), pad_token=encoder.pad_token)
+            tiny_t5_tokenizer(Path(tmp) / str(i + 1), max_length=encoder.tokens)
+            if encoder.kind == "t5"
+            else tiny_tokenizer(Path(tmp) / str(i + 1), pad_token=encoder.pad_token)
             for i, encoder in enumerate(spec.encoders)
         ]
     # Module constructors draw initial weights from torch's global generator: seed a forked copy of it.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = getattr(diffusers, fam.denoiser_class)(sample_size=sample_size, **spec.unet)
+        denoiser_class = getattr(diffusers, fam.denoiser_class)
+        sized = "sample_size" in inspect.signature(denoiser_class.__init__).parameters  # Flux's has no size
+        unet = denoiser_class(**spec.unet, **({"sample_size": sample_size} if sized else {}))
         extra_vae = {} if spec.vae_quant_conv else {"use_quant_conv": False, "use_post_quant_conv": False}
         if spec.vae_shift_factor is not None:
             extra_vae["shift_factor"] = spec.vae_shift_factor

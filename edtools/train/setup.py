@@ -90,15 +90,16 @@ def resolve_config(config: TrainConfig, components: Any, runtime: Runtime) -> Tr
     """The config with its automatic values (resolution, precision, checkpointing) decided for this model and
     device; checkpoints store the decided values, so a resumed run compares like with like."""
     torch = require("torch")
+    from ..models.families import family_of
     from ..presets import auto_settings
 
     device = torch.device(runtime.device)
     cuda = device.type == "cuda"
-    vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    family = family_of(components)
     resolved = auto_settings(
         config,
-        architecture=components.architecture,
-        native_resolution=int(components.unet.config.sample_size) * vae_scale,
+        architecture=family.name,
+        native_resolution=family.native_resolution(components),
         device_type=device.type,
         bf16_supported=cuda and torch.cuda.is_bf16_supported(),
         gpu_gib=torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None,
@@ -107,9 +108,6 @@ def resolve_config(config: TrainConfig, components: Any, runtime: Runtime) -> Tr
         raise ConfigError(
             f"the model's own resolution is {resolved.resolution}, not a multiple of 64: set resolution, e.g. 512"
         )
-    from ..models.families import family_of
-
-    family = family_of(components)
     if resolved.save_single_file and not resolved.lora_rank and not family.single_files:
         raise ConfigError(
             f"save_single_file is set, but edtools writes {family.label} models as diffusers folders only (each "
@@ -170,8 +168,14 @@ def configure_noise(components: Any, config: TrainConfig) -> None:
                 f"the model {config.model} is trained by flow matching (it learns noise - latents at shifted "
                 f"sigmas), which has no DDPM noise schedule: {settings} do not apply to it; leave them unset"
             )
+        scheduler = components.noise_scheduler
+        if config.flow_shift is not None and scheduler.config.get("use_dynamic_shifting", False):
+            raise ConfigError(
+                f"flow_shift is {config.flow_shift}, but the model {config.model} shifts its noise levels by "
+                "image size when sampling (use_dynamic_shifting, as Flux.1 does) and trains on unshifted ones, "
+                "as diffusers' training scripts do; leave flow_shift unset"
+            )
         if config.flow_shift is not None:  # recorded in the scheduler's config: saved models say it
-            scheduler = components.noise_scheduler
             components.noise_scheduler = type(scheduler).from_config(
                 {**scheduler.config, "shift": config.flow_shift}
             )

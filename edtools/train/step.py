@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..errors import MissingDependency, quiet_harmless_warnings, require
+from ..models.families import family_of
 
 if TYPE_CHECKING:
     import torch
@@ -242,7 +243,11 @@ def prepare_modules(components: SDComponents, config: TrainConfig, device: Any) 
         for param in params:  # adapters train in float32 beside their half-precision base layers
             param.data = param.data.float()
         components.unet.train()
-        trained_encoders = encoders if config.lora_text_encoder else ()
+        adapted = family_of(components).trainable_text_encoders  # add_lora adapts these
+        trained_encoders = tuple(
+            getattr(components, name) for name in adapted if getattr(components, name) is not None
+        )
+        trained_encoders = trained_encoders if config.lora_text_encoder else ()
     else:
         _place(components.unet.requires_grad_(True).train(), device, torch.float32)
         params = list(components.unet.parameters())

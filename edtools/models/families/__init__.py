@@ -1,4 +1,4 @@
-"""Model families: one module per family (sd: SD 1.x/2.x, sdxl: SDXL, sd3: SD3/3.5), each a Family (base.py).
+"""Model families: one module per family (sd: SD 1.x/2.x, sdxl, sd3: SD3/3.5, flux: Flux.1), each a Family (base.py).
 
 The rest of edtools asks `family(name)` or `family_of(components)` instead of testing architecture names.
 """
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import Family, Parts, TextEmbeddings
+from .flux import Flux
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 # The registered families, in the order they are tried; adding a family is adding its module and one entry.
-FAMILIES: tuple[Family, ...] = (StableDiffusion(), StableDiffusionXL(), StableDiffusion3())
+FAMILIES: tuple[Family, ...] = (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())
 
 
 def family_names() -> tuple[str, ...]:

@@ -114,11 +114,17 @@ _DEFAULT_FLOW = FlowSettings()
 @dataclass(frozen=True)
 class TextEncoderSpec:
     """One text encoder of a family: its SDComponents field and diffusers subfolder (`part`), its transformers
-    class, and its tokenizer's field and subfolder."""
+    class, its tokenizer's field and subfolder, and the tokenizer's transformers class."""
 
     part: str  # "text_encoder", "text_encoder_2"
-    model_class: str  # "CLIPTextModel", "CLIPTextModelWithProjection"
+    model_class: str  # "CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"
     tokenizer: str  # "tokenizer", "tokenizer_2"
+    tokenizer_class: str = "CLIPTokenizer"  # "T5TokenizerFast"
+
+    @property
+    def is_clip(self) -> bool:
+        """Whether it is a CLIP text model (LoRA's CLIP targets; the files' text_model. prefix)."""
+        return self.model_class.startswith("CLIP")
 
 
 @dataclass(frozen=True)
@@ -136,13 +142,16 @@ class TextLayout:
 @dataclass(frozen=True)
 class TinyEncoder:
     """A tiny text encoder: CLIPTextConfig width, layers and activation; projection_dim for one with projection
-    (CLIPTextModelWithProjection); the tokenizer's pad token (None: <|endoftext|>)."""
+    (CLIPTextModelWithProjection); the tokenizer's pad token (None: <|endoftext|>). A T5 encoder (kind "t5")
+    has the width, the layers and a generated sentencepiece-style tokenizer of `tokens` tokens."""
 
     width: int
     layers: int
     act: str
     projection: int | None = None
     pad_token: str | None = None
+    kind: str = "clip"  # "clip" or "t5"
+    tokens: int = 77  # a T5 tokenizer's model_max_length (CLIP's is 77)
 
 
 @dataclass(frozen=True)
@@ -211,6 +220,8 @@ class Family(ABC):
     text_encoder_lora_targets: tuple[str, ...] = TEXT_ENCODER_TARGETS
     unet_lora_pattern: str = UNET_LORA_PATTERN
     text_encoder_lora_pattern: str = TEXT_ENCODER_LORA_PATTERN
+    # the text encoders (parts) a run may train or adapt with LoRA (Flux's T5 is always frozen)
+    trainable_text_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
     # kohya key prefixes renamed after diffusers' PEFT -> kohya conversion (lora_te1_ -> lora_te_ for one encoder)
     kohya_renames: Mapping[str, str] = MappingProxyType({})
     # The denoiser (SDComponents.unet, whatever its kind): its diffusers subfolder and pipeline argument
@@ -362,6 +373,13 @@ class Family(ABC):
                 value = (value.float() * scale).to(value.dtype)
             result[f"{component}.{rest}"] = value.contiguous()
         return result
+
+    def native_resolution(self, parts: Parts) -> int:
+        """The image side the model was trained at: its denoiser's sample_size (latents) times the VAE's
+        downsampling."""
+        size = unwrapped(parts.unet).config.sample_size
+        latent_side = size[0] if isinstance(size, list | tuple) else size
+        return int(latent_side) * 2 ** (len(parts.vae.config.block_out_channels) - 1)
 
     # ---- sampling
 
