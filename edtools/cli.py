@@ -88,7 +88,8 @@ def cmd_make_demo(args: argparse.Namespace) -> int:
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from .models import make_tiny_model
 
-    architecture = "sdxl" if args.sdxl else "sd3" if args.sd3 else args.architecture
+    shorthand = {"sdxl": args.sdxl, "sd3": args.sd3, "flux-dev": args.flux}
+    architecture = next((name for name, asked in shorthand.items() if asked), args.architecture)
     path = make_tiny_model(
         args.dir,
         architecture,
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--architecture", choices=variants(), default="sd1")
     p.add_argument("--sdxl", action="store_true", help="same as --architecture sdxl")
     p.add_argument("--sd3", action="store_true", help="same as --architecture sd3")
+    p.add_argument("--flux", action="store_true", help="same as --architecture flux-dev (Flux.1 dev)")
     p.add_argument("--real-blocks", action="store_true", help="the real models' block structure (slower)")
     p.set_defaults(func=cmd_make_tiny_model)
 

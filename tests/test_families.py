@@ -24,12 +24,13 @@ VARIANTS = [(f.name, v) for f in FAMILIES for v in f.variants]
 
 
 def test_registry_names_families_and_variants():
-    assert family_names() == ("sd", "sdxl", "sd3")
-    assert variants() == ("sd1", "sd2", "sdxl", "sd3")
+    assert family_names() == ("sd", "sdxl", "sd3", "flux")
+    assert variants() == ("sd1", "sd2", "sdxl", "sd3", "flux-dev", "flux-schnell")
     assert family("sd1") is family("sd2") is family("sd")
     assert family("sdxl").name == "sdxl"
-    with pytest.raises(ValueError, match=r"'flux'; allowed: sd, sdxl, sd3, sd1, sd2, sdxl, sd3"):
-        family("flux")
+    assert family("flux-schnell") is family("flux")
+    with pytest.raises(ValueError, match=r"'wan'; allowed: sd, sdxl, sd3, flux, sd1, sd2, sdxl, sd3, flux-dev"):
+        family("wan")
 
 
 @pytest.mark.parametrize(("name", "variant"), VARIANTS)
@@ -135,9 +136,10 @@ def test_conditioning_and_target_come_from_the_family(name, variant):
         out = fam.denoise(components.unet, noisy, timesteps, kwargs)
     assert out.shape == latents.shape
     assert ("added_cond_kwargs" in kwargs) == (name == "sdxl")
-    assert ("pooled_projections" in kwargs) == (name == "sd3")
+    assert ("pooled_projections" in kwargs) == (name in ("sd3", "flux"))
+    assert ("guidance" in kwargs) == (variant == "flux-dev")
     target = fam.prediction_target(components.noise_scheduler, latents, noise, torch.tensor([10]))
-    if name == "sd3":
+    if name in ("sd3", "flux"):
         assert torch.equal(target, noise - latents)  # flow matching learns the velocity
     else:
         assert torch.equal(target, noise)  # epsilon models learn the noise

@@ -245,13 +245,13 @@ def test_not_a_diffusers_folder_says_what_is_missing(tmp_path, tiny_models):
     shutil.rmtree(broken / "vae")
     with pytest.raises(ValueError, match="lacks vae/"):
         load_components(str(broken))
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    (flux / "model_index.json").write_text(
-        json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]})
+    video = tmp_path / "wan"
+    video.mkdir()
+    (video / "model_index.json").write_text(
+        json.dumps({"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]})
     )
-    with pytest.raises(ModelError, match="FluxPipeline model; edtools trains Stable Diffusion 1.x/2.x, SDXL"):
-        load_components(str(flux))
+    with pytest.raises(ModelError, match="WanPipeline model; edtools trains Stable Diffusion 1.x/2.x, SDXL"):
+        load_components(str(video))
     refiner = tmp_path / "refiner"
     refiner.mkdir()
     (refiner / "model_index.json").write_text(

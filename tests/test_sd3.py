@@ -113,8 +113,8 @@ def test_model_indexes_of_sd3_and_others():
 
     sd3 = {"transformer": ["diffusers", "SD3Transformer2DModel"], "text_encoder_2": ["transformers", "X"]}
     assert family_of_index(sd3, "m").name == "sd3"
-    flux = {"transformer": ["diffusers", "FluxTransformer2DModel"], "text_encoder_2": ["transformers", "X"]}
-    assert family_of_index(flux, "m") is None
+    video = {"transformer": ["diffusers", "WanTransformer3DModel"], "text_encoder": ["transformers", "X"]}
+    assert family_of_index(video, "m") is None
     from edtools.models.families import guess_family
 
     for hub_id in (

@@ -82,7 +82,7 @@ def _family_of(index: dict, model: str) -> Family:
     if found is None:
         raise ModelError(
             f"'{model}' is a {kind} model; edtools trains Stable Diffusion 1.x/2.x, SDXL "
-            "(a UNet2DConditionModel with CLIP text encoders) and Stable Diffusion 3"
+            "(a UNet2DConditionModel with CLIP text encoders), Stable Diffusion 3 and Flux.1"
         )
     return found
 
