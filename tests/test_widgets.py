@@ -5,6 +5,7 @@ Widgets work without a frontend, so setting a widget's value here is what a user
 
 from __future__ import annotations
 
+import csv
 import threading
 import time
 from pathlib import Path
@@ -623,6 +624,33 @@ def test_tiny_sdxl_lora_trains_from_the_panel_and_saves_a_single_file(tmp_path, 
     assert (checkpoint / "lora.safetensors").is_file()
     assert checkpoint.with_name(checkpoint.name + ".safetensors").is_file()
     assert len(training.samples.children) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["sd3", "flux-dev"])
+def test_flow_matching_loras_train_from_the_panel_with_samples_and_validation(
+    tmp_path, tree, monkeypatch, variant
+):
+    pytest.importorskip("edtools.train")
+    pytest.importorskip("torch")
+    from edtools.models import make_tiny_model
+
+    monkeypatch.chdir(tmp_path)
+    data = ew.DataPanel(tree({"people/alice": 4, "style": 4}))
+    balance = ew.BalancePanel(data, debounce_s=0)
+    training = ew.TrainingPanel(balance, smoke=True)
+    training.model.value = str(make_tiny_model(tmp_path / variant, variant))
+    training.epochs.value = 1
+    training.lora_rank.value = 4
+    training.sample_every.value = 0
+    training.sample_prompts.value = "a photo of alice"
+    training.start()
+    result = training.wait(timeout=300)
+    assert result.stop_reason == "finished" and result.global_step == training.progress.max
+    assert (Path(result.checkpoint) / "lora.safetensors").is_file()
+    assert len(training.samples.children) == 1  # from the family's own pipeline
+    with open(Path(result.checkpoint).parents[1] / "validation.csv", encoding="utf-8") as file:
+        assert {row["concept"] for row in csv.DictReader(file)} == {"people/alice", "style"}
 
 
 def test_epochs_and_validation_show_history_counts_and_trained_bars(training_parts, monkeypatch):
