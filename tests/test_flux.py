@@ -250,3 +250,36 @@ def test_schnell_trains_without_a_guidance_input(tree, tmp_path):
     model = make_tiny_model(tmp_path / "schnell", "flux-schnell")
     result = train(train_config(tree({"a": 2, "b": 2}), model, tmp_path / "out", epochs=1, lora_rank=4))
     assert result.global_step == 2 and math.isfinite(result.last_loss)
+
+
+def test_every_lora_key_is_one_comfyui_maps_onto_a_weight_of_the_original_layout(tmp_path):
+    """ComfyUI (and Forge, which shares its loader) applies a "transformer.<diffusers module>" LoRA key where
+    its Flux key map (ported in flux_layout) maps <module>.weight to an original weight, or to rows of a fused
+    one: every key edtools writes must resolve so, with lora_B's rows the rows it updates."""
+    from flux_layout import key_map, original_state_dict
+
+    from edtools.models.lora import add_lora, read_lora_file, save_lora_file
+
+    components = tiny_components("flux-dev", real_blocks=True)
+    original = original_state_dict(components.unet)
+    mapping = key_map(components.unet.config)
+    add_lora(components, rank=4, alpha=4, text_encoders=True, seed=1)
+    path = save_lora_file(components, tmp_path / "lora.safetensors")
+    tensors, _ = read_lora_file(path)
+    transformer_keys = [k for k in tensors if k.startswith("transformer.")]
+    assert len(transformer_keys) == 2 * len(
+        [n for n, m in components.unet.named_modules() if hasattr(m, "lora_A")]
+    )
+    for key in transformer_keys:
+        module, kind = key.removeprefix("transformer.").rsplit(".lora_", 1)
+        target, offset, rows = mapping[f"{module}.weight"]
+        weight = original[target]
+        if kind == "B.weight":
+            assert tensors[key].shape[0] == (rows if offset is not None else weight.shape[0]), key
+        else:
+            assert tensors[key].shape[1] == weight.shape[1], key
+    modules = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in transformer_keys}
+    assert any(m.startswith("single_transformer_blocks.") and m.endswith("proj_mlp") for m in modules)
+    # text encoder keys in the diffusers form ComfyUI's CLIP map reads: text_encoder.text_model.encoder.layers.N.*
+    text_keys = [k for k in tensors if not k.startswith("transformer.")]
+    assert text_keys and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in text_keys)
