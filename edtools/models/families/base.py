@@ -131,6 +131,9 @@ class TextLayout:
     part: str
     label: str
     pad_last_layer: bool = False
+    # readers take this encoder's text_projection as the identity whatever the file holds (SD3's CLIP-L, whose
+    # pooled output is not projected): the writer warns when the model's is another
+    identity_projection: bool = False
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,16 @@ class Family(ABC):
     # whether edtools reads and writes single files (A1111 / ComfyUI checkpoints) of this family; the
     # single-file methods below are only asked when it does
     single_files: bool = True
+    # The denoiser in messages about single files ("UNet", "transformer").
+    denoiser_label: str = "UNet"
+    # Whether a single file may hold only some parts (SD3.5 files are often the transformer alone, or it and
+    # the VAE): the parts it lacks then load from model_config, which such files need; config_repos names the
+    # diffusers models whose folders or hub ids fit (in messages). False: a file must hold every part.
+    single_file_partial: bool = False
+    config_repos: tuple[str, ...] = ()
+    # Key prefixes of weights a single file may hold that edtools does not load (SD3's T5-XXL), logged, not
+    # reported as unused.
+    single_file_ignored: tuple[str, ...] = ()
 
     # ---- loading: diffusers folders and hub ids
 
@@ -271,6 +284,18 @@ class Family(ABC):
     @abstractmethod
     def diffusers_model_type(self, variant: str) -> str:
         """diffusers' model type of the variant (a key of single_file_utils.DIFFUSERS_DEFAULT_PIPELINE_PATHS)."""
+
+    def diffusers_model_types(self, variant: str) -> tuple[str, ...]:
+        """Every diffusers model type (infer_diffusers_model_type's answer) of files of the variant; by default
+        diffusers_model_type's alone."""
+        return (self.diffusers_model_type(variant),)
+
+    def original_denoiser_entries(self, config: Mapping[str, Any], keys: Iterable[str]) -> list[Any]:
+        """The denoiser's weights under their single-file names (models.keymap.Entry), from its diffusers
+        config and state-dict keys; by default the UNet table of models.keymap."""
+        from ..keymap import map_by_rules, unet_rules
+
+        return map_by_rules(keys, unet_rules(config), self.denoiser_label)
 
     def normalise_keys(self, state_dict: MutableMapping[str, Any], variant: str) -> None:  # noqa: B027
         """Rename a single file's keys in place into the layout diffusers' converters read (default: as they

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import types
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from .base import (
     TextLayout,
     TinyEncoder,
     TinySpec,
+    has_prefix,
     unwrapped,
 )
 from .sd import device_of
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
 
 __all__ = ["StableDiffusion3", "flow_sigmas"]
 
+# Single files (sd3.5_medium.safetensors, ComfyUI's checkpoints): the MMDiT under model.diffusion_model.,
+# the VAE under first_stage_model., the encoders under text_encoders.<name>.transformer.
+_MMDIT = "model.diffusion_model."
+_CLIP_L, _CLIP_G, _T5 = (f"text_encoders.{name}." for name in ("clip_l", "clip_g", "t5xxl"))
 # StableDiffusion3Pipeline's max_sequence_length (its default), for the T5 tokens
 _T5_TOKENS = 256
 _TRANSFORMER = "SD3Transformer2DModel"
@@ -138,7 +143,10 @@ class StableDiffusion3(Family):
     denoiser_class = _TRANSFORMER
     noise_scheduler_class = "FlowMatchEulerDiscreteScheduler"
     lora_file_format = "diffusers"
-    single_files = False
+    denoiser_label = "transformer"
+    single_file_partial = True
+    config_repos = ("stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large")
+    single_file_ignored = (_T5,)  # T5-XXL: edtools conditions SD3 without it (see the module's docstring)
 
     # ---- loading
 
@@ -149,24 +157,39 @@ class StableDiffusion3(Family):
         return type(unwrapped(parts.unet)).__name__ == _TRANSFORMER
 
     def guess_keys(self, keys: Collection[str]) -> bool:
-        return False  # single files of SD3 are not read yet
+        return has_prefix(keys, _MMDIT + "joint_blocks.")
 
     def detect_keys(self, keys: Collection[str]) -> str | None:
-        return None
+        """SD3 and SD3.5 (Medium: MMDiT-X, whose first blocks have a second attention; Large) alike: their
+        joint blocks; a file may lack the VAE and text encoders (single_file_partial)."""
+        return "sd3" if has_prefix(keys, _MMDIT + "joint_blocks.") else None
 
     def variant_of(self, parts: Parts) -> str:
         return "sd3"
 
     def variant_of_configs(self, unet_config: Mapping[str, Any], text_config: Any) -> str | None:
-        return None
+        return "sd3" if "joint_attention_dim" in unet_config else None
 
     def single_file_text(self, variant: str) -> tuple[TextLayout, ...]:
-        raise ModelError(
-            "edtools reads Stable Diffusion 3 as diffusers folders and hub ids, not single files"
+        """CLIP-L and CLIP-G, both in transformers' names (CLIP-L's pooled output is not projected: diffusers'
+        reader sets its text_projection to the identity, as the SD3 folders on the hub have it)."""
+        return (
+            TextLayout(
+                _CLIP_L + "transformer.", "text_encoder", "CLIP-L text encoder", identity_projection=True
+            ),
+            TextLayout(_CLIP_G + "transformer.", "text_encoder_2", "CLIP-G text encoder"),
         )
 
     def diffusers_model_type(self, variant: str) -> str:
         return "sd3"
+
+    def diffusers_model_types(self, variant: str) -> tuple[str, ...]:
+        return ("sd3", "sd35_medium", "sd35_large")
+
+    def original_denoiser_entries(self, config: Mapping[str, Any], keys: Iterable[str]) -> list[Any]:
+        from ..keymap_sd3 import mmdit_entries
+
+        return mmdit_entries(config, keys)
 
     def modelspec_architecture(self, variant: str, v_prediction: bool) -> str:
         return "stable-diffusion-v3-medium"
