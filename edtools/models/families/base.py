@@ -139,13 +139,15 @@ class TextLayout:
 @dataclass(frozen=True)
 class TinyEncoder:
     """A tiny text encoder: CLIPTextConfig width, layers and activation; projection_dim for one with projection
-    (CLIPTextModelWithProjection); the tokenizer's pad token (None: <|endoftext|>)."""
+    (CLIPTextModelWithProjection); the tokenizer's pad token (None: <|endoftext|>); identity_projection: the
+    projection is the identity, as the real model's (SD3's CLIP-L; projection == width)."""
 
     width: int
     layers: int
     act: str
     projection: int | None = None
     pad_token: str | None = None
+    identity_projection: bool = False
 
 
 @dataclass(frozen=True)

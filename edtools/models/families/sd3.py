@@ -309,11 +309,12 @@ class StableDiffusion3(Family):
     # ---- tests
 
     def tiny(self, variant: str, *, real_blocks: bool) -> TinySpec:
-        """CLIP-L- and CLIP-G-like encoders with projections (pooled width 64), a 16-channel VAE with SD3's
-        shift and scale, a transformer of 2 joint blocks (patch 2; real_blocks: 3, the first with SD3.5's
-        second attention, and its RMS q/k norm), joint width 128 (the CLIP states are padded to it)."""
+        """CLIP-L- and CLIP-G-like encoders with projections (pooled width 64; CLIP-L's the identity, as
+        SD3's), a 16-channel VAE with SD3's shift and scale, a transformer of 2 joint blocks (patch 2;
+        real_blocks: 3, the first with SD3.5's second attention, and its RMS q/k norm), joint width 128 (the
+        CLIP states are padded to it)."""
         encoders = (
-            TinyEncoder(width=32, layers=2, act="quick_gelu", projection=32),
+            TinyEncoder(width=32, layers=2, act="quick_gelu", projection=32, identity_projection=True),
             TinyEncoder(width=64, layers=2, act="gelu", projection=32, pad_token="!"),
         )
         heads, head_dim = 2, 8
