@@ -121,9 +121,10 @@ def _has(keys: Iterable[str], *prefixes: str) -> bool:
 
 
 def detect_architecture(state_dict: Mapping[str, Any], *, source: str | os.PathLike | None = None) -> str:
-    """The variant ("sd1", "sd2", "sdxl": see models.families) from the key layout of an original-layout checkpoint (not from tensor widths,
-    so tiny test models are recognised too). Anything else is a ModelError that says what the file looks like
-    (LoRA, VAE, refiner, inpainting, SD3/FLUX, a diffusers component, ...) and what edtools accepts."""
+    """The variant ("sd1", "sd2", "sdxl", "sd3": see models.families) from the key layout of an
+    original-layout checkpoint (not from tensor widths, so tiny test models are recognised too). Anything else
+    is a ModelError that says what the file looks like (LoRA, VAE, refiner, inpainting, FLUX, a diffusers
+    component, ...) and what edtools accepts."""
     name = str(source) if source is not None else "this checkpoint"
     keys = list(state_dict)
 

@@ -269,7 +269,9 @@ class Family(ABC):
     @abstractmethod
     def detect_keys(self, keys: Collection[str]) -> str | None:
         """The variant of an original-layout checkpoint whose UNet input is 4 latent channels and that is none
-        of the other model types edtools refuses, from its key names alone; None when not of this family."""
+        of the other model types edtools refuses, from its key names alone; None when not of this family. A
+        family whose denoiser is no UNet (denoiser_part) is asked first, before the UNet checks, so its answer
+        must rest on its own block names."""
 
     @abstractmethod
     def variant_of(self, parts: Parts) -> str:

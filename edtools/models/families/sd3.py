@@ -2,6 +2,7 @@
 
 The "sd3" family. T5-XXL is dropped (text_encoder_3 None), as diffusers' StableDiffusion3Pipeline allows: its
 tokens are zeros, exactly as the pipeline conditions without it; LoRA files are diffusers' (load_lora_weights).
+Single files are Stability's layout (keymap_sd3), whole or the transformer alone (the rest from model_config).
 """
 
 from __future__ import annotations
