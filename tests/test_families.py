@@ -29,7 +29,9 @@ def test_registry_names_families_and_variants():
     assert family("sd1") is family("sd2") is family("sd")
     assert family("sdxl").name == "sdxl"
     assert family("flux-schnell") is family("flux")
-    with pytest.raises(ValueError, match=r"'wan'; allowed: sd, sdxl, sd3, flux, sd1, sd2, sdxl, sd3, flux-dev"):
+    with pytest.raises(
+        ValueError, match=r"'wan'; allowed: sd, sdxl, sd3, flux, sd1, sd2, sdxl, sd3, flux-dev"
+    ):
         family("wan")
 
 

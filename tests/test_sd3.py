@@ -241,8 +241,6 @@ def test_each_objective_refuses_the_others_settings(tree, sd3_model, tmp_path):
     ):
         with pytest.raises(EdtoolsError, match=message):
             train_config(root, sd3_model, tmp_path / "o", **bad)
-    with pytest.raises(EdtoolsError, match="save_single_file is set, but edtools writes Stable Diffusion 3"):
-        train(train_config(root, sd3_model, tmp_path / "o3", save_single_file=True))
     sd = make_tiny_model(tmp_path / "sd", "sd1")
     with pytest.raises(
         EdtoolsError, match="timestep_sampling mode, flow_shift 3.0: these settings are for flow"

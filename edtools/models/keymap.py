@@ -240,9 +240,13 @@ def _strip_text_model(key: str) -> str:
 
 
 def clip_entries(keys: Iterable[str], label: str) -> list[Entry]:
-    """OpenAI CLIP (SD 1.x, SDXL's first encoder): transformers names under text_model. as in real files."""
+    """OpenAI CLIP (SD 1.x, SDXL's first encoder, SD3's both): transformers names under text_model. as in real
+    files; a CLIPTextModelWithProjection's text_projection.weight as it is (SD3 files keep it so)."""
     entries = []
     for key in keys:
+        if key == "text_projection.weight":
+            entries.append(Entry(key, (key,)))
+            continue
         name = _strip_text_model(key)
         if not _CLIP.fullmatch(name):
             raise unmapped(label, key)

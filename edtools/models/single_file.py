@@ -19,6 +19,7 @@ from .families import Family, detect_variant, family, variant_of_configs, varian
 from .keymap import UNET_PREFIX as _UNET
 from .keymap import VAE_PREFIX as _VAE
 from .single_file_layout import SAVE_DTYPES, original_keys
+from .single_file_prediction import with_sampling
 
 if TYPE_CHECKING:
     import torch
@@ -27,11 +28,12 @@ __all__ = ["SAVE_DTYPES", "detect_architecture", "load_single_file", "read_state
 
 logger = logging.getLogger("edtools.models")
 
-_PREFIXES = (_UNET, _VAE, "cond_stage_model.", "conditioner.embedders.")
+_PREFIXES = ("cond_stage_model.", "conditioner.embedders.")  # every SD/SDXL text encoder's weights
 _ACCEPTS = (
     "edtools loads single-file Stable Diffusion 1.x, 2.x and SDXL base checkpoints (model.diffusion_model.*, "
     "first_stage_model.* and cond_stage_model.* or conditioner.embedders.* weights, as AUTOMATIC1111, ComfyUI "
-    "and Forge save them), or a diffusers folder"
+    "and Forge save them), SD3/SD3.5 files (model.diffusion_model.joint_blocks.*, with or without the VAE and "
+    "text_encoders.*), or a diffusers folder"
 )
 
 
@@ -119,9 +121,10 @@ def _has(keys: Iterable[str], *prefixes: str) -> bool:
 
 
 def detect_architecture(state_dict: Mapping[str, Any], *, source: str | os.PathLike | None = None) -> str:
-    """The variant ("sd1", "sd2", "sdxl": see models.families) from the key layout of an original-layout checkpoint (not from tensor widths,
-    so tiny test models are recognised too). Anything else is a ModelError that says what the file looks like
-    (LoRA, VAE, refiner, inpainting, SD3/FLUX, a diffusers component, ...) and what edtools accepts."""
+    """The variant ("sd1", "sd2", "sdxl", "sd3": see models.families) from the key layout of an
+    original-layout checkpoint (not from tensor widths, so tiny test models are recognised too). Anything else
+    is a ModelError that says what the file looks like (LoRA, VAE, refiner, inpainting, FLUX, a diffusers
+    component, ...) and what edtools accepts."""
     name = str(source) if source is not None else "this checkpoint"
     keys = list(state_dict)
 
@@ -140,6 +143,11 @@ def detect_architecture(state_dict: Mapping[str, Any], *, source: str | os.PathL
         raise refuse("a textual-inversion embedding (a few token vectors, no model)")
     if "edm_mean" in state_dict:
         raise refuse("a Playground v2.5 model (EDM formulation; edtools trains DDPM epsilon/v models)")
+    # a family whose denoiser is no UNet (SD3's MMDiT) is told by its own block names; the UNet checks below
+    # are not for it
+    variant = detect_variant(keys)
+    if variant is not None and family(variant).denoiser_part != "unet":
+        return variant
     other = _other_model_type(state_dict)
     if other:
         raise refuse(other)
@@ -200,7 +208,7 @@ def _other_model_type(state_dict: Mapping[str, Any]) -> str | None:
     if _has(keys, "control_model.", "controlnet_cond_embedding."):
         return "a ControlNet"
     if any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in keys):
-        return "a Stable Diffusion 3 model (a transformer, not a UNet)"
+        return "a Stable Diffusion 3 transformer in another layout than model.diffusion_model.joint_blocks.*"
     if any("double_blocks." in k for k in keys):
         return "a FLUX model (a transformer, not a UNet)"
     try:
@@ -228,18 +236,18 @@ def load_single_file(
     keep: Keep | None = None,
     local_files_only: bool | None = None,
 ) -> SDComponents:
-    """Load a single-file SD 1.x/2.x or SDXL checkpoint with diffusers' converters.
+    """Load a single-file SD 1.x/2.x, SDXL or SD3/3.5 checkpoint with diffusers' converters.
 
     model_config: a diffusers folder or hub id whose component configs and tokenizers fit the file (no weights
-    are read from it). None: diffusers' default repo for the detected type, from the Hugging Face cache or the
-    hub (local_files_only None = HF_HUB_OFFLINE decides). keep: each part's dtype and device (None: float32).
+    are read from it, but for the parts an SD3/3.5 file lacks: those load from it, so such files need it).
+    None: diffusers' default repo for the detected type, from the Hugging Face cache or the hub
+    (local_files_only None = HF_HUB_OFFLINE decides). keep: each part's dtype and device (None: float32).
     The file's tensors are memory-mapped: a part kept in the file's dtype is not copied, and each part's
     tensors are let go once it is loaded and placed.
-    Prediction type: model_config's scheduler when given, else the file's metadata (modelspec, kohya) or
-    v_pred key, else a <stem>.yaml beside the file (A1111), else the inferred config's scheduler.
+    Prediction type (DDPM families): model_config's scheduler when given, else the file's metadata (modelspec,
+    kohya) or v_pred key, else a <stem>.yaml beside the file (A1111), else the inferred config's scheduler.
     """
     diffusers = require("diffusers")
-    transformers = require("transformers")
     utils = require("diffusers.loaders.single_file_utils")
     hub_constants = require("huggingface_hub.constants")
 
@@ -247,7 +255,7 @@ def load_single_file(
     state_dict, metadata = read_state_dict(path)
     variant = detect_architecture(state_dict, source=path)
     fam = family(variant)
-    _check_parts(state_dict, fam, variant, path)
+    absent = _check_parts(state_dict, fam, variant, path, model_config)
     if any(key.startswith("model_ema.") for key in state_dict):
         logger.info("%s: has EMA weights too (model_ema.*); loading the training weights", path)
     _normalise(state_dict, fam, variant)
@@ -261,66 +269,91 @@ def load_single_file(
         logger.info("%s: no model_config given; using the configs of %s", path, source)
     hub = {"local_files_only": offline}
     _check_config(path, fam, variant, source, explicit, hub)
+    if absent:
+        logger.info("%s: has no %s weights; loading them from %s", path, ", ".join(absent), source)
 
     keep = Keep() if keep is None else keep
     in_file = frozenset(state_dict)  # the tensors go part by part below; the checks need only the names
     try:
         unet = keep.place(
-            diffusers.UNet2DConditionModel.from_single_file(
-                state_dict, config=source, subfolder="unet", torch_dtype=keep.dtype_of("unet"), **hub
-            )
-        )
-        state_dict = _next_part(state_dict, _UNET, path, fam, variant)
-        upcast = vae_force_upcast(source, hub)
-        vae = keep.place(
-            diffusers.AutoencoderKL.from_single_file(
+            getattr(diffusers, fam.denoiser_class).from_single_file(
                 state_dict,
                 config=source,
-                subfolder="vae",
-                torch_dtype=keep.dtype_of("vae", force_upcast=upcast),
+                subfolder=fam.denoiser_part,
+                torch_dtype=keep.dtype_of("unet"),
                 **hub,
             )
         )
+        state_dict = _next_part(state_dict, _UNET, path, fam, variant)
+        vae = _load_vae(state_dict, source, keep, hub)
         state_dict = _next_part(state_dict, _VAE, path, fam, variant)
         text: dict[str, Any] = {}
         for spec, layout in zip(fam.text_encoders, fam.single_file_text(variant), strict=True):
-            text[spec.part] = keep.place(
-                utils.create_diffusers_clip_model_from_ldm(
-                    getattr(transformers, spec.model_class),
-                    state_dict,
-                    subfolder=spec.part,
-                    config=source,
-                    torch_dtype=keep.dtype_of(spec.part),
-                    local_files_only=offline,
-                )
-            )
+            text.update(_load_text_encoder(state_dict, spec, layout, source, keep, hub))
             state_dict = _next_part(state_dict, layout.prefix, path, fam, variant)
-            text[spec.tokenizer] = transformers.CLIPTokenizer.from_pretrained(
-                source, subfolder=spec.tokenizer, **hub
-            )
-        scheduler = diffusers.DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub)
+        scheduler_class = getattr(diffusers, fam.noise_scheduler_class)
+        scheduler = scheduler_class.from_pretrained(source, subfolder="scheduler", **hub)
     except (OSError, ValueError, RuntimeError, KeyError, IndexError, utils.SingleFileComponentError) as exc:
         if "meta tensor" in str(exc):  # a weight the configs describe stayed unloaded
             raise ModelError(
                 f"{path} lacks weights that the component configs of {source} describe: the file is incomplete, "
                 f"or the configs are of a bigger model; give a model_config that fits the file "
-                f"(for a full {fam.variant_label(variant)} checkpoint e.g. {_default_repo(fam, variant)})"
+                f"(for a full {fam.variant_label(variant)} checkpoint e.g. {_example_repos(fam, variant)})"
             ) from exc
         raise ModelError(
             f"could not load {path} with the component configs of {source} ({_brief(exc)}). The configs do "
             "not fit the file (other layer sizes or counts) or are incomplete; give a model_config of the same "
             "model as the file "
-            f"({fam.variant_article(variant)} diffusers folder or hub id, e.g. {_default_repo(fam, variant)})"
+            f"({fam.variant_article(variant)} diffusers folder or hub id, e.g. {_example_repos(fam, variant)})"
         ) from exc
 
     for module in (unet, vae):  # from_single_file's one-device placement record; from_pretrained leaves none
         if len(getattr(module, "hf_device_map", None) or {}) == 1:
             del module.hf_device_map
-    scheduler = _with_sampling(scheduler, path, in_file, metadata, explicit, source)
+    scheduler = with_sampling(scheduler, path, in_file, metadata, explicit, source)
     components = SDComponents(unet=unet, vae=vae, noise_scheduler=scheduler, **text)
     check_prediction_type(components, str(path))
-    _check_loaded(components, in_file, path, source)
+    _check_loaded(components, in_file, path, source, fam, variant)
     return components
+
+
+def _load_vae(state_dict: Mapping[str, Any], source: str, keep: Keep, hub: dict) -> Any:
+    """The VAE from the file's first_stage_model.* weights, or from model_config when the file has none (a
+    family whose files may lack it), in the dtype it is kept in."""
+    diffusers = require("diffusers")
+    dtype = keep.dtype_of("vae", force_upcast=vae_force_upcast(source, hub))
+    if _has(state_dict, _VAE):
+        vae = diffusers.AutoencoderKL.from_single_file(
+            state_dict, config=source, subfolder="vae", torch_dtype=dtype, **hub
+        )
+    else:
+        vae = diffusers.AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **hub)
+    return keep.place(vae)
+
+
+def _load_text_encoder(
+    state_dict: Mapping[str, Any], spec: Any, layout: Any, source: str, keep: Keep, hub: dict
+) -> dict[str, Any]:
+    """{encoder part: the encoder, tokenizer part: its tokenizer}: the encoder from the file's weights under
+    the layout's prefix (diffusers' CLIP reader), or from model_config when the file has none; the tokenizer
+    always from model_config (files hold none)."""
+    transformers = require("transformers")
+    utils = require("diffusers.loaders.single_file_utils")
+    model_class = getattr(transformers, spec.model_class)
+    dtype = keep.dtype_of(spec.part)
+    if _has(state_dict, layout.prefix):
+        encoder = utils.create_diffusers_clip_model_from_ldm(
+            model_class,
+            state_dict,
+            subfolder=spec.part,
+            config=source,
+            torch_dtype=dtype,
+            local_files_only=hub["local_files_only"],
+        )
+    else:
+        encoder = model_class.from_pretrained(source, subfolder=spec.part, dtype=dtype, **hub)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(source, subfolder=spec.tokenizer, **hub)
+    return {spec.part: keep.place(encoder), spec.tokenizer: tokenizer}
 
 
 def _normalise(state_dict: dict[str, Any], fam: Family, variant: str) -> None:
@@ -353,24 +386,47 @@ def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.strip()[:240]}"
 
 
-def _check_parts(state_dict: Mapping[str, Any], fam: Family, variant: str, path: Path) -> None:
-    needed = {"UNet": (_UNET,), "VAE": (_VAE,)}
+def _check_parts(
+    state_dict: Mapping[str, Any],
+    fam: Family,
+    variant: str,
+    path: Path,
+    model_config: str | os.PathLike | None,
+) -> list[str]:
+    """The parts the file lacks (each as "label (prefix*)"), when its family's files may lack them and a
+    model_config supplies them; a ModelError when the denoiser is missing, or another part is missing and
+    the family needs full files or no model_config was given."""
+    parts = {fam.denoiser_label: _UNET, "VAE": _VAE}
     for layout in fam.single_file_text(variant):
-        needed[layout.label] = (layout.prefix,)
-    missing = [
-        f"{part} ({prefixes[0]}*)" for part, prefixes in needed.items() if not _has(state_dict, *prefixes)
-    ]
-    if missing:
+        parts[layout.label] = layout.prefix
+    missing = [f"{label} ({prefix}*)" for label, prefix in parts.items() if not _has(state_dict, prefix)]
+    if not missing:
+        return []
+    if fam.single_file_partial and _has(state_dict, _UNET):
+        if model_config is not None:
+            return missing
         raise ModelError(
-            f"{path} is {fam.variant_article(variant)} checkpoint without {', '.join(missing)} weights: it "
-            "holds only part of a model. edtools needs a full checkpoint with UNet, VAE and text encoder weights"
+            f"{path} is {fam.variant_article(variant)} file without {', '.join(missing)} weights, and no "
+            f"model_config was given to take them from. Set --model-config (setting model_config; edtools "
+            f"convert: --config) to the diffusers folder or hub id of the model the file is of "
+            f"(e.g. {_example_repos(fam, variant)}); the parts the file lacks load from it"
         )
+    raise ModelError(
+        f"{path} is {fam.variant_article(variant)} checkpoint without {', '.join(missing)} weights: it "
+        f"holds only part of a model. edtools needs a full checkpoint with {fam.denoiser_label}, VAE and text "
+        "encoder weights"
+    )
 
 
 def _default_repo(fam: Family, variant: str) -> str:
     utils = require("diffusers.loaders.single_file_utils")
     paths = utils.DIFFUSERS_DEFAULT_PIPELINE_PATHS
     return paths[fam.diffusers_model_type(variant)]["pretrained_model_name_or_path"]
+
+
+def _example_repos(fam: Family, variant: str) -> str:
+    """The hub ids a message names as model_config: the family's own list, else diffusers' default."""
+    return " or ".join(fam.config_repos) if fam.config_repos else _default_repo(fam, variant)
 
 
 def _default_config(state_dict: Mapping[str, Any], fam: Family, variant: str) -> str:
@@ -405,19 +461,21 @@ def _config_source(model_config: str | os.PathLike, offline: bool) -> tuple[str,
 
 
 def _check_config(path: Path, fam: Family, variant: str, source: str, explicit: bool, hub: dict) -> None:
-    """The config folder's UNet and text encoder configs exist and are of the file's variant."""
+    """The config folder's denoiser and text encoder configs exist and are of the file's variant."""
     diffusers = require("diffusers")
     transformers = require("transformers")
+    denoiser = fam.denoiser_part
     try:
-        unet_config = diffusers.UNet2DConditionModel.load_config(source, subfolder="unet", **hub)
+        unet_config = getattr(diffusers, fam.denoiser_class).load_config(source, subfolder=denoiser, **hub)
         text_config = transformers.CLIPTextConfig.from_pretrained(source, subfolder="text_encoder", **hub)
     except (OSError, ValueError) as exc:
         where = "is offline, and they are not in the Hugging Face cache" if hub["local_files_only"] else ""
         reason = f"the hub {where}" if where else f"they could not be read ({str(exc)[:200]})"
         if Path(source).is_dir():
             raise ModelError(
-                f"model_config folder {source} lacks unet/config.json or text_encoder/config.json, so it is not "
-                f"a diffusers model folder; give {fam.variant_article(variant)} diffusers folder or hub id"
+                f"model_config folder {source} lacks {denoiser}/config.json or text_encoder/config.json, so it is "
+                f"not {fam.variant_article(variant)} diffusers model folder; give {fam.variant_article(variant)} "
+                f"diffusers folder or hub id (e.g. {_example_repos(fam, variant)})"
             ) from exc
         if explicit:
             raise ModelError(
@@ -433,7 +491,9 @@ def _check_config(path: Path, fam: Family, variant: str, source: str, explicit: 
             "the network on once (only the config files are downloaded), or --model-config <a local "
             f"{fam.variant_label(variant)} diffusers folder>"
         ) from exc
-    config_variant = variant_of_configs(unet_config, text_config)
+    config_variant = fam.variant_of_configs(unet_config, text_config) or variant_of_configs(
+        unet_config, text_config
+    )
     if config_variant != variant:
         config_a = (
             "an unknown" if config_variant is None else family(config_variant).variant_article(config_variant)
@@ -441,100 +501,15 @@ def _check_config(path: Path, fam: Family, variant: str, source: str, explicit: 
         raise ModelError(
             f"model_config {source} is {config_a} model, but {path} is "
             f"{fam.variant_article(variant)} checkpoint; give a model_config of the same architecture as the file "
-            f"(e.g. {_default_repo(fam, variant)} or a local {fam.variant_label(variant)} diffusers folder)"
+            f"(e.g. {_example_repos(fam, variant)} or a local {fam.variant_label(variant)} diffusers folder)"
         )
 
 
-def _file_prediction_type(
-    path: Path, keys: Collection[str], metadata: Mapping[str, str]
-) -> tuple[str, str] | None:
-    """(prediction type, where it was read) from the file's metadata or keys, or the A1111 yaml beside it."""
-    names = {"v": "v_prediction", "v_prediction": "v_prediction", "epsilon": "epsilon", "eps": "epsilon"}
-    for key in ("modelspec.prediction_type", "modelspec.predict_key"):
-        value = str(metadata.get(key, "")).strip().lower()
-        if value in names:
-            return names[value], f"the file's metadata {key}={value}"
-    kohya = str(metadata.get("ss_v_parameterization", "")).strip().lower()
-    if kohya in ("true", "false"):
-        found = "v_prediction" if kohya == "true" else "epsilon"
-        return found, f"kohya metadata ss_v_parameterization={kohya}"
-    if "v_pred" in keys:
-        return "v_prediction", "the file's v_pred key (ComfyUI convention)"
-    return _yaml_prediction_type(path)
-
-
-def _yaml_prediction_type(path: Path) -> tuple[str, str] | None:
-    """AUTOMATIC1111's convention: <stem>.yaml beside the checkpoint, with model.params.parameterization "v"
-    for v-prediction (an LDM config without it is epsilon). An unreadable yaml is ignored."""
-    config = path.with_suffix(".yaml")
-    if not config.is_file():
-        return None
-    yaml = require("yaml", feature="reading a checkpoint's .yaml")
-    try:
-        data = yaml.safe_load(config.read_text(encoding="utf-8"))
-        params = data["model"]["params"]
-        if not isinstance(params, dict):
-            raise TypeError("model.params is not a mapping")
-    except Exception as exc:  # noqa: BLE001 - a broken yaml beside the file must not stop loading
-        logger.warning("%s: ignoring %s (%s: %s)", path, config.name, type(exc).__name__, exc)
-        return None
-    if "parameterization" in params:
-        v = str(params["parameterization"]).strip().lower() == "v"
-    else:  # sgm (SDXL) configs name the scaling class; LDM configs without the key are epsilon
-        v = "VScaling" in str(params.get("denoiser_config", ""))
-    return ("v_prediction" if v else "epsilon"), f"{config.name} beside the file"
-
-
-def _with_sampling(
-    scheduler: Any,
-    path: Path,
-    keys: Collection[str],
-    metadata: Mapping[str, str],
-    explicit: bool,
-    source: str,
-) -> Any:
-    """The DDPM scheduler with the prediction type (and zero-terminal-SNR flag) the file calls for; an
-    explicit model_config's scheduler wins."""
-    diffusers = require("diffusers")
-    config = dict(scheduler.config)
-    found = _file_prediction_type(path, keys, metadata)
-    if explicit:
-        if found and found[0] != config["prediction_type"]:
-            logger.warning(
-                "%s: %s says %s, but model_config %s's scheduler says %s; using model_config's",
-                path,
-                found[1],
-                found[0],
-                source,
-                config["prediction_type"],
-            )
-        logger.info("%s: prediction type %s from model_config %s", path, config["prediction_type"], source)
-        return scheduler
-    if found:
-        config["prediction_type"] = found[0]
-        logger.info("%s: prediction type %s from %s", path, found[0], found[1])
-    else:
-        logger.info("%s: prediction type %s from %s's scheduler", path, config["prediction_type"], source)
-        if "cond_stage_model.model.token_embedding.weight" in keys:
-            logger.warning(
-                "%s: SD 2.x files do not say whether they are v-prediction (768-v) or epsilon (512 base), and "
-                "this one has no metadata or .yaml that does; using %s (%s). If that is wrong, pass a "
-                "model_config (e.g. stabilityai/stable-diffusion-2-base for 512 base models)",
-                path,
-                config["prediction_type"],
-                source,
-            )
-    if "ztsnr" in keys and not config.get("rescale_betas_zero_snr"):
-        config["rescale_betas_zero_snr"] = True
-        logger.info("%s: zero terminal SNR betas (the file's ztsnr key)", path)
-    if config == dict(scheduler.config):
-        return scheduler
-    return diffusers.DDPMScheduler.from_config(config)
-
-
-def _check_loaded(components: SDComponents, keys: Collection[str], path: Path, source: str) -> None:
-    """Every weight the configs describe came from the file (none left uninitialised), and report file weights
-    that went unused (a config smaller than the file)."""
+def _check_loaded(
+    components: SDComponents, keys: Collection[str], path: Path, source: str, fam: Family, variant: str
+) -> None:
+    """Every weight the configs describe came from the file (none left uninitialised) or, for a part the file
+    lacks, from model_config; report file weights that went unused (a config smaller than the file)."""
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(components, name)
         if module is not None and any(t.is_meta for t in (*module.parameters(), *module.buffers())):
@@ -542,9 +517,11 @@ def _check_loaded(components: SDComponents, keys: Collection[str], path: Path, s
                 f"{path} lacks weights that the {name} config of {source} describes; give a model_config "
                 "that fits the file"
             )
+    parts = (_UNET, _VAE) + tuple(layout.prefix for layout in fam.single_file_text(variant))
+    in_file = {key for key in keys if key.startswith(_PREFIXES + parts)}
+    from_file = tuple(prefix for prefix in parts if _has(in_file, prefix))
     required, synthetic = original_keys(components)
-    in_file = {key for key in keys if key.startswith(_PREFIXES)}
-    missing = sorted(required - in_file)
+    missing = sorted(key for key in required - in_file if key.startswith(from_file))
     if missing:
         raise ModelError(
             f"{path} lacks {len(missing)} weights that the configs of {source} describe (e.g. "
@@ -558,4 +535,9 @@ def _check_loaded(components: SDComponents, keys: Collection[str], path: Path, s
             len(unused),
             source,
             ", ".join(unused[:3]),
+        )
+    ignored = [prefix for prefix in fam.single_file_ignored if _has(keys, prefix)]
+    if ignored:
+        logger.info(
+            "%s: not loading the weights under %s (edtools does not use them)", path, ", ".join(ignored)
         )

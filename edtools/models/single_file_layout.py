@@ -7,6 +7,7 @@ component's config (levels, layers, attention, transformer depth), checked so no
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -25,7 +26,6 @@ from .keymap import (
     map_by_rules,
     openclip_entries,
     original_unet_module,
-    unet_rules,
     vae_rules,
 )
 
@@ -36,6 +36,9 @@ __all__ = ["SAVE_DTYPES", "original_keys", "original_state_dict", "original_unet
 
 
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
+# ModelSpec's modelspec.prediction_type of each prediction type (flow matching: "flow", as LoRA files say)
+_PREDICTION_NAMES = {"epsilon": "epsilon", "v_prediction": "v", "flow_matching": "flow"}
+logger = logging.getLogger("edtools.models")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -50,7 +53,7 @@ def _layout(components: SDComponents) -> tuple[list[tuple[str, Any, list[Entry]]
     family = family_of(components)
     unet, vae = unwrap(components.unet), unwrap(components.vae)
     parts = [
-        (_UNET, unet, map_by_rules(unet.state_dict(), unet_rules(unet.config), "UNet")),
+        (_UNET, unet, family.original_denoiser_entries(unet.config, unet.state_dict())),
         (_VAE, vae, map_by_rules(vae.state_dict(), vae_rules(vae.config), "VAE")),
     ]
     extra: dict[str, Callable] = {}
@@ -60,6 +63,8 @@ def _layout(components: SDComponents) -> tuple[list[tuple[str, Any, list[Entry]]
         config = module.config
         if prefix.endswith(".transformer."):
             parts.append((prefix, module, clip_entries(module.state_dict(), label)))
+            if layout.identity_projection:
+                _check_identity_projection(module, label)
             # the position ids buffer (transformers no longer saves it) as real files and ComfyUI have it
             ids = torch.arange(config.max_position_embeddings)[None]
             extra[prefix + "text_model.embeddings.position_ids"] = lambda _, ids=ids: ids
@@ -82,11 +87,26 @@ def _layout(components: SDComponents) -> tuple[list[tuple[str, Any, list[Entry]]
                     extra[prefix + copy + name] = lambda written, k=prefix + kept + name: written[k].clone()
             extra[prefix + "text_projection"] = lambda _, w=width: torch.eye(w)
     prediction = components.noise_scheduler.config
-    if prediction.prediction_type == "v_prediction":  # ComfyUI's and Forge's marker of v-prediction models
+    if components.prediction_type == "v_prediction":  # ComfyUI's and Forge's marker of v-prediction models
         extra["v_pred"] = lambda _: torch.tensor([])
     if prediction.get("rescale_betas_zero_snr"):
         extra["ztsnr"] = lambda _: torch.tensor([])
     return parts, extra
+
+
+def _check_identity_projection(module: Any, label: str) -> None:
+    """Warn when a text projection that readers of the layout take as the identity is another."""
+    torch = require("torch")
+    weight = getattr(getattr(module, "text_projection", None), "weight", None)
+    if weight is None:
+        return
+    eye = torch.eye(weight.shape[0], weight.shape[1], dtype=weight.dtype, device=weight.device)
+    if not torch.equal(weight.detach(), eye):
+        logger.warning(
+            "the %s's text_projection is not the identity; single-file readers (diffusers, ComfyUI) use the "
+            "identity there, so its pooled output will differ from this model's",
+            label,
+        )
 
 
 def original_keys(components: SDComponents) -> tuple[set[str], set[str]]:
@@ -110,6 +130,9 @@ def original_state_dict(
             tensors = [state[source].detach() for source in entry.sources]
             if entry.op == "cat":
                 tensor = torch.cat(tensors)
+            elif entry.op == "swap":  # adaLN (scale, shift) <-> (shift, scale): its own inverse
+                first, second = tensors[0].chunk(2, dim=0)
+                tensor = torch.cat([second, first], dim=0)
             elif entry.op == "transpose":
                 tensor = tensors[0].t()
             elif entry.op == "conv1x1":
@@ -132,7 +155,8 @@ def original_state_dict(
 def _modelspec(components: SDComponents, path: Path) -> dict[str, str]:
     """Stability's ModelSpec 1.0.0 keys for the model."""
     family = family_of(components)
-    v = components.prediction_type == "v_prediction"
+    prediction = components.prediction_type
+    v = prediction == "v_prediction"
     side = family.native_resolution(components)
     return {
         "modelspec.sai_model_spec": "1.0.0",
@@ -141,7 +165,7 @@ def _modelspec(components: SDComponents, path: Path) -> dict[str, str]:
         "modelspec.title": path.stem,
         "modelspec.date": datetime.date.today().isoformat(),
         "modelspec.resolution": f"{side}x{side}",
-        "modelspec.prediction_type": "v" if v else "epsilon",
+        "modelspec.prediction_type": _PREDICTION_NAMES.get(prediction, prediction),
     }
 
 
@@ -152,11 +176,12 @@ def save_single_file(
     dtype: str = "fp16",
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write one .safetensors file in the original layout that AUTOMATIC1111, ComfyUI and Forge load.
+    """Write one .safetensors file in the original layout that AUTOMATIC1111, ComfyUI and Forge load (SD3/3.5:
+    the layout of Stability's own files, which ComfyUI and Forge load; T5-XXL is not written, as edtools keeps none).
 
-    dtype: "fp16" (default), "bf16" or "fp32". metadata: extra string entries for the safetensors header
-    (they may override title and date; architecture, prediction type and resolution always describe the
-    model). Written to a temp file beside path and renamed, so path is either untouched or complete."""
+        dtype: "fp16" (default), "bf16" or "fp32". metadata: extra string entries for the safetensors header
+        (they may override title and date; architecture, prediction type and resolution always describe the
+        model). Written to a temp file beside path and renamed, so path is either untouched or complete."""
     family = family_of(components)
     if not family.single_files:
         raise ModelError(

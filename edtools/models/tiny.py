@@ -199,6 +199,10 @@ def tiny_components(
         ):
             model_class = getattr(transformers, encoder_spec.model_class)
             text[encoder_spec.part] = model_class(_text_config(tokenizer, text_spec))
+            if (
+                text_spec.identity_projection
+            ):  # as the real model's (SD3's CLIP-L pooled output is unprojected)
+                torch.nn.init.eye_(text[encoder_spec.part].text_projection.weight)
             text[encoder_spec.tokenizer] = tokenizer
     if spec.scheduler is not None:  # a family's own training scheduler (SD3: flow matching)
         noise_scheduler = getattr(diffusers, fam.noise_scheduler_class)(**spec.scheduler)

@@ -95,7 +95,7 @@ def variant_of_model_type(model_type: str | None) -> str | None:
     """The variant of diffusers' single-file model type ("v1", "xl_base", ...), or None."""
     for candidate in FAMILIES:
         for variant in candidate.variants:
-            if candidate.diffusers_model_type(variant) == model_type:
+            if model_type in candidate.diffusers_model_types(variant):
                 return variant
     return None
 

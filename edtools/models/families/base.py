@@ -137,19 +137,24 @@ class TextLayout:
     part: str
     label: str
     pad_last_layer: bool = False
+    # readers take this encoder's text_projection as the identity whatever the file holds (SD3's CLIP-L, whose
+    # pooled output is not projected): the writer warns when the model's is another
+    identity_projection: bool = False
 
 
 @dataclass(frozen=True)
 class TinyEncoder:
     """A tiny text encoder: CLIPTextConfig width, layers and activation; projection_dim for one with projection
-    (CLIPTextModelWithProjection); the tokenizer's pad token (None: <|endoftext|>). A T5 encoder (kind "t5")
-    has the width, the layers and a generated sentencepiece-style tokenizer of `tokens` tokens."""
+    (CLIPTextModelWithProjection); the tokenizer's pad token (None: <|endoftext|>); identity_projection: the
+    projection is the identity, as the real model's (SD3's CLIP-L; projection == width). A T5 encoder (kind
+    "t5") has the width, the layers and a generated sentencepiece-style tokenizer of `tokens` tokens."""
 
     width: int
     layers: int
     act: str
     projection: int | None = None
     pad_token: str | None = None
+    identity_projection: bool = False
     kind: str = "clip"  # "clip" or "t5"
     tokens: int = 77  # a T5 tokenizer's model_max_length (CLIP's is 77)
 
@@ -236,6 +241,16 @@ class Family(ABC):
     # whether edtools reads and writes single files (A1111 / ComfyUI checkpoints) of this family; the
     # single-file methods below are only asked when it does
     single_files: bool = True
+    # The denoiser in messages about single files ("UNet", "transformer").
+    denoiser_label: str = "UNet"
+    # Whether a single file may hold only some parts (SD3.5 files are often the transformer alone, or it and
+    # the VAE): the parts it lacks then load from model_config, which such files need; config_repos names the
+    # diffusers models whose folders or hub ids fit (in messages). False: a file must hold every part.
+    single_file_partial: bool = False
+    config_repos: tuple[str, ...] = ()
+    # Key prefixes of weights a single file may hold that edtools does not load (SD3's T5-XXL), logged, not
+    # reported as unused.
+    single_file_ignored: tuple[str, ...] = ()
 
     # ---- loading: diffusers folders and hub ids
 
@@ -265,7 +280,9 @@ class Family(ABC):
     @abstractmethod
     def detect_keys(self, keys: Collection[str]) -> str | None:
         """The variant of an original-layout checkpoint whose UNet input is 4 latent channels and that is none
-        of the other model types edtools refuses, from its key names alone; None when not of this family."""
+        of the other model types edtools refuses, from its key names alone; None when not of this family. A
+        family whose denoiser is no UNet (denoiser_part) is asked first, before the UNet checks, so its answer
+        must rest on its own block names."""
 
     @abstractmethod
     def variant_of(self, parts: Parts) -> str:
@@ -282,6 +299,18 @@ class Family(ABC):
     @abstractmethod
     def diffusers_model_type(self, variant: str) -> str:
         """diffusers' model type of the variant (a key of single_file_utils.DIFFUSERS_DEFAULT_PIPELINE_PATHS)."""
+
+    def diffusers_model_types(self, variant: str) -> tuple[str, ...]:
+        """Every diffusers model type (infer_diffusers_model_type's answer) of files of the variant; by default
+        diffusers_model_type's alone."""
+        return (self.diffusers_model_type(variant),)
+
+    def original_denoiser_entries(self, config: Mapping[str, Any], keys: Iterable[str]) -> list[Any]:
+        """The denoiser's weights under their single-file names (models.keymap.Entry), from its diffusers
+        config and state-dict keys; by default the UNet table of models.keymap."""
+        from ..keymap import map_by_rules, unet_rules
+
+        return map_by_rules(keys, unet_rules(config), self.denoiser_label)
 
     def normalise_keys(self, state_dict: MutableMapping[str, Any], variant: str) -> None:  # noqa: B027
         """Rename a single file's keys in place into the layout diffusers' converters read (default: as they

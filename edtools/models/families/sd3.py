@@ -2,17 +2,18 @@
 
 The "sd3" family. T5-XXL is dropped (text_encoder_3 None), as diffusers' StableDiffusion3Pipeline allows: its
 tokens are zeros, exactly as the pipeline conditions without it; LoRA files are diffusers' (load_lora_weights).
+Single files are Stability's layout (keymap_sd3), whole or the transformer alone (the rest from model_config).
 """
 
 from __future__ import annotations
 
 import functools
 import types
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from ...errors import ModelError, require
+from ...errors import require
 from .base import (
     Parts,
     TextEmbeddings,
@@ -20,6 +21,7 @@ from .base import (
     TextLayout,
     TinyEncoder,
     TinySpec,
+    has_prefix,
     unwrapped,
 )
 from .flow import FlowMatchingFamily, flow_sigmas
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
 
 __all__ = ["StableDiffusion3", "flow_sigmas"]
 
+# Single files (sd3.5_medium.safetensors, ComfyUI's checkpoints): the MMDiT under model.diffusion_model.,
+# the VAE under first_stage_model., the encoders under text_encoders.<name>.transformer.
+_MMDIT = "model.diffusion_model."
+_CLIP_L, _CLIP_G, _T5 = (f"text_encoders.{name}." for name in ("clip_l", "clip_g", "t5xxl"))
 # StableDiffusion3Pipeline's max_sequence_length (its default), for the T5 tokens
 _T5_TOKENS = 256
 _TRANSFORMER = "SD3Transformer2DModel"
@@ -92,7 +98,10 @@ class StableDiffusion3(FlowMatchingFamily):
     denoiser_part = "transformer"
     denoiser_class = _TRANSFORMER
     lora_file_format = "diffusers"
-    single_files = False
+    denoiser_label = "transformer"
+    single_file_partial = True
+    config_repos = ("stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large")
+    single_file_ignored = (_T5,)  # T5-XXL: edtools conditions SD3 without it (see the module's docstring)
 
     # ---- loading
 
@@ -103,24 +112,39 @@ class StableDiffusion3(FlowMatchingFamily):
         return type(unwrapped(parts.unet)).__name__ == _TRANSFORMER
 
     def guess_keys(self, keys: Collection[str]) -> bool:
-        return False  # single files of SD3 are not read yet
+        return has_prefix(keys, _MMDIT + "joint_blocks.")
 
     def detect_keys(self, keys: Collection[str]) -> str | None:
-        return None
+        """SD3 and SD3.5 (Medium: MMDiT-X, whose first blocks have a second attention; Large) alike: their
+        joint blocks; a file may lack the VAE and text encoders (single_file_partial)."""
+        return "sd3" if has_prefix(keys, _MMDIT + "joint_blocks.") else None
 
     def variant_of(self, parts: Parts) -> str:
         return "sd3"
 
     def variant_of_configs(self, unet_config: Mapping[str, Any], text_config: Any) -> str | None:
-        return None
+        return "sd3" if "joint_attention_dim" in unet_config else None
 
     def single_file_text(self, variant: str) -> tuple[TextLayout, ...]:
-        raise ModelError(
-            "edtools reads Stable Diffusion 3 as diffusers folders and hub ids, not single files"
+        """CLIP-L and CLIP-G, both in transformers' names (CLIP-L's pooled output is not projected: diffusers'
+        reader sets its text_projection to the identity, as the SD3 folders on the hub have it)."""
+        return (
+            TextLayout(
+                _CLIP_L + "transformer.", "text_encoder", "CLIP-L text encoder", identity_projection=True
+            ),
+            TextLayout(_CLIP_G + "transformer.", "text_encoder_2", "CLIP-G text encoder"),
         )
 
     def diffusers_model_type(self, variant: str) -> str:
         return "sd3"
+
+    def diffusers_model_types(self, variant: str) -> tuple[str, ...]:
+        return ("sd3", "sd35_medium", "sd35_large")
+
+    def original_denoiser_entries(self, config: Mapping[str, Any], keys: Iterable[str]) -> list[Any]:
+        from ..keymap_sd3 import mmdit_entries
+
+        return mmdit_entries(config, keys)
 
     def modelspec_architecture(self, variant: str, v_prediction: bool) -> str:
         return "stable-diffusion-v3-medium"
@@ -183,11 +207,12 @@ class StableDiffusion3(FlowMatchingFamily):
     # ---- tests
 
     def tiny(self, variant: str, *, real_blocks: bool) -> TinySpec:
-        """CLIP-L- and CLIP-G-like encoders with projections (pooled width 64), a 16-channel VAE with SD3's
-        shift and scale, a transformer of 2 joint blocks (patch 2; real_blocks: 3, the first with SD3.5's
-        second attention, and its RMS q/k norm), joint width 128 (the CLIP states are padded to it)."""
+        """CLIP-L- and CLIP-G-like encoders with projections (pooled width 64; CLIP-L's the identity, as
+        SD3's), a 16-channel VAE with SD3's shift and scale, a transformer of 2 joint blocks (patch 2;
+        real_blocks: 3, the first with SD3.5's second attention, and its RMS q/k norm), joint width 128 (the
+        CLIP states are padded to it)."""
         encoders = (
-            TinyEncoder(width=32, layers=2, act="quick_gelu", projection=32),
+            TinyEncoder(width=32, layers=2, act="quick_gelu", projection=32, identity_projection=True),
             TinyEncoder(width=64, layers=2, act="gelu", projection=32, pad_token="!"),
         )
         heads, head_dim = 2, 8
