@@ -225,6 +225,9 @@ class Family(ABC):
     # whether edtools reads and writes single files (A1111 / ComfyUI checkpoints) of this family; the
     # single-file methods below are only asked when it does
     single_files: bool = True
+    # whether the frozen denoiser can be loaded quantised under LoRA (quantize_base nf4, QLoRA): a transformer
+    # whose weights are nearly all nn.Linear, which bitsandbytes' Linear4bit replaces
+    quantizable: bool = False
 
     # ---- loading: diffusers folders and hub ids
 

@@ -139,6 +139,7 @@ class StableDiffusion3(Family):
     noise_scheduler_class = "FlowMatchEulerDiscreteScheduler"
     lora_file_format = "diffusers"
     single_files = False
+    quantizable = True
 
     # ---- loading
 
