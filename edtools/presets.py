@@ -170,7 +170,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "sd35m-lora-t4",
                 "sd3",
                 16,
-                (0.0, 0.0),
+                (6.56, 8.78),
                 "SD3.5 Medium LoRA (rank 16, transformer only) on a 16 GB T4: it fits a free Colab T4. 1024 px, "
                 "batch 1, frozen fp16 base weights, cached latents and text-encoder outputs, gradient "
                 "checkpointing, 8-bit AdamW (SD3.5 Large needs a bigger GPU)",
@@ -187,7 +187,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "flux-lora-24gb",
                 "flux",
                 24,
-                (0.0, 0.0),
+                (10.6, 17.85),
                 "Flux.1 LoRA (rank 16) on a 24 GB L4: QLoRA, the frozen transformer in 4-bit NF4 "
                 "(quantize_base nf4), bf16, 1024 px, batch 1, gradient checkpointing, cached latents and "
                 "text-encoder outputs (Flux needs bf16: fp16 gives NaNs or empty LoRAs, so no T4)",
@@ -207,7 +207,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "flux-lora-40gb",
                 "flux",
                 40,
-                (0.0, 0.0),
+                (28.58, 35.94),
                 "Flux.1 LoRA (rank 16) on a 40 GB A100: the frozen transformer in bf16 (no quantisation), "
                 "1024 px, batch 1, gradient checkpointing, cached latents and text-encoder outputs",
                 runtime="an A100 (40 GB)",
