@@ -270,6 +270,13 @@ def estimate(name: str) -> dict:
     out["text_caching"] = text_peak + allowance(text_peak)
     out["latent_caching"] = latent_peak + allowance(latent_peak)
     out["caching"] = max(out["text_caching"], out["latent_caching"])
+    # host RAM while loading: each part is read (safetensors, memory-mapped, shard by shard) and moved to the GPU
+    # before the next; a quantised transformer goes weight by weight straight to the GPU (device_map), so the largest
+    # part read at once is the largest text encoder or the unquantised transformer (file-backed pages where the file
+    # holds the kept dtype, as bench/host_memory.py measured for SDXL). After caching the captions the text encoders
+    # are moved to host RAM (fill_text_cache), where they stay.
+    encoders = [sum(p.numel() * size for p in build(k, c).parameters()) for _, k, c in model.texts]
+    out["host_part"] = max(encoders + ([] if nf4 else [out["transformer"]]))
     out["seconds"] = time.perf_counter() - started
     gc.collect()
     return out
@@ -312,7 +319,9 @@ def main(argv=None) -> int:
     for r in rows:
         print(
             f"{r['name']}: estimated_gib=({r['estimate'] / GIB:.2f}, {r['caching'] / GIB:.2f}); "
-            f"dequantised Linear transient {gib(r['dequantised'])} GiB; traced in {r['seconds']:.0f} s"
+            f"dequantised Linear transient {gib(r['dequantised'])} GiB; traced in {r['seconds']:.0f} s; host RAM: "
+            f"largest part read at once while loading {gib(r['host_part'])} GiB, text encoders kept there after caching "
+            f"{gib(r['text_encoders'])} GiB"
         )
     return 0
 
