@@ -238,7 +238,7 @@ def choose_preset(
         return None, "no GPU: no preset (training on the CPU only suits the tiny test models)"
     model_family = family(architecture)
     has_bf16 = gpu_gib > SMALL_GPU_GIB if bf16 is None else bf16
-    ours = [p for p in PRESETS.values() if p.architecture == model_family.name]
+    ours = [p for p in PRESETS.values() if _family_of(p) is model_family]
     usable = [p for p in ours if has_bf16 or not p.needs_bf16]
 
     def best(want_lora: bool) -> Preset | None:
@@ -261,6 +261,14 @@ def choose_preset(
             hint = f": {bigger[0].name} needs {bigger[0].runtime} runtime"
         return None, f"no {model_family.name.upper()} {kind}preset fits a GPU of {gpu_gib:.0f} GB{hint}"
     return preset, f"{preset.name}: the GPU has {gpu_gib:.0f} GB. {preset.summary}"
+
+
+def _family_of(preset: Preset) -> Any:
+    """The family a preset is for, or None while it is not registered (its presets wait for it)."""
+    try:
+        return family(preset.architecture)
+    except ValueError:
+        return None
 
 
 def _fits(preset: Preset, gpu_gib: float) -> bool:
