@@ -104,6 +104,10 @@ class TrainConfig:
     lora_dropout: float = _opt(0.0, "dropout on the LoRA adapters' input, 0 to < 1")
     lora_text_encoder: bool = _opt(False, "LoRA: adapters on the text encoder(s) too")
     lora_lr: float = _opt(1e-4, "peak learning rate of LoRA adapters")
+    quantize_base: Literal["none", "nf4"] = _opt(
+        "none",
+        "LoRA on SD3 / Flux: nf4 keeps the frozen transformer in 4-bit (QLoRA, bitsandbytes; needs a CUDA GPU)",
+    )
     min_snr_gamma: float | None = _opt(None, "Min-SNR-gamma loss weighting, e.g. 5 ('none' = off)")
     prediction_type: Literal["epsilon", "v_prediction"] | None = _opt(
         None, "the training target: epsilon or v_prediction ('none' = the model's own)"
@@ -335,6 +339,11 @@ def _check_ranges(c: TrainConfig) -> None:
     need(c.lora_alpha is None or c.lora_alpha > 0, "lora_alpha", "it must be > 0, or none for alpha = rank")
     need(0.0 <= c.lora_dropout < 1.0, "lora_dropout", "it must be from 0 to below 1")
     need(c.lora_lr > 0, "lora_lr", "the learning rate must be > 0, e.g. 1e-4")
+    need(
+        c.quantize_base == "none" or c.lora_rank > 0,
+        "quantize_base",
+        "a quantised base trains only LoRA adapters on top (QLoRA): set lora_rank > 0 (e.g. 16), or none",
+    )
     need(
         not c.lora_text_encoder or c.lora_rank > 0,
         "lora_text_encoder",

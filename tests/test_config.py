@@ -46,6 +46,7 @@ def full_config() -> TrainConfig:
         lora_dropout=0.1,
         lora_text_encoder=True,
         lora_lr=5e-5,
+        quantize_base="nf4",
         save_single_file=True,
         min_snr_gamma=5,
         sample_prompts=["a photo of alice", "a painting, in style"],

@@ -11,9 +11,13 @@ import pytest
 
 from edtools.config import ConfigError, TrainConfig
 from edtools.flags import add_arguments, from_args
+from edtools.models.families import family_names
 from edtools.presets import PRESETS, auto_settings, choose_preset
 
 REQUIRED = {"data_root": "data", "model": "model", "out": "out"}
+NATIVE_RESOLUTION = {"sd": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}
+# the Flux family comes from another branch: its presets are defined here, chosen once it is registered
+needs_flux = pytest.mark.skipif("flux" not in family_names(), reason="the flux family is not registered yet")
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -23,9 +27,14 @@ def test_every_preset_is_a_valid_config_for_its_architecture(name):
     for key, value in preset.settings.items():
         assert getattr(config, key) == value, key
     assert config.preset == name
-    assert (config.resolution == 1024) == (preset.architecture == "sdxl")
+    assert config.resolution == NATIVE_RESOLUTION[preset.architecture]
     if preset.gpu_gib <= 16:  # T4: no bfloat16
         assert config.mixed_precision == "fp16" and config.gradient_checkpointing
+        assert not preset.needs_bf16
+    if preset.needs_bf16:
+        assert config.mixed_precision == "bf16"
+    assert preset.runtime and f"{preset.gpu_gib:.0f} GB" in preset.runtime
+    assert preset.estimated_gib[0] > 0  # bench/memory.py or bench/memory_flow.py estimated it
     assert config.cache_latents == "memory"
     assert (config.lora_rank > 0) == ("lora" in name)
 
@@ -64,6 +73,58 @@ def test_choose_preset_by_gpu_memory(architecture, gib, lora, expected):
     preset, why = choose_preset(architecture, gib, lora=lora)
     assert preset.name == expected
     assert why.startswith(f"{expected}: the GPU has {gib:.0f} GB")
+
+
+@pytest.mark.parametrize(
+    ("gib", "bf16", "expected"),
+    [(15.0, False, "sd35m-lora-t4"), (15.0, None, "sd35m-lora-t4"), (22.5, True, "sd35m-lora-t4")],
+)
+def test_sd35_medium_lora_fits_a_t4(gib, bf16, expected):
+    preset, why = choose_preset("sd3", gib, bf16=bf16)
+    assert preset.name == expected
+    assert why.startswith(f"sd35m-lora-t4: the GPU has {gib:.0f} GB. SD3.5 Medium LoRA")
+    assert "it fits a free Colab T4" in why
+    config = TrainConfig.from_dict({**REQUIRED, "preset": preset.name})
+    assert (config.mixed_precision, config.quantize_base, config.lora_rank) == ("fp16", "none", 16)
+    assert config.cache_latents == "memory" and config.cache_text_embeddings and config.gradient_checkpointing
+    assert preset.estimated_gib[0] <= 0.85 * 14.75  # bench/memory_flow.py: fits a T4's usable memory
+
+
+def test_flux_presets_are_qlora_on_24gb_and_bf16_lora_on_40gb():
+    small, big = PRESETS["flux-lora-24gb"], PRESETS["flux-lora-40gb"]
+    assert small.settings["quantize_base"] == "nf4" and big.settings.get("quantize_base", "none") == "none"
+    for preset in (small, big):
+        config = TrainConfig.from_dict({**REQUIRED, "preset": preset.name})
+        assert config.mixed_precision == "bf16" and config.lora_rank == 16 and preset.needs_bf16
+        assert config.cache_latents == "memory" and config.cache_text_embeddings
+    # (estimated step peak, GPU) of bench/memory_flow.py: each within its GPU's usable memory
+    assert small.estimated_gib[0] <= 0.85 * 22.0 and big.estimated_gib[0] <= 0.85 * 40 * 0.92
+
+
+@needs_flux
+@pytest.mark.parametrize(
+    ("gib", "bf16", "expected"),
+    [
+        (22.0, True, "flux-lora-24gb"),
+        (23.6, None, "flux-lora-24gb"),
+        (39.4, True, "flux-lora-40gb"),
+        (80.0, True, "flux-lora-40gb"),
+    ],
+)
+def test_choose_flux_preset_by_gpu(gib, bf16, expected):
+    preset, why = choose_preset("flux", gib, bf16=bf16)
+    assert preset.name == expected and why.startswith(f"{expected}: the GPU has {gib:.0f} GB")
+
+
+@needs_flux
+@pytest.mark.parametrize("bf16", [False, None])
+def test_flux_on_a_t4_names_the_runtime_it_needs(bf16):
+    preset, why = choose_preset("flux", 15.0, bf16=bf16)
+    assert preset is None
+    assert "needs bf16, which this GPU (15 GB) lacks: choose an L4 (24 GB) or an A100 (40 GB) runtime" in why
+    # a GPU with bf16 but too small for either
+    preset, why = choose_preset("flux", 16.0, bf16=True)
+    assert preset is None and why.endswith("flux-lora-24gb needs an L4 (24 GB) runtime")
 
 
 def test_choose_preset_without_a_gpu_or_sdxl_full_on_a_t4():

@@ -596,6 +596,10 @@ def test_preset_is_suggested_from_the_model_and_the_gpu_memory(training_parts, t
     assert "the GPU has 15 GB" in training.preset_note.value
     training.model.value = str(make_tiny_model(tmp_path / "sd", "sd1"))
     assert training.preset.value == "sd15-full-t4" and training.lora_rank.value == 0
+    monkeypatch.setattr("edtools.widgets.settings.gpu_has_bf16", lambda: False)  # a T4
+    training.model.value = str(make_tiny_model(tmp_path / "sd3", "sd3"))
+    assert training.preset.value == "sd35m-lora-t4" and training.lora_rank.value == 16
+    assert "it fits a free Colab T4" in training.preset_note.value
     monkeypatch.setattr("edtools.widgets.settings.gpu_memory_gib", lambda: None)
     training.suggest_preset()
     assert training.preset.value == "" and "no GPU" in training.preset_note.value

@@ -75,11 +75,13 @@ class Keep:
     """How each part is kept, so that it is loaded that way and never through a float32 copy: frozen parts in
     `dtype` (None: float32), the parts named in `float32` (those that train fully) in float32, a VAE whose
     config asks for float32 (SDXL's force_upcast) in float32; each moved to `device` (a GPU) as soon as it is
-    loaded, so that host memory holds one part at a time."""
+    loaded, so that host memory holds one part at a time. quantize: the frozen denoiser's quantisation under
+    LoRA (models.quantize: "nf4" loads it in 4-bit, computing in `dtype`), "none" for none."""
 
     dtype: Any = None  # torch.float16 / torch.bfloat16 / None
     float32: frozenset[str] = frozenset()  # of "unet", "text_encoder", "text_encoder_2"
     device: Any = None
+    quantize: str = "none"
 
     def dtype_of(self, part: str, *, force_upcast: bool = False) -> torch.dtype:
         torch = require("torch")

@@ -138,7 +138,7 @@ def format_plan(plan: RunPlan) -> str:
     if c.preset in PRESETS:
         step, caching = PRESETS[c.preset].estimated_gib
         lines.append(
-            f"GPU memory (preset {c.preset}, estimated by bench/memory.py, not measured): {step:.2f} GiB at a "
+            f"GPU memory (preset {c.preset}, estimated by bench/memory.py or memory_flow.py, not measured): {step:.2f} GiB at a "
             f"step, {caching:.2f} GiB while caching"
         )
     else:

@@ -72,15 +72,20 @@ def kept_as(config: TrainConfig, runtime: Runtime) -> Any:
         wanted = {"unet": True, "text_encoder": config.train_text_encoder, "text_encoder_2": second}
         trained = {part for part, train in wanted.items() if train}
     frozen = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    return Keep(dtype=frozen, float32=frozenset(trained), device=runtime.device)
+    return Keep(
+        dtype=frozen, float32=frozenset(trained), device=runtime.device, quantize=config.quantize_base
+    )
 
 
 def load_model(config: TrainConfig, runtime: Runtime, resume_from: Path | None = None) -> Any:
     """The model as the run keeps it: a full fine-tune resumes from the checkpoint's own weights, LoRA from the
     base model (its adapters come from the checkpoint)."""
     from ..models import load_components
+    from ..models.quantize import check_quantization
 
     keep = kept_as(config, runtime)
+    # a machine that cannot quantise (no GPU) fails here, before any weight is read
+    check_quantization(config.quantize_base, keep.dtype_of("unet"))
     if resume_from is not None and config.lora_rank == 0:
         return load_components(str(resume_from), keep=keep)
     return load_components(config.model, model_config=config.model_config, keep=keep)

@@ -201,7 +201,7 @@ def weight_dtype(config: TrainConfig) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
 
 
-def _place(module: Any, device: Any, dtype: torch.dtype) -> None:
+def _place(module: Any, device: Any, dtype: torch.dtype | None) -> None:
     """Move and cast a module. torch's own Module.to: diffusers' override warns on every cast, even of models
     that keep nothing in float32."""
     torch = require("torch")
@@ -228,8 +228,12 @@ def prepare_modules(components: SDComponents, config: TrainConfig, device: Any) 
     encoders = components.text_encoders
     if config.lora_rank > 0:
         from ..models.lora import add_lora
+        from ..models.quantize import is_quantized
 
-        _place(components.unet.requires_grad_(False), device, frozen)
+        # a quantised denoiser keeps its 4-bit weights (loaded on the device), and its other layers the dtype
+        # they were loaded in: the mixed-precision one
+        quantized = is_quantized(components.unet)
+        _place(components.unet.requires_grad_(False), device, None if quantized else frozen)
         for encoder in encoders:
             _place(encoder.requires_grad_(False).eval(), device, frozen)
         params = add_lora(

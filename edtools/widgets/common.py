@@ -20,6 +20,7 @@ except ImportError as exc:  # the panels are what this package is for
 
 __all__ = [
     "default_data_root",
+    "gpu_has_bf16",
     "gpu_memory_gib",
     "gpu_status",
     "smoke_autostart",
@@ -60,6 +61,15 @@ def gpu_memory_gib() -> float | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def gpu_has_bf16() -> bool | None:
+    """Whether the first CUDA GPU computes in bfloat16 (an L4 or A100 does, a T4 not), or None without one."""
+    if gpu_memory_gib() is None:
+        return None
+    import torch
+
+    return bool(torch.cuda.is_bf16_supported())
 
 
 def gpu_status() -> str:

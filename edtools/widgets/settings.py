@@ -9,7 +9,7 @@ import html
 from typing import TYPE_CHECKING, Any
 
 from ..presets import PRESETS, choose_preset
-from .common import RESOLUTIONS, gpu_memory_gib, widgets
+from .common import RESOLUTIONS, gpu_has_bf16, gpu_memory_gib, widgets
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -223,7 +223,7 @@ class SettingsForm:
         from ..models import guess_architecture
 
         architecture = guess_architecture(self.model.value.strip()) or "sd"
-        preset, why = choose_preset(architecture, gpu_memory_gib())
+        preset, why = choose_preset(architecture, gpu_memory_gib(), bf16=gpu_has_bf16())
         self.preset.value = preset.name if preset is not None else ""
         self.preset_note.value = f"<small>{html.escape(why)}</small>"
 

@@ -251,6 +251,9 @@ class Family(ABC):
     # Key prefixes of weights a single file may hold that edtools does not load (SD3's T5-XXL), logged, not
     # reported as unused.
     single_file_ignored: tuple[str, ...] = ()
+    # whether the frozen denoiser can be loaded quantised under LoRA (quantize_base nf4, QLoRA): a transformer
+    # whose weights are nearly all nn.Linear, which bitsandbytes' Linear4bit replaces
+    quantizable: bool = False
 
     # ---- loading: diffusers folders and hub ids
 

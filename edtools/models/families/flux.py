@@ -103,6 +103,7 @@ class Flux(FlowMatchingFamily):
     unet_lora_targets = _LORA_TARGETS
     unet_lora_pattern = _LORA_PATTERN
     trainable_text_encoders = ("text_encoder",)
+    quantizable = True
     denoiser_part = "transformer"
     denoiser_class = _TRANSFORMER
     lora_file_format = "diffusers"

@@ -102,6 +102,7 @@ class StableDiffusion3(FlowMatchingFamily):
     single_file_partial = True
     config_repos = ("stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large")
     single_file_ignored = (_T5,)  # T5-XXL: edtools conditions SD3 without it (see the module's docstring)
+    quantizable = True
 
     # ---- loading
 

@@ -1,0 +1,70 @@
+"""QLoRA: the frozen denoiser of a transformer family loaded in 4-bit NF4 (bitsandbytes) under LoRA adapters.
+
+diffusers quantises it while loading (its BitsAndBytesConfig), shard by shard, each weight as it is placed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, ModelError, require
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["QUANTIZE_BASE", "check_quantization", "is_quantized", "quantized_loading"]
+
+# quantize_base's values: "none" keeps the frozen denoiser in the mixed-precision dtype, "nf4" in 4-bit NormalFloat
+# with a compute dtype of the mixed precision (the QLoRA paper's data type; bitsandbytes' double quantisation of
+# the block scales too, as diffusers' Flux QLoRA example does)
+QUANTIZE_BASE = ("none", "nf4")
+
+
+def _config(kind: str, compute_dtype: torch.dtype) -> Any:
+    diffusers = require("diffusers", feature="quantize_base nf4 (QLoRA)")
+    if not hasattr(diffusers, "BitsAndBytesConfig"):  # diffusers' quantisers arrived in 0.31
+        raise ModelError(
+            f"quantize_base {kind} needs diffusers 0.31 or newer (this one is {diffusers.__version__}, which "
+            "cannot load a model quantised): upgrade diffusers, or set quantize_base none"
+        )
+    require("bitsandbytes", feature="quantize_base nf4 (QLoRA)")
+    return diffusers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=kind,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def check_quantization(kind: str, compute_dtype: torch.dtype) -> None:
+    """Fail before anything is loaded when this machine cannot quantise: diffusers' own check of the
+    environment (a GPU, accelerate, bitsandbytes), asked with the config the load will use."""
+    if kind == "none":
+        return
+    config = _config(kind, compute_dtype)
+    quantizers = require("diffusers.quantizers")
+    try:
+        quantizers.DiffusersAutoQuantizer.from_config(config).validate_environment()
+    except RuntimeError as exc:  # diffusers: "No GPU found. A GPU is needed for quantization."
+        raise ConfigError(
+            f"quantize_base is '{kind}': QLoRA needs a CUDA GPU (bitsandbytes quantises the frozen model on it), "
+            f"and diffusers found none ({exc}). Choose a GPU runtime, or set quantize_base none"
+        ) from None
+    except ImportError as exc:
+        raise ConfigError(f"quantize_base is '{kind}': {exc}") from None
+
+
+def quantized_loading(kind: str, compute_dtype: torch.dtype, device: Any) -> dict[str, Any]:
+    """from_pretrained's keyword arguments that load the denoiser quantised straight onto `device` (its
+    quantization_config and a device_map of the whole model; None: the CPU)."""
+    if kind == "none":
+        return {}
+    return {
+        "quantization_config": _config(kind, compute_dtype),
+        "device_map": {"": str(device) if device is not None else "cpu"},
+    }
+
+
+def is_quantized(module: Any) -> bool:
+    """Whether a diffusers model was loaded quantised (its hf_quantizer is set)."""
+    return getattr(module, "hf_quantizer", None) is not None or bool(getattr(module, "is_quantized", False))
