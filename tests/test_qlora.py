@@ -54,7 +54,7 @@ def test_quantize_base_is_validated_and_needs_lora():
         TrainConfig(**REQUIRED, quantize_base="nf4")
     with pytest.raises(ConfigError, match=r"quantize_base.*'int3'.*none, nf4"):
         TrainConfig(**REQUIRED, lora_rank=8, quantize_base="int3")
-    assert [f.name for f in FAMILIES if f.quantizable] == ["sd3"]  # transformer families only
+    assert [f.name for f in FAMILIES if f.quantizable] == ["sd3", "flux"]  # transformer families only
 
 
 def test_without_a_gpu_the_run_fails_before_loading(tree, sd3_model, tmp_path):
@@ -73,7 +73,7 @@ def test_without_a_gpu_the_run_fails_before_loading(tree, sd3_model, tmp_path):
 def test_a_unet_family_or_a_single_file_is_refused(tiny_model, tmp_path):
     with pytest.raises(
         ModelError,
-        match=r"is a Stable Diffusion model, whose unet edtools does not quantise; QLoRA is for the transformer families \(Stable Diffusion 3\)",
+        match=r"is a Stable Diffusion model, whose unet edtools does not quantise; QLoRA is for the transformer families \(Stable Diffusion 3, Flux.1\)",
     ):
         load_components(str(tiny_model), keep=Keep(quantize="nf4"))
     single = tmp_path / "model.safetensors"
@@ -148,4 +148,50 @@ def test_qlora_trains_on_a_real_nf4_transformer_and_its_file_loads_unquantised(
 
     base = latents()
     pipeline.load_lora_weights(str(checkpoint), weight_name="lora.safetensors")
+    assert (latents() - base).abs().max() > 1e-4
+
+
+def test_flux_qlora_trains_and_its_file_changes_the_unquantised_pipeline(tree, tmp_path, cpu_quantization):
+    """Flux.1 dev under nf4 (the flux-lora-24gb preset's way): the transformer's Linear layers are NF4, the
+    adapters train, and FluxPipeline of the plain model loads the file and changes its output."""
+    import bitsandbytes as bnb
+
+    model = make_tiny_model(tmp_path / "flux", "flux-dev")
+    quantized = load_components(str(model), keep=Keep(quantize="nf4"))
+    assert all(
+        isinstance(m, bnb.nn.Linear4bit) for m in quantized.unet.modules() if isinstance(m, torch.nn.Linear)
+    )
+    del quantized
+    before = hashes(model)
+    config = train_config(
+        tree({"a": 3, "b": 3}),
+        model,
+        tmp_path / "out",
+        lora_rank=4,
+        lora_lr=3e-2,
+        epochs=1,
+        quantize_base="nf4",
+        train_text_encoder=False,
+        cache_text_embeddings=True,
+        optimizer="adamw",
+    )
+    result = train(config)
+    assert math.isfinite(result.last_loss) and hashes(model) == before
+    pipeline = diffusers.FluxPipeline.from_pretrained(str(model))
+    pipeline.set_progress_bar_config(disable=True)
+
+    def latents() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return pipeline(
+            "a photo",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            max_sequence_length=32,
+            generator=generator,
+            output_type="latent",
+        ).images
+
+    base = latents()
+    pipeline.load_lora_weights(str(result.checkpoint), weight_name="lora.safetensors")
     assert (latents() - base).abs().max() > 1e-4
