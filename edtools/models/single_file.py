@@ -210,7 +210,7 @@ def _other_model_type(state_dict: Mapping[str, Any]) -> str | None:
     if any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in keys):
         return "a Stable Diffusion 3 transformer in another layout than model.diffusion_model.joint_blocks.*"
     if any("double_blocks." in k for k in keys):
-        return "a FLUX model (a transformer, not a UNet)"
+        return "a FLUX model in a layout edtools does not read (not Black Forest Labs' or ComfyUI's)"
     try:
         utils = require("diffusers.loaders.single_file_utils")
         model_type = utils.infer_diffusers_model_type(state_dict)
@@ -255,10 +255,10 @@ def load_single_file(
     state_dict, metadata = read_state_dict(path)
     variant = detect_architecture(state_dict, source=path)
     fam = family(variant)
-    absent = _check_parts(state_dict, fam, variant, path, model_config)
     if any(key.startswith("model_ema.") for key in state_dict):
         logger.info("%s: has EMA weights too (model_ema.*); loading the training weights", path)
     _normalise(state_dict, fam, variant)
+    absent = _check_parts(state_dict, fam, variant, path, model_config)
 
     offline = bool(hub_constants.HF_HUB_OFFLINE) if local_files_only is None else bool(local_files_only)
     explicit = model_config is not None
@@ -288,9 +288,14 @@ def load_single_file(
         vae = _load_vae(state_dict, source, keep, hub)
         state_dict = _next_part(state_dict, _VAE, path, fam, variant)
         text: dict[str, Any] = {}
-        for spec, layout in zip(fam.text_encoders, fam.single_file_text(variant), strict=True):
+        layouts = {layout.part: layout for layout in fam.single_file_text(variant)}
+        for (
+            spec
+        ) in fam.text_encoders:  # an encoder without a layout (Flux's T5) always loads from model_config
+            layout = layouts.get(spec.part)
             text.update(_load_text_encoder(state_dict, spec, layout, source, keep, hub))
-            state_dict = _next_part(state_dict, layout.prefix, path, fam, variant)
+            if layout is not None:
+                state_dict = _next_part(state_dict, layout.prefix, path, fam, variant)
         scheduler_class = getattr(diffusers, fam.noise_scheduler_class)
         scheduler = scheduler_class.from_pretrained(source, subfolder="scheduler", **hub)
     except (OSError, ValueError, RuntimeError, KeyError, IndexError, utils.SingleFileComponentError) as exc:
@@ -335,13 +340,13 @@ def _load_text_encoder(
     state_dict: Mapping[str, Any], spec: Any, layout: Any, source: str, keep: Keep, hub: dict
 ) -> dict[str, Any]:
     """{encoder part: the encoder, tokenizer part: its tokenizer}: the encoder from the file's weights under
-    the layout's prefix (diffusers' CLIP reader), or from model_config when the file has none; the tokenizer
-    always from model_config (files hold none)."""
+    the layout's prefix (diffusers' CLIP reader), or from model_config when the file has none or the family
+    reads it from no file (layout None); the tokenizer always from model_config (files hold none)."""
     transformers = require("transformers")
     utils = require("diffusers.loaders.single_file_utils")
     model_class = getattr(transformers, spec.model_class)
     dtype = keep.dtype_of(spec.part)
-    if _has(state_dict, layout.prefix):
+    if layout is not None and _has(state_dict, layout.prefix):
         encoder = utils.create_diffusers_clip_model_from_ldm(
             model_class,
             state_dict,
@@ -352,7 +357,9 @@ def _load_text_encoder(
         )
     else:
         encoder = model_class.from_pretrained(source, subfolder=spec.part, dtype=dtype, **hub)
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(source, subfolder=spec.tokenizer, **hub)
+    tokenizer = getattr(transformers, spec.tokenizer_class).from_pretrained(
+        source, subfolder=spec.tokenizer, **hub
+    )
     return {spec.part: keep.place(encoder), spec.tokenizer: tokenizer}
 
 

@@ -2,18 +2,27 @@
 conditioned on T5-XXL's hidden states and CLIP-L's pooled output; dev also on a distilled guidance value.
 
 The "flux" family. The T5 encoder is always frozen (its embeddings are cached, then it is freed); LoRA files are
-diffusers' (FluxPipeline.load_lora_weights, ComfyUI's "transformer." form).
+diffusers' (FluxPipeline.load_lora_weights, ComfyUI's "transformer." form); single files BFL's or ComfyUI's.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, MutableMapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from ...errors import ModelError, require
-from .base import Parts, TextEmbeddings, TextEncoderSpec, TextLayout, TinyEncoder, TinySpec, unwrapped
+from ...errors import require
+from .base import (
+    Parts,
+    TextEmbeddings,
+    TextEncoderSpec,
+    TextLayout,
+    TinyEncoder,
+    TinySpec,
+    has_prefix,
+    unwrapped,
+)
 from .flow import FlowMatchingFamily
 from .sd import device_of
 
@@ -23,6 +32,15 @@ if TYPE_CHECKING:
 __all__ = ["Flux", "pack_latents", "unpack_latents"]
 
 _TRANSFORMER = "FluxTransformer2DModel"
+# Single files: Black Forest Labs' flux1-dev.safetensors holds the transformer alone, its keys bare
+# (double_blocks.N...); ComfyUI's checkpoints put it under model.diffusion_model., the VAE under
+# first_stage_model. and the encoders under text_encoders.<name>.transformer.
+_DIT = "model.diffusion_model."
+_BARE = (
+    "double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
+    "final_layer.",
+)  # fmt: skip
+_CLIP_L, _T5 = "text_encoders.clip_l.", "text_encoders.t5xxl."
 # The guidance value Flux.1 dev's distilled guidance input is given while training. kohya's sd-scripts and
 # ai-toolkit train dev LoRAs at 1.0 (diffusers' DreamBooth script defaults to 3.5); sampling uses the
 # pipeline's own guidance_scale. schnell has no guidance input.
@@ -107,7 +125,11 @@ class Flux(FlowMatchingFamily):
     denoiser_part = "transformer"
     denoiser_class = _TRANSFORMER
     lora_file_format = "diffusers"
-    single_files = False
+    denoiser_label = "transformer"
+    single_file_partial = True
+    config_repos = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
+    # T5-XXL in a ComfyUI checkpoint: read from model_config instead (diffusers reads CLIP from such files)
+    single_file_ignored = (_T5,)
 
     # ---- loading
 
@@ -118,22 +140,40 @@ class Flux(FlowMatchingFamily):
         return type(unwrapped(parts.unet)).__name__ == _TRANSFORMER
 
     def guess_keys(self, keys: Collection[str]) -> bool:
-        return False  # single files of Flux are not read yet
+        return has_prefix(keys, "double_blocks.", _DIT + "double_blocks.")
 
     def detect_keys(self, keys: Collection[str]) -> str | None:
-        return None
+        """dev or schnell from the transformer's blocks, bare (BFL's files) or under model.diffusion_model.
+        (ComfyUI's): dev has the guidance embedder."""
+        if not self.guess_keys(keys) or not has_prefix(keys, "single_blocks.", _DIT + "single_blocks."):
+            return None
+        return "flux-dev" if has_prefix(keys, "guidance_in.", _DIT + "guidance_in.") else "flux-schnell"
+
+    def normalise_keys(self, state_dict: MutableMapping[str, Any], variant: str) -> None:
+        """BFL's bare transformer keys under model.diffusion_model., as ComfyUI's files have them (diffusers'
+        reader takes both; the loader finds the transformer by that prefix)."""
+        for key in [k for k in state_dict if k.startswith(_BARE)]:
+            state_dict[_DIT + key] = state_dict.pop(key)
 
     def variant_of(self, parts: Parts) -> str:
         return "flux-dev" if unwrapped(parts.unet).config.guidance_embeds else "flux-schnell"
 
     def variant_of_configs(self, unet_config: Mapping[str, Any], text_config: Any) -> str | None:
-        return None
+        if "num_single_layers" not in unet_config:
+            return None
+        return "flux-dev" if unet_config.get("guidance_embeds") else "flux-schnell"
 
     def single_file_text(self, variant: str) -> tuple[TextLayout, ...]:
-        raise ModelError("edtools reads Flux.1 as diffusers folders and hub ids, not single files")
+        """CLIP-L only, in transformers' names; T5 always loads from model_config (single_file_ignored)."""
+        return (TextLayout(_CLIP_L + "transformer.", "text_encoder", "CLIP-L text encoder"),)
 
     def diffusers_model_type(self, variant: str) -> str:
         return variant
+
+    def original_denoiser_entries(self, config: Mapping[str, Any], keys: Iterable[str]) -> list[Any]:
+        from ..keymap_flux import flux_entries
+
+        return flux_entries(config, keys)
 
     def modelspec_architecture(self, variant: str, v_prediction: bool) -> str:
         return {"flux-dev": "flux-1-dev", "flux-schnell": "flux-1-schnell"}[variant]

@@ -1,0 +1,120 @@
+"""Flux.1 single files: Black Forest Labs' transformer-only file and ComfyUI's checkpoint layout, read by diffusers'
+own reader, the parts a file lacks from model_config; edtools' writer agrees with ComfyUI's key map.
+
+diffusers' Flux reader is fixed to the real transformer's width (3072), so the reading tests build a transformer
+of that width with one block of each kind (530 M parameters, bf16) beside the tiny VAE and text encoders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from conftest import train_config
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from flux_layout import original_state_dict as comfyui_layout  # noqa: E402
+
+from edtools.errors import ModelError  # noqa: E402
+from edtools.models import load_components, save_components, tiny_components  # noqa: E402
+from edtools.models.families import detect_variant  # noqa: E402
+from edtools.models.single_file_layout import original_state_dict, save_single_file  # noqa: E402
+from edtools.train import train  # noqa: E402
+
+# FLUX.1's widths (24 heads of 128, rotary axes 16/56/56) with one double- and one single-stream block
+_WIDE = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+
+def wide_components():
+    """Tiny Flux dev components with a transformer of the real width, its weights drawn from a seeded
+    generator straight into bf16 (no float32 initialisation of 530 M weights)."""
+    components = tiny_components("flux-dev")
+    config = {**_WIDE, "joint_attention_dim": 32, "pooled_projection_dim": 32}
+    with torch.device("meta"):
+        transformer = diffusers.FluxTransformer2DModel(**config)
+    transformer = transformer.to_empty(device="cpu").to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in transformer.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.bfloat16) * 0.02)
+    return dataclasses.replace(components, unet=transformer.eval())
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> tuple[Path, Path]:
+    """(a diffusers folder of the wide model, Black Forest Labs' transformer-only file of it)."""
+    root = tmp_path_factory.mktemp("flux-wide")
+    components = wide_components()
+    folder = save_components(components, root / "folder")
+    from safetensors.torch import save_file
+
+    bfl = root / "flux1-dev.safetensors"
+    save_file(comfyui_layout(components.unet), str(bfl))  # bare keys, as BFL publishes them
+    return folder, bfl
+
+
+def assert_same_parts(a, b) -> None:
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert sa.keys() == sb.keys(), name
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+
+
+def test_edtools_writes_the_layout_comfyui_maps():
+    components = tiny_components("flux-dev", real_blocks=True)
+    written = original_state_dict(components)
+    transformer = {k: v for k, v in written.items() if k.startswith("model.diffusion_model.")}
+    theirs = comfyui_layout(components.unet, "model.diffusion_model.")
+    assert transformer.keys() == theirs.keys()
+    assert all(torch.equal(transformer[k], theirs[k]) for k in theirs)
+    assert {k.split(".")[0] for k in written} == {"model", "first_stage_model", "text_encoders"}
+    assert not any(k.startswith("text_encoders.t5xxl.") for k in written)  # T5 comes from model_config
+    assert detect_variant(written) == "flux-dev"
+    bare = comfyui_layout(tiny_components("flux-schnell").unet)
+    assert detect_variant(bare) == "flux-schnell"
+
+
+def test_a_transformer_only_file_without_model_config_says_to_set_it(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "flux1-schnell.safetensors"
+    save_file(comfyui_layout(tiny_components("flux-schnell").unet), str(path))
+    with pytest.raises(ModelError, match=r"without VAE .* Set --model-config .*black-forest-labs/FLUX.1-dev"):
+        load_components(str(path))
+
+
+@pytest.mark.slow
+def test_a_bfl_file_loads_and_trains_like_its_folder(wide, tree, tmp_path):
+    folder, bfl = wide
+    from_file = load_components(str(bfl), model_config=str(folder))
+    assert_same_parts(from_file, load_components(str(folder)))
+    del from_file
+    root = tree({"a": 2, "b": 2})
+    states = []
+    for model, config in ((bfl, str(folder)), (folder, None)):
+        out = tmp_path / model.name
+        config = train_config(root, model, out, epochs=1, max_steps=1, lora_rank=2, model_config=config)
+        result = train(dataclasses.replace(config, sample_prompts=()))
+        states.append(torch.load(Path(result.checkpoint) / "resume" / "state.pt", weights_only=True)["lora"])
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.slow
+def test_edtools_checkpoint_file_is_read_back_equal(wide, tmp_path):
+    folder, _ = wide
+    components = load_components(str(folder))
+    path = save_single_file(components, tmp_path / "flux-checkpoint.safetensors", dtype="fp32")
+    assert_same_parts(load_components(str(path), model_config=str(folder)), components)
