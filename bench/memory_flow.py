@@ -63,9 +63,7 @@ T5_XXL = dict(
     vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
     feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, is_encoder_decoder=False,
 )  # fmt: skip
-# peft LoRA targets: the joint attention's projections, image and text side (edtools' SD3 family; for Flux the
-# same names, in its double and single blocks, as diffusers' Flux LoRA script targets by default)
-ATTENTION_TARGETS = r".*(?:attn2?)\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+
 
 
 @dataclass(frozen=True)
@@ -163,11 +161,16 @@ def check_nf4_rule() -> tuple[int, int]:
     return rule, actual
 
 
-def add_lora(transformer, rank: int) -> list:
+def add_lora(transformer, rank: int, architecture: str) -> list:
+    """peft adapters on the family's own LoRA targets (models.families: SD3's joint attention; Flux's every
+    linear layer of its double- and single-stream blocks)."""
     from peft import LoraConfig
 
+    from edtools.models.families import family
+
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=ATTENTION_TARGETS))
+    targets = family(architecture).unet_lora_pattern
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
     return [p for p in transformer.parameters() if p.requires_grad]
 
 
@@ -213,7 +216,7 @@ def estimate(name: str) -> dict:
     out["parameters"] = sum(p.numel() for p in transformer.parameters())
     out["transformer"], largest = weight_bytes(transformer, size, nf4)
     out["transformer_half"] = out["parameters"] * size
-    trainable = add_lora(transformer, s["lora_rank"])
+    trainable = add_lora(transformer, s["lora_rank"], preset.architecture)
     out["lora_parameters"] = sum(p.numel() for p in trainable)
     out["lora"] = 4 * out["lora_parameters"]  # fp32 adapters
     out["optimizer"] = adamw8bit_state_bytes(trainable)

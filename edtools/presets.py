@@ -188,7 +188,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "flux-lora-24gb",
                 "flux",
                 24,
-                (10.6, 17.85),
+                (11.04, 17.85),
                 "Flux.1 LoRA (rank 16) on a 24 GB L4: QLoRA, the frozen transformer in 4-bit NF4 "
                 "(quantize_base nf4), bf16, 1024 px, batch 1, gradient checkpointing, cached latents and "
                 "text-encoder outputs (Flux needs bf16: fp16 gives NaNs or empty LoRAs, so no T4)",
@@ -208,7 +208,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "flux-lora-40gb",
                 "flux",
                 40,
-                (28.58, 35.94),
+                (29.02, 35.94),
                 "Flux.1 LoRA (rank 16) on a 40 GB A100: the frozen transformer in bf16 (no quantisation), "
                 "1024 px, batch 1, gradient checkpointing, cached latents and text-encoder outputs",
                 runtime="an A100 (40 GB)",
