@@ -87,6 +87,7 @@ def cmd_make_demo(args: argparse.Namespace) -> int:
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from .models import make_tiny_model
+    from .models.families import family
 
     shorthand = {"sdxl": args.sdxl, "sd3": args.sd3, "flux-dev": args.flux}
     architecture = next((name for name, asked in shorthand.items() if asked), args.architecture)
@@ -97,13 +98,14 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
         prediction_type=args.prediction_type,
         real_blocks=args.real_blocks,
     )
-    print(f"tiny {architecture.upper()}-shaped diffusers model written to {path}")
+    print(f"tiny {family(architecture).variant_label(architecture)}-shaped diffusers model written to {path}")
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .errors import ModelError
     from .models import load_components, save_components, save_single_file
+    from .models.families import family
 
     destination = Path(args.dst).expanduser()
     single = destination.suffix.lower() == ".safetensors"
@@ -123,11 +125,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     components = load_components(args.src, model_config=args.config, dtype=torch_dtype)
     if single:
         path = save_single_file(components, destination, dtype=dtype)
-        print(f"{components.architecture.upper()} single file ({dtype}) written to {path}")
+        print(f"{family(components.architecture).short_label} single file ({dtype}) written to {path}")
     else:
         components.vae.to(torch_dtype)  # the one part loaded in float32 when its config asks (force_upcast)
         path = save_components(components, destination)
-        print(f"{components.architecture.upper()} diffusers folder ({dtype}) written to {path}")
+        print(f"{family(components.architecture).short_label} diffusers folder ({dtype}) written to {path}")
     return 0
 
 

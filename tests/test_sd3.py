@@ -127,7 +127,7 @@ def test_model_indexes_of_sd3_and_others():
 
 def test_make_tiny_model_cli_writes_an_sd3_folder(tmp_path, capsys):
     assert main(["make-tiny-model", "--sd3", str(tmp_path / "m")]) == 0
-    assert "SD3" in capsys.readouterr().out
+    assert "tiny Stable Diffusion 3-shaped" in capsys.readouterr().out
     assert load_components(str(tmp_path / "m")).architecture == "sd3"
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from ..balance.schedule import build_epoch, make_buckets
 from ..config import TrainConfig
 from ..errors import require
+from ..models.families import family
 from ..presets import PRESETS
 from .checkpoint import TrainState, checkpoint_info
 from .host_memory import GIB, HostMemory, PeakHostMemory, current_host_memory
@@ -117,7 +118,7 @@ def format_plan(plan: RunPlan) -> str:
     kind = f"LoRA rank {c.lora_rank}" if c.lora_rank else "full fine-tune"
     lines = [
         f"dry run: nothing was encoded, trained or written ({c.out} untouched)",
-        f"model: {c.model} ({plan.architecture.upper()}, {kind}) on {plan.device}, "
+        f"model: {c.model} ({family(plan.architecture).short_label}, {kind}) on {plan.device}, "
         f"mixed precision {'fp32' if c.mixed_precision == 'no' else c.mixed_precision}",
     ]
     for name, dtype, count in plan.parts:
