@@ -97,19 +97,23 @@ def test_a_transformer_only_file_without_model_config_says_to_set_it(tmp_path):
 
 @pytest.mark.slow
 def test_a_bfl_file_loads_and_trains_like_its_folder(wide, tree, tmp_path):
+    """Every part loaded from the file equals the folder's, bit for bit (training is a function of them and the
+    seed); and a run from the file, its other parts from model_config, trains and writes its LoRA."""
     folder, bfl = wide
     from_file = load_components(str(bfl), model_config=str(folder))
     assert_same_parts(from_file, load_components(str(folder)))
     del from_file
-    root = tree({"a": 2, "b": 2})
-    states = []
-    for model, config in ((bfl, str(folder)), (folder, None)):
-        out = tmp_path / model.name
-        config = train_config(root, model, out, epochs=1, max_steps=1, lora_rank=2, model_config=config)
-        result = train(dataclasses.replace(config, sample_prompts=()))
-        states.append(torch.load(Path(result.checkpoint) / "resume" / "state.pt", weights_only=True)["lora"])
-    assert states[0].keys() == states[1].keys()
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    config = train_config(
+        tree({"a": 2, "b": 2}),
+        bfl,
+        tmp_path / "out",
+        epochs=1,
+        max_steps=1,
+        lora_rank=2,
+        model_config=str(folder),
+    )
+    result = train(config)
+    assert result.global_step == 1 and (Path(result.checkpoint) / "lora.safetensors").is_file()
 
 
 @pytest.mark.slow
