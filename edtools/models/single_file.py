@@ -20,6 +20,7 @@ from .keymap import UNET_PREFIX as _UNET
 from .keymap import VAE_PREFIX as _VAE
 from .single_file_layout import SAVE_DTYPES, original_keys
 from .single_file_prediction import with_sampling
+from .text_parts import check_t5_setting, optional_text_parts
 
 if TYPE_CHECKING:
     import torch
@@ -256,6 +257,7 @@ def load_single_file(
     variant = detect_architecture(state_dict, source=path)
     fam = family(variant)
     absent = _check_parts(state_dict, fam, variant, path, model_config)
+    check_t5_setting(fam, Keep() if keep is None else keep, str(path))
     if any(key.startswith("model_ema.") for key in state_dict):
         logger.info("%s: has EMA weights too (model_ema.*); loading the training weights", path)
     _normalise(state_dict, fam, variant)
@@ -288,9 +290,11 @@ def load_single_file(
         vae = _load_vae(state_dict, source, keep, hub)
         state_dict = _next_part(state_dict, _VAE, path, fam, variant)
         text: dict[str, Any] = {}
-        for spec, layout in zip(fam.text_encoders, fam.single_file_text(variant), strict=True):
+        required = [spec for spec in fam.text_encoders if not spec.optional]
+        for spec, layout in zip(required, fam.single_file_text(variant), strict=True):
             text.update(_load_text_encoder(state_dict, spec, layout, source, keep, hub))
             state_dict = _next_part(state_dict, layout.prefix, path, fam, variant)
+        text.update(optional_text_parts(source, fam, keep, hub))  # SD3's T5: from model_config, if it has one
         scheduler_class = getattr(diffusers, fam.noise_scheduler_class)
         scheduler = scheduler_class.from_pretrained(source, subfolder="scheduler", **hub)
     except (OSError, ValueError, RuntimeError, KeyError, IndexError, utils.SingleFileComponentError) as exc:

@@ -234,8 +234,8 @@ def prepare_modules(components: SDComponents, config: TrainConfig, device: Any) 
         # they were loaded in: the mixed-precision one
         quantized = is_quantized(components.unet)
         _place(components.unet.requires_grad_(False), device, None if quantized else frozen)
-        for encoder in encoders:
-            _place(encoder.requires_grad_(False).eval(), device, frozen)
+        for encoder in encoders:  # an 8-bit T5 stays as bitsandbytes placed it (int8 weights are not cast)
+            _place(encoder.requires_grad_(False).eval(), device, None if is_quantized(encoder) else frozen)
         params = add_lora(
             components,
             rank=config.lora_rank,
@@ -373,7 +373,7 @@ def train_step(
                 if text_cache is not None:
                     embeddings = text_cache.get(batch["captions"])
                 else:
-                    ids = [batch[key] for key in ("input_ids", "input_ids_2") if key in batch]
+                    ids = [batch[key] for key in ("input_ids", "input_ids_2", "input_ids_3") if key in batch]
                     with torch.set_grad_enabled(text_grad):
                         embeddings = encode_text(components, ids)
                 conditioning = unet_conditioning(components, embeddings, batch.get("time_ids"), device=device)
