@@ -366,6 +366,7 @@ def test_full_fine_tune_writes_a_folder_the_sd3_pipeline_loads(tree, sd3_model, 
     trained = diffusers_pipeline(Path(result.checkpoint))
     base = diffusers_pipeline(sd3_model)
     assert trained.scheduler.config.shift == 2.0  # the shift it was trained with
+    assert type(trained.text_encoder_3).__name__ == "T5EncoderModel"  # a saved full fine-tune keeps T5
     changed = [
         name
         for name, value in trained.transformer.state_dict().items()

@@ -172,3 +172,23 @@ def test_lora_with_an_8bit_t5_caches_frees_it_samples_and_validates(tree, sd3_mo
     assert seen["after"] == (None, None, ("text_encoder_3",))
     assert [e for e in events if e.kind == "sample"] and [e for e in events if e.kind == "validation"]
     assert (tmp_path / "out" / "bleed.csv").is_file() and result.global_step > 0
+
+
+def test_a_lora_run_caching_captions_places_the_denoiser_after_them(tree, sd3_model, tmp_path):
+    """kept_as leaves an unquantised LoRA denoiser on the CPU while the captions are encoded (Keep.later), a full
+    fine-tune's goes at once; Keep.place moves every other part."""
+    from edtools.train.runtime import make_runtime
+    from edtools.train.setup import kept_as
+
+    root = tree({"a": 1})
+    lora = train_config(
+        root, sd3_model, tmp_path / "o", lora_rank=4, cache_text_embeddings=True, train_text_encoder=False
+    )
+    full = dataclasses.replace(lora, lora_rank=0)
+    runtime = make_runtime(lora)
+    assert kept_as(lora, runtime).later == {"unet"} and kept_as(full, runtime).later == set()
+    assert kept_as(dataclasses.replace(lora, cache_text_embeddings=False), runtime).later == set()
+    keep = Keep(device="meta", later=frozenset({"unet"}))
+    waits, moves = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    assert keep.place(waits, "unet").weight.device.type == "cpu"
+    assert keep.place(moves, "vae").weight.device.type == "meta"

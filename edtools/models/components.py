@@ -89,6 +89,10 @@ class Keep:
     device: Any = None
     quantize: str = "none"
     t5: str = "load"
+    # parts loaded but left on the CPU, for the run to place later: a run that caches its captions places the
+    # (unquantised) denoiser only after the text encoders encoded them and T5 was freed, so the two never share
+    # the GPU
+    later: frozenset[str] = frozenset()
 
     def dtype_of(self, part: str, *, force_upcast: bool = False) -> torch.dtype:
         torch = require("torch")
@@ -96,8 +100,10 @@ class Keep:
             return torch.float32
         return self.dtype
 
-    def place(self, module: Any) -> Any:
+    def place(self, module: Any, part: str | None = None) -> Any:
         torch = require("torch")
+        if part in self.later:
+            return module
         if self.device is not None and torch.device(self.device).type != "cpu":
             torch.nn.Module.to(module, self.device)  # torch's own: diffusers' override warns on every move
         return module

@@ -183,7 +183,8 @@ def _load_parts(source: str, family: Family, keep: Keep, hub: dict, index: dict)
             torch_dtype=keep.dtype_of("unet"),
             **quantized_loading(keep.quantize, compute, keep.device),
             **hub,
-        )
+        ),
+        "unet",
     )
     vae = keep.place(
         diffusers.AutoencoderKL.from_pretrained(

@@ -284,7 +284,8 @@ def load_single_file(
                 subfolder=fam.denoiser_part,
                 torch_dtype=keep.dtype_of("unet"),
                 **hub,
-            )
+            ),
+            "unet",
         )
         state_dict = _next_part(state_dict, _UNET, path, fam, variant)
         vae = _load_vae(state_dict, source, keep, hub)

@@ -72,12 +72,17 @@ def kept_as(config: TrainConfig, runtime: Runtime) -> Any:
         wanted = {"unet": True, "text_encoder": config.train_text_encoder, "text_encoder_2": second}
         trained = {part for part, train in wanted.items() if train}
     frozen = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    # LoRA with cached captions: the frozen denoiser waits on the CPU in its half dtype until the encoders are done
+    # (prepare_modules places it; a full fine-tune's float32 one goes at once, and a quantised one loads onto the GPU)
+    waits = config.cache_text_embeddings and config.lora_rank > 0 and config.quantize_base == "none"
+    later = frozenset({"unet"}) if waits else frozenset()
     return Keep(
         dtype=frozen,
         float32=frozenset(trained),
         device=runtime.device,
         quantize=config.quantize_base,
         t5=config.t5,
+        later=later,
     )
 
 
