@@ -167,6 +167,15 @@ def run_preset(name: str, device, args: argparse.Namespace, result: PresetResult
     parts = {"unet": components.unet, "vae": components.vae}
     parts.update({n: getattr(components, n) for n, _, _ in configs["texts"]})
 
+    # as train() does: the captions are cached before prepare_modules (which keeps cached encoders on the CPU)
+    captions = [
+        f"a photo of a {w} {i}" for i, w in enumerate(["person", "dog", "cat", "woman"] * (CAPTIONS // 4))
+    ]
+    text_cache = (
+        fill_text_cache(components, tuple(captions), config, runtime)
+        if config.cache_text_embeddings
+        else None
+    )
     params = prepare_modules(components, config, runtime.device)
     text_params = [p for e in components.text_encoders for p in e.parameters() if p.requires_grad]
     result.recast = [
@@ -184,14 +193,6 @@ def run_preset(name: str, device, args: argparse.Namespace, result: PresetResult
     total = args.warmup + MAX_EXTRA_WARMUP + args.steps + first_epoch + 1
     lr_scheduler = make_lr_scheduler(config, optimizer, total)
     scaler = make_grad_scaler(config, runtime.device)
-    captions = [
-        f"a photo of a {w} {i}" for i, w in enumerate(["person", "dog", "cat", "woman"] * (CAPTIONS // 4))
-    ]
-    text_cache = (
-        fill_text_cache(components, tuple(captions), config, runtime)
-        if config.cache_text_embeddings
-        else None
-    )
     latent_cache = make_latent_cache(config, components)
     batches = make_batches(config, components, captions, 4, cached=True, prefix="cached")
     step_index = [0]

@@ -9,8 +9,10 @@ one fp32 scale per 256 blocks; every other tensor stays in the mixed dtype), LoR
 AdamW8bit state, then one training step with gradient checkpointing on fake tensors (cached latents and text
 embeddings; the NF4 run is traced with bf16 Linear weights, whose step activations are the same, and the largest
 Linear's dequantised bf16 copy is added: bitsandbytes dequantises one layer at a time). Before training the text
-encoders encode the captions while every part the family loads is on the GPU (Keep.device places each as it loads),
-then leave for the CPU; in the first epoch the VAE (fp32) encodes each image inside the step, before the forward.
+encoders encode the captions on the GPU beside the VAE, and beside the transformer only when it is NF4 (an
+unquantised one waits on the CPU until they are done: train.setup.kept_as; Keep.device places the rest as it loads;
+T5-XXL as transformers loads it: `wo` in fp32 under fp16 and t5 8bit, the other Linear weights int8 under 8bit), then
+T5 is freed and the CLIP encoders leave for the CPU; in the first epoch the VAE (fp32) encodes each image inside the step, before the forward.
 The NF4 byte rule is checked against a real quantised tiny SD3 transformer (CPU).
 
 Run: python bench/memory_flow.py [--presets NAME ...] [--markdown]
@@ -65,7 +67,6 @@ T5_XXL = dict(
 )  # fmt: skip
 
 
-
 @dataclass(frozen=True)
 class FlowModel:
     label: str
@@ -74,17 +75,19 @@ class FlowModel:
     texts: tuple  # (name, kind "clip" | "t5", config); the encoders the family loads
     text_tokens: int  # tokens of the cached conditioning (CLIP 77 + T5's)
     pooled: int
+    t5_tokens: int  # the tokens T5 encodes (SD3: the pipeline's max_sequence_length 256; Flux: 512)
 
 
 MODELS = {
-    # edtools' SD3 family conditions without T5 (zero tokens: diffusers 0.42 pads 256), so it loads CLIP-L and -G
+    # edtools' SD3 family loads CLIP-L, CLIP-G and T5-XXL (its 256 tokens after the 77 CLIP ones)
     "sd3": FlowModel(
         "SD3.5 Medium", "SD3Transformer2DModel", SD35M_TRANSFORMER,
-        (("text_encoder", "clip", CLIP_L), ("text_encoder_2", "clip", CLIP_G)), 77 + 256, 2048,
+        (("text_encoder", "clip", CLIP_L), ("text_encoder_2", "clip", CLIP_G), ("text_encoder_3", "t5", T5_XXL)),
+        77 + 256, 2048, 256,
     ),
     "flux": FlowModel(
         "Flux.1 dev", "FluxTransformer2DModel", FLUX_DEV_TRANSFORMER,
-        (("text_encoder", "clip", CLIP_L), ("text_encoder_2", "t5", T5_XXL)), 512, 768,
+        (("text_encoder", "clip", CLIP_L), ("text_encoder_2", "t5", T5_XXL)), 512, 768, 512,
     ),
 }  # fmt: skip
 
@@ -114,6 +117,29 @@ def nf4_bytes(numel: int, double_quant: bool = True) -> int:
     if not double_quant:
         return -(-numel // 2) + 4 * blocks
     return -(-numel // 2) + blocks + 4 * -(-blocks // 256) + 4  # + the nested quantisation's fp32 offset
+
+
+def t5_bytes(encoder, dtype_size: int, t5: str, fp16: bool) -> int:
+    """Bytes of a T5 encoder as transformers loads it: its `wo` layers (T5's _keep_in_fp32_modules) stay float32 when
+    the dtype is float16 (not bfloat16) and under 8-bit; with t5 "8bit" every other Linear weight is int8 (one byte a
+    weight, plus LLM.int8's fp32 scale per output row) and the rest (embedding, norms) in the mixed dtype."""
+    import torch
+
+    linear = {id(m.weight): m.weight.shape[0] for m in encoder.modules() if isinstance(m, torch.nn.Linear)}
+    fp32 = (
+        {id(m.weight) for name, m in encoder.named_modules() if name.endswith(".wo")}
+        if fp16 or t5 == "8bit"
+        else set()
+    )
+    total = 0
+    for p in encoder.parameters():
+        if id(p) in fp32:
+            total += 4 * p.numel()
+        elif t5 == "8bit" and id(p) in linear:
+            total += p.numel() + 4 * linear[id(p)]
+        else:
+            total += dtype_size * p.numel()
+    return total
 
 
 def weight_bytes(module, dtype_size: int, nf4: bool) -> tuple[int, int]:
@@ -257,18 +283,24 @@ def estimate(name: str) -> dict:
             vae.encode(torch.empty(1, 3, s["resolution"], s["resolution"])).latent_dist.mode()
         vae_transient = live.peak
         del vae
-        out["text_encoders"] = 0
+        out["text_encoders"] = out["t5"] = 0
         for _, kind, config in model.texts:
             encoder = build(kind, config)
+            if kind == "t5":  # as loaded: float32 `wo` in fp16 and 8-bit, int8 Linear weights in 8-bit
+                out["t5"] = t5_bytes(encoder, size, s.get("t5", "load"), low == torch.float16)
+                out["text_encoders"] += out["t5"]
+            else:
+                out["text_encoders"] += sum(p.numel() * size for p in encoder.parameters())
             to_fake(encoder, mode, lambda p: low)
-            out["text_encoders"] += sum(p.numel() * size for p in encoder.parameters())
             live = tracker(tensors_of(encoder))
             with live, torch.autocast("cpu", dtype=low):
-                tokens = 77 if kind == "clip" else model.text_tokens
+                tokens = 77 if kind == "clip" else model.t5_tokens
                 encoder(torch.zeros(1, tokens, dtype=torch.long), output_hidden_states=True)
             text_transients.append(live.peak)
             del encoder
-    text_peak = out["transformer"] + out["vae"] + out["text_encoders"] + max(text_transients)
+    # a LoRA run that caches its captions places an unquantised transformer only after they are encoded and T5 is
+    # freed (train.setup.kept_as); an NF4 one is loaded straight onto the GPU, so it is there while they are
+    text_peak = (out["transformer"] if nf4 else 0) + out["vae"] + out["text_encoders"] + max(text_transients)
     latent_peak = out["transformer"] + out["vae"] + out["lora"] + out["optimizer"] + vae_transient
     out["text_caching"] = text_peak + allowance(text_peak)
     out["latent_caching"] = latent_peak + allowance(latent_peak)
@@ -276,10 +308,17 @@ def estimate(name: str) -> dict:
     # host RAM while loading: each part is read (safetensors, memory-mapped, shard by shard) and moved to the GPU
     # before the next; a quantised transformer goes weight by weight straight to the GPU (device_map), so the largest
     # part read at once is the largest text encoder or the unquantised transformer (file-backed pages where the file
-    # holds the kept dtype, as bench/host_memory.py measured for SDXL). After caching the captions the text encoders
-    # are moved to host RAM (fill_text_cache), where they stay.
-    encoders = [sum(p.numel() * size for p in build(k, c).parameters()) for _, k, c in model.texts]
-    out["host_part"] = max(encoders + ([] if nf4 else [out["transformer"]]))
+    # holds the kept dtype, as bench/host_memory.py measured for SDXL; an 8-bit T5 goes weight by weight to the GPU
+    # too). After caching the captions a LoRA run frees T5 (fill_text_cache) and moves the CLIP encoders to host RAM,
+    # where they stay.
+    encoders = [
+        out["t5"] if k == "t5" else sum(p.numel() * size for p in build(k, c).parameters())
+        for _, k, c in model.texts
+    ]
+    eight_bit = s.get("t5", "load") == "8bit"
+    read = [b for (_, k, _), b in zip(model.texts, encoders, strict=True) if not (k == "t5" and eight_bit)]
+    out["host_part"] = max(read + ([] if nf4 else [out["transformer"]]))
+    out["host_after"] = sum(b for (_, k, _), b in zip(model.texts, encoders, strict=True) if k != "t5")
     out["seconds"] = time.perf_counter() - started
     gc.collect()
     return out
@@ -324,7 +363,7 @@ def main(argv=None) -> int:
             f"{r['name']}: estimated_gib=({r['estimate'] / GIB:.2f}, {r['caching'] / GIB:.2f}); "
             f"dequantised Linear transient {gib(r['dequantised'])} GiB; traced in {r['seconds']:.0f} s; host RAM: "
             f"largest part read at once while loading {gib(r['host_part'])} GiB, text encoders kept there after caching "
-            f"{gib(r['text_encoders'])} GiB"
+            f"{gib(r['host_after'])} GiB (T5, {gib(r['t5'])} GiB on the GPU while caching, is freed)"
         )
     return 0
 

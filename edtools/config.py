@@ -108,6 +108,11 @@ class TrainConfig:
         "none",
         "LoRA on SD3 / Flux: nf4 keeps the frozen transformer in 4-bit (QLoRA, bitsandbytes; needs a CUDA GPU)",
     )
+    t5: Literal["load", "8bit", "drop"] = _opt(
+        "load",
+        "T5-XXL text encoder (SD3, Flux): load, 8bit (bitsandbytes, CUDA GPU; needs cache_text_embeddings) or "
+        "drop (SD3 only: zero T5 tokens)",
+    )
     min_snr_gamma: float | None = _opt(None, "Min-SNR-gamma loss weighting, e.g. 5 ('none' = off)")
     prediction_type: Literal["epsilon", "v_prediction"] | None = _opt(
         None, "the training target: epsilon or v_prediction ('none' = the model's own)"
@@ -343,6 +348,17 @@ def _check_ranges(c: TrainConfig) -> None:
         c.quantize_base == "none" or c.lora_rank > 0,
         "quantize_base",
         "a quantised base trains only LoRA adapters on top (QLoRA): set lora_rank > 0 (e.g. 16), or none",
+    )
+    need(
+        c.t5 != "8bit" or c.cache_text_embeddings,
+        "t5",
+        "an 8-bit T5 encodes the captions once and is then freed: set cache_text_embeddings true too",
+    )
+    need(
+        c.t5 != "8bit" or c.lora_rank > 0,
+        "t5",
+        "a full fine-tune saves the whole model, T5 included, which must not be rounded to 8 bits: set t5 load, "
+        "or train LoRA (lora_rank > 0)",
     )
     need(
         not c.lora_text_encoder or c.lora_rank > 0,

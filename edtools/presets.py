@@ -171,16 +171,18 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "sd35m-lora-t4",
                 "sd3",
                 16,
-                (6.56, 8.78),
+                (6.56, 11.22),
                 "SD3.5 Medium LoRA (rank 16, transformer only) on a 16 GB T4: it fits a free Colab T4. 1024 px, "
-                "batch 1, frozen fp16 base weights, cached latents and text-encoder outputs, gradient "
-                "checkpointing, 8-bit AdamW (SD3.5 Large needs a bigger GPU)",
+                "batch 1, frozen fp16 base weights, cached latents and text-encoder outputs (T5-XXL loaded in "
+                "8-bit to encode the captions, then freed), gradient checkpointing, 8-bit AdamW (SD3.5 Large "
+                "needs a bigger GPU)",
                 runtime="a T4 (16 GB)",
                 resolution=1024,
                 batch_size=1,
                 lora_rank=16,
                 lora_alpha=16.0,
                 lora_lr=1e-4,
+                t5="8bit",
                 **_T4,
                 **_FROZEN_TEXT,
             ),
@@ -208,7 +210,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "flux-lora-40gb",
                 "flux",
                 40,
-                (29.02, 35.94),
+                (29.02, 28.90),
                 "Flux.1 LoRA (rank 16) on a 40 GB A100: the frozen transformer in bf16 (no quantisation), "
                 "1024 px, batch 1, gradient checkpointing, cached latents and text-encoder outputs",
                 runtime="an A100 (40 GB)",

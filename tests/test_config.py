@@ -47,6 +47,7 @@ def full_config() -> TrainConfig:
         lora_text_encoder=True,
         lora_lr=5e-5,
         quantize_base="nf4",
+        t5="drop",
         save_single_file=True,
         min_snr_gamma=5,
         sample_prompts=["a photo of alice", "a painting, in style"],

@@ -31,10 +31,8 @@ def files_of(folder: Path) -> dict[str, bytes]:
 
 
 def diffusers_pipeline(model: Path):
-    """diffusers' own StableDiffusion3Pipeline of a tiny folder, without T5 (as its users drop it)."""
-    pipeline = diffusers.StableDiffusion3Pipeline.from_pretrained(
-        str(model), text_encoder_3=None, tokenizer_3=None
-    )
+    """diffusers' own StableDiffusion3Pipeline of a tiny folder (with its T5 when the folder has one)."""
+    pipeline = diffusers.StableDiffusion3Pipeline.from_pretrained(str(model))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -65,10 +63,16 @@ def test_tiny_sd3_folder_loads_as_the_sd3_family_and_in_diffusers(sd3_model):
     assert components.vae.config.latent_channels == 16 and components.vae.config.shift_factor
     # every weight as made (CLIP-with-projection encoders keep their text_projection, in any transformers)
     made = tiny_components("sd3")
-    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         ours, saved = getattr(made, part).state_dict(), getattr(components, part).state_dict()
         assert ours.keys() == saved.keys() and all(torch.equal(ours[k], saved[k]) for k in ours), part
-    assert {p.name for p in sd3_model.iterdir() if p.is_dir()} == set(fam.subfolders)
+    # T5 is optional: the tiny folder has it, a folder without it loads too (test_t5.py)
+    assert {p.name for p in sd3_model.iterdir() if p.is_dir()} == {
+        *fam.subfolders,
+        "text_encoder_3",
+        "tokenizer_3",
+    }
+    assert type(components.text_encoder_3).__name__ == "T5EncoderModel" and len(components.tokenizers) == 3
     # the other families do not claim SD3's parts
     assert [f.name for f in (family("sd1"), family("sdxl")) if f.matches_parts(components)] == []
     pipeline = diffusers_pipeline(sd3_model)
@@ -210,19 +214,25 @@ def test_density_without_a_generator_argument_is_diffusers_own(monkeypatch, sche
     assert torch.allclose(_density(flow, 64, torch.Generator().manual_seed(5)), new, atol=1e-7)
 
 
-def test_conditioning_matches_the_pipeline_without_t5(sd3_model):
-    """The training conditioning equals what StableDiffusion3Pipeline.encode_prompt gives (zero T5 tokens)."""
+def test_conditioning_matches_the_pipeline_with_t5(sd3_model):
+    """The training conditioning equals what StableDiffusion3Pipeline.encode_prompt gives: the padded CLIP
+    states, then T5's at the tokenizer's length (24 tokens here; 256, the pipeline's default, for real models),
+    a caption longer than that cut as the pipeline cuts it."""
     from edtools.data import token_ids
     from edtools.models.conditioning import encode_text, unet_conditioning
+    from edtools.models.families.sd3 import t5_tokens
 
     components = load_components(str(sd3_model))
-    captions = ["a photo of a cat", "a red dog"]
+    captions = ["a photo of a cat", "a red dog " * 20]
+    length = t5_tokens(components.tokenizer_3)
+    assert length == 24
     with torch.no_grad():
         ids = [token_ids(tokenizer, captions) for tokenizer in components.tokenizers]
         kwargs = unet_conditioning(components, encode_text(components, ids), None, device="cpu")
         hidden, _, pooled, _ = make_pipeline(components).encode_prompt(
-            captions, captions, captions, do_classifier_free_guidance=False
+            captions, captions, captions, do_classifier_free_guidance=False, max_sequence_length=length
         )
+    assert hidden.shape == (2, 77 + 24, 128) and hidden[:, 77:].abs().sum() > 0  # T5's tokens, not zeros
     assert torch.equal(kwargs["encoder_hidden_states"], hidden)
     assert torch.equal(kwargs["pooled_projections"], pooled)
 
@@ -356,6 +366,7 @@ def test_full_fine_tune_writes_a_folder_the_sd3_pipeline_loads(tree, sd3_model, 
     trained = diffusers_pipeline(Path(result.checkpoint))
     base = diffusers_pipeline(sd3_model)
     assert trained.scheduler.config.shift == 2.0  # the shift it was trained with
+    assert type(trained.text_encoder_3).__name__ == "T5EncoderModel"  # a saved full fine-tune keeps T5
     changed = [
         name
         for name, value in trained.transformer.state_dict().items()

@@ -37,15 +37,18 @@ FLOW_MATCHING = "flow_matching"
 class SDComponents:
     """The parts training touches. noise_scheduler is a DDPMScheduler built from the model's own scheduler
     config, so betas and prediction_type ("epsilon" / "v_prediction") are the model's. SDXL models have a
-    second text encoder (CLIPTextModelWithProjection, whose pooled output conditions the UNet) and tokenizer."""
+    second text encoder (CLIPTextModelWithProjection, whose pooled output conditions the UNet) and tokenizer; SD3
+    may have a third (T5-XXL). A part the model lacks, or that was freed after caching the captions, is None."""
 
     unet: Any  # the denoiser: diffusers UNet2DConditionModel, SD3Transformer2DModel (its family's denoiser_class)
     text_encoder: Any  # transformers CLIPTextModel
     tokenizer: Any  # transformers CLIPTokenizer
     vae: Any  # diffusers AutoencoderKL
     noise_scheduler: Any  # diffusers DDPMScheduler (SD3: FlowMatchEulerDiscreteScheduler)
-    text_encoder_2: Any = None  # SDXL only: transformers CLIPTextModelWithProjection
-    tokenizer_2: Any = None  # SDXL only
+    text_encoder_2: Any = None  # SDXL, SD3: CLIPTextModelWithProjection; Flux: T5EncoderModel
+    tokenizer_2: Any = None
+    text_encoder_3: Any = None  # SD3's T5EncoderModel, when loaded
+    tokenizer_3: Any = None
 
     @property
     def architecture(self) -> str:
@@ -61,13 +64,14 @@ class SDComponents:
 
     @property
     def text_encoders(self) -> tuple[Any, ...]:
-        return (
-            (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
-        )
+        """Every text encoder present, in order (text_encoder, text_encoder_2, text_encoder_3)."""
+        encoders = (self.text_encoder, self.text_encoder_2, self.text_encoder_3)
+        return tuple(e for e in encoders if e is not None)
 
     @property
     def tokenizers(self) -> tuple[Any, ...]:
-        return (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer, self.tokenizer_2)
+        """Every tokenizer present, in order: input_ids, input_ids_2, input_ids_3 of a batch."""
+        return tuple(t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t is not None)
 
 
 @dataclass(frozen=True)
@@ -76,12 +80,19 @@ class Keep:
     `dtype` (None: float32), the parts named in `float32` (those that train fully) in float32, a VAE whose
     config asks for float32 (SDXL's force_upcast) in float32; each moved to `device` (a GPU) as soon as it is
     loaded, so that host memory holds one part at a time. quantize: the frozen denoiser's quantisation under
-    LoRA (models.quantize: "nf4" loads it in 4-bit, computing in `dtype`), "none" for none."""
+    LoRA (models.quantize: "nf4" loads it in 4-bit, computing in `dtype`), "none" for none. t5: how a T5 text
+    encoder is loaded (TrainConfig.t5): "load" in `dtype`, "8bit" quantised by bitsandbytes (LLM.int8, straight
+    onto `device`), "drop" not at all (a family that can condition without it)."""
 
     dtype: Any = None  # torch.float16 / torch.bfloat16 / None
     float32: frozenset[str] = frozenset()  # of "unet", "text_encoder", "text_encoder_2"
     device: Any = None
     quantize: str = "none"
+    t5: str = "load"
+    # parts loaded but left on the CPU, for the run to place later: a run that caches its captions places the
+    # (unquantised) denoiser only after the text encoders encoded them and T5 was freed, so the two never share
+    # the GPU
+    later: frozenset[str] = frozenset()
 
     def dtype_of(self, part: str, *, force_upcast: bool = False) -> torch.dtype:
         torch = require("torch")
@@ -89,8 +100,10 @@ class Keep:
             return torch.float32
         return self.dtype
 
-    def place(self, module: Any) -> Any:
+    def place(self, module: Any, part: str | None = None) -> Any:
         torch = require("torch")
+        if part in self.later:
+            return module
         if self.device is not None and torch.device(self.device).type != "cpu":
             torch.nn.Module.to(module, self.device)  # torch's own: diffusers' override warns on every move
         return module

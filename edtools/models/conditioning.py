@@ -55,6 +55,9 @@ class TextEmbeddingCache:
     def __init__(self, folder: str | Path | None = None) -> None:
         self._store: dict[str, TextEmbeddings] = {}
         self.folder = Path(folder) if folder is not None else None
+        # the text encoders (parts) freed once the cache was filled (T5): nothing may encode after that, so
+        # samples are conditioned from the cache (train.sample)
+        self.freed: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self._store)
@@ -67,6 +70,10 @@ class TextEmbeddingCache:
         todo = sorted(set(captions) - set(self._store))
         if self.folder is not None:
             todo = [caption for caption in todo if not self._read(caption)]
+        if todo and self.freed:
+            raise KeyError(
+                f"{len(todo)} caption(s) were not encoded before {', '.join(self.freed)} was freed, e.g. {todo[0]!r}"
+            )
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             with torch.no_grad():

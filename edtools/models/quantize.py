@@ -12,7 +12,19 @@ from ..errors import ConfigError, ModelError, require
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["QUANTIZE_BASE", "check_quantization", "is_quantized", "quantized_loading"]
+__all__ = [
+    "QUANTIZE_BASE",
+    "T5_SETTINGS",
+    "check_quantization",
+    "check_t5_quantization",
+    "cuda_present",
+    "is_quantized",
+    "quantized_loading",
+    "t5_8bit_loading",
+]
+
+# TrainConfig.t5's values: a T5 text encoder loaded as it is, in 8-bit (bitsandbytes' LLM.int8), or not at all
+T5_SETTINGS = ("load", "8bit", "drop")
 
 # quantize_base's values: "none" keeps the frozen denoiser in the mixed-precision dtype, "nf4" in 4-bit NormalFloat
 # with a compute dtype of the mixed precision (the QLoRA paper's data type; bitsandbytes' double quantisation of
@@ -68,3 +80,33 @@ def quantized_loading(kind: str, compute_dtype: torch.dtype, device: Any) -> dic
 def is_quantized(module: Any) -> bool:
     """Whether a diffusers model was loaded quantised (its hf_quantizer is set)."""
     return getattr(module, "hf_quantizer", None) is not None or bool(getattr(module, "is_quantized", False))
+
+
+def cuda_present() -> bool:
+    """Whether torch sees a CUDA GPU (the 8-bit T5 gate; tests lift it to run the real int8 load on the CPU)."""
+    return bool(require("torch").cuda.is_available())
+
+
+def check_t5_quantization(t5: str) -> None:
+    """Fail before anything is loaded when t5 is "8bit" on a machine without a CUDA GPU: bitsandbytes' int8 layers
+    are a GPU feature (transformers would load them on the CPU too, where they run slowly and untested)."""
+    if t5 != "8bit":
+        return
+    require("bitsandbytes", feature="t5 8bit")
+    require("transformers", feature="t5 8bit")
+    if not cuda_present():
+        raise ConfigError(
+            "t5 is '8bit': the T5 encoder is loaded in 8-bit by bitsandbytes on a CUDA GPU, and torch sees none. "
+            "Choose a GPU runtime, or set t5 load (or drop, for SD3)"
+        )
+
+
+def t5_8bit_loading(device: Any) -> dict[str, Any]:
+    """from_pretrained's keyword arguments that load a T5 encoder in 8-bit (transformers' BitsAndBytesConfig)
+    straight onto `device` (None: the CPU)."""
+    transformers = require("transformers", feature="t5 8bit")
+    require("bitsandbytes", feature="t5 8bit")
+    return {
+        "quantization_config": transformers.BitsAndBytesConfig(load_in_8bit=True),
+        "device_map": {"": str(device) if device is not None else "cpu"},
+    }

@@ -25,6 +25,7 @@ from .components import (
     vae_force_upcast,
 )
 from .families import Family, family_of, family_of_index, guess_architecture
+from .text_parts import check_t5_setting, load_text_encoder, wanted
 
 if TYPE_CHECKING:
     import torch
@@ -123,8 +124,10 @@ def load_components(
     else:
         source = model
     hub = {} if local_files_only is None else {"local_files_only": bool(local_files_only)}
-    family = _family_of(_model_index(source, local=path.is_dir(), hub=hub), model)
+    index = _model_index(source, local=path.is_dir(), hub=hub)
+    family = _family_of(index, model)
     _check_quantizable(family, keep, model)
+    check_t5_setting(family, keep, model)
     if path.is_dir():
         missing = [name for name in family.subfolders if not (path / name).is_dir()]
         if missing:
@@ -134,7 +137,7 @@ def load_components(
             )
     try:
         with quiet_progress():
-            components = _load_parts(source, family, keep, hub)
+            components = _load_parts(source, family, keep, hub, index)
     except (OSError, ValueError) as exc:
         if path.is_dir():
             hint = "the folder is incomplete or damaged; re-save or re-download it"
@@ -162,10 +165,11 @@ def _check_quantizable(family: Family, keep: Keep, model: str) -> None:
     )
 
 
-def _load_parts(source: str, family: Family, keep: Keep, hub: dict) -> SDComponents:
+def _load_parts(source: str, family: Family, keep: Keep, hub: dict, index: dict) -> SDComponents:
     """Each part from its subfolder of a diffusers folder or hub id, loaded in the dtype it is kept in and
-    placed before the next one is read; the text encoders and tokenizers are the family's. With keep.quantize
-    the denoiser is quantised while it loads, straight onto keep.device (models.quantize)."""
+    placed before the next one is read; the text encoders and tokenizers are the family's (an optional one when
+    model_index.json has it and keep.t5 does not drop it). With keep.quantize the denoiser is quantised while it
+    loads, straight onto keep.device (models.quantize)."""
     diffusers = require("diffusers")
     transformers = require("transformers")
     from .quantize import quantized_loading
@@ -179,7 +183,8 @@ def _load_parts(source: str, family: Family, keep: Keep, hub: dict) -> SDCompone
             torch_dtype=keep.dtype_of("unet"),
             **quantized_loading(keep.quantize, compute, keep.device),
             **hub,
-        )
+        ),
+        "unet",
     )
     vae = keep.place(
         diffusers.AutoencoderKL.from_pretrained(
@@ -188,11 +193,9 @@ def _load_parts(source: str, family: Family, keep: Keep, hub: dict) -> SDCompone
     )
     text: dict[str, Any] = {}
     for spec in family.text_encoders:
-        text[spec.part] = keep.place(
-            getattr(transformers, spec.model_class).from_pretrained(
-                source, subfolder=spec.part, dtype=keep.dtype_of(spec.part), **hub
-            )
-        )
+        if spec.optional and not wanted(spec, keep, index):
+            continue
+        text[spec.part] = load_text_encoder(source, spec, keep, hub)
         text[spec.tokenizer] = getattr(transformers, spec.tokenizer_class).from_pretrained(
             source, subfolder=spec.tokenizer, **hub
         )

@@ -20,6 +20,7 @@ from .keymap import UNET_PREFIX as _UNET
 from .keymap import VAE_PREFIX as _VAE
 from .single_file_layout import SAVE_DTYPES, original_keys
 from .single_file_prediction import with_sampling
+from .text_parts import check_t5_setting, optional_text_parts
 
 if TYPE_CHECKING:
     import torch
@@ -255,6 +256,7 @@ def load_single_file(
     state_dict, metadata = read_state_dict(path)
     variant = detect_architecture(state_dict, source=path)
     fam = family(variant)
+    check_t5_setting(fam, Keep() if keep is None else keep, str(path))
     if any(key.startswith("model_ema.") for key in state_dict):
         logger.info("%s: has EMA weights too (model_ema.*); loading the training weights", path)
     _normalise(state_dict, fam, variant)
@@ -282,20 +284,22 @@ def load_single_file(
                 subfolder=fam.denoiser_part,
                 torch_dtype=keep.dtype_of("unet"),
                 **hub,
-            )
+            ),
+            "unet",
         )
         state_dict = _next_part(state_dict, _UNET, path, fam, variant)
         vae = _load_vae(state_dict, source, keep, hub)
         state_dict = _next_part(state_dict, _VAE, path, fam, variant)
         text: dict[str, Any] = {}
         layouts = {layout.part: layout for layout in fam.single_file_text(variant)}
-        for (
-            spec
-        ) in fam.text_encoders:  # an encoder without a layout (Flux's T5) always loads from model_config
+        # a required encoder without a layout (Flux's T5) loads from model_config; optional ones (SD3's T5) too,
+        # when model_config has them
+        for spec in (spec for spec in fam.text_encoders if not spec.optional):
             layout = layouts.get(spec.part)
             text.update(_load_text_encoder(state_dict, spec, layout, source, keep, hub))
             if layout is not None:
                 state_dict = _next_part(state_dict, layout.prefix, path, fam, variant)
+        text.update(optional_text_parts(source, fam, keep, hub))
         scheduler_class = getattr(diffusers, fam.noise_scheduler_class)
         scheduler = scheduler_class.from_pretrained(source, subfolder="scheduler", **hub)
     except (OSError, ValueError, RuntimeError, KeyError, IndexError, utils.SingleFileComponentError) as exc:

@@ -173,6 +173,13 @@ def _build(
         user_multipliers.update({c: v for c, v in user.items() if c in user_multipliers})
     buckets = make_buckets(config.resolution)
 
+    # the captions are encoded before the denoiser is placed on the GPU (kept_as leaves it on the CPU then), so
+    # the text encoders (T5-XXL) and the denoiser never share it; T5 is freed after (fill_text_cache)
+    captions = dataset.captions + (validation.captions if validation is not None else ())
+    captions += tuple(prompt for _, prompt in config.concept_prompts)  # bleed is measured under them
+    text_cache = (
+        fill_text_cache(components, captions, config, runtime) if config.cache_text_embeddings else None
+    )
     params = prepare_modules(components, config, runtime.device)
     text_params = [p for e in components.text_encoders for p in e.parameters() if p.requires_grad]
     optimizer = make_optimizer(config, params, text_params)
@@ -194,11 +201,6 @@ def _build(
         )
         if runtime.main:
             trim_records(out, global_step=state.global_step, epoch=state.epoch)
-    captions = dataset.captions + (validation.captions if validation is not None else ())
-    captions += tuple(prompt for _, prompt in config.concept_prompts)  # bleed is measured under them
-    text_cache = (
-        fill_text_cache(components, captions, config, runtime) if config.cache_text_embeddings else None
-    )
     validator = None
     if validation is not None and len(validation):
         validator = Validator(

@@ -323,7 +323,12 @@ def sample_now(run: Run) -> None:
         guard_out(run)
         with ema_weights(run.ema, run.params):  # samples show the averaged weights when there are any
             paths = save_samples(
-                run.components, run.config, run.out / SAMPLES_DIR, state.global_step, runtime.device
+                run.components,
+                run.config,
+                run.out / SAMPLES_DIR,
+                state.global_step,
+                runtime.device,
+                run.text_cache,
             )
         log.info("samples saved: %s", ", ".join(map(str, paths)))
         emit(run, TrainEvent("sample", state.global_step, state.epoch, paths=tuple(map(str, paths))))

@@ -69,24 +69,34 @@ def _grid(images: list, prompts: Sequence[str], columns: int = 4) -> Any:
 
 
 def save_samples(
-    components: SDComponents, config: TrainConfig, folder: str | os.PathLike, global_step: int, device: Any
+    components: SDComponents,
+    config: TrainConfig,
+    folder: str | os.PathLike,
+    global_step: int,
+    device: Any,
+    text_cache: Any = None,
 ) -> tuple[Path, ...]:
     """Generate one image per sample prompt (seed + prompt number, so every sampling is comparable) and save
     them as one PNG grid folder/step-<global_step>.png, through the model's own pipeline (LoRA adapters at
     work). Train/eval modes, the text encoders' devices (they may wait on the CPU beside cached embeddings)
-    and all RNG states are restored, so sampling never changes the training result."""
+    and all RNG states are restored, so sampling never changes the training result. text_cache: the run's
+    TextEmbeddingCache; when it freed a text encoder (T5) the prompts are given to the pipeline as their cached
+    embeddings (the cache holds the sample prompts and the empty negative prompt), so no encoder runs."""
     torch = require("torch")
     from ..models import make_pipeline
+    from ..models.families import family_of
 
+    cached = text_cache is not None and bool(text_cache.freed)
     modules = [components.unet, *components.text_encoders, components.vae]
     modes = [m.training for m in modules]
-    encoder_devices = [next(e.parameters()).device for e in components.text_encoders]
+    moved = () if cached else components.text_encoders
+    encoder_devices = [next(e.parameters()).device for e in moved]
     pipeline = make_pipeline(components)
     images = []
     try:
         for m in modules:
             m.eval()
-        for encoder in components.text_encoders:
+        for encoder in moved:
             encoder.to(device)
         with _rng_kept(device), torch.no_grad(), autocast(config, device):
             prompts = list(config.sample_prompts)
@@ -95,8 +105,14 @@ def save_samples(
                 generators = [
                     torch.Generator("cpu").manual_seed(config.seed + start + i) for i in range(len(chunk))
                 ]
+                if cached:
+                    text = family_of(components).pipeline_embeddings(
+                        components, text_cache.get(chunk), text_cache.get([""] * len(chunk)), device=device
+                    )
+                else:
+                    text = {"prompt": chunk}
                 images += pipeline(
-                    chunk,
+                    **text,
                     height=config.resolution,
                     width=config.resolution,
                     num_inference_steps=config.sample_steps,
@@ -106,7 +122,7 @@ def save_samples(
     finally:
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)
-        for encoder, encoder_device in zip(components.text_encoders, encoder_devices, strict=True):
+        for encoder, encoder_device in zip(moved, encoder_devices, strict=True):
             encoder.to(encoder_device)
     path = Path(folder) / f"step-{global_step:08d}.png"
     with atomic_file(path) as tmp:

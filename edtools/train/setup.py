@@ -72,8 +72,17 @@ def kept_as(config: TrainConfig, runtime: Runtime) -> Any:
         wanted = {"unet": True, "text_encoder": config.train_text_encoder, "text_encoder_2": second}
         trained = {part for part, train in wanted.items() if train}
     frozen = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    # LoRA with cached captions: the frozen denoiser waits on the CPU in its half dtype until the encoders are done
+    # (prepare_modules places it; a full fine-tune's float32 one goes at once, and a quantised one loads onto the GPU)
+    waits = config.cache_text_embeddings and config.lora_rank > 0 and config.quantize_base == "none"
+    later = frozenset({"unet"}) if waits else frozenset()
     return Keep(
-        dtype=frozen, float32=frozenset(trained), device=runtime.device, quantize=config.quantize_base
+        dtype=frozen,
+        float32=frozenset(trained),
+        device=runtime.device,
+        quantize=config.quantize_base,
+        t5=config.t5,
+        later=later,
     )
 
 
@@ -81,11 +90,12 @@ def load_model(config: TrainConfig, runtime: Runtime, resume_from: Path | None =
     """The model as the run keeps it: a full fine-tune resumes from the checkpoint's own weights, LoRA from the
     base model (its adapters come from the checkpoint)."""
     from ..models import load_components
-    from ..models.quantize import check_quantization
+    from ..models.quantize import check_quantization, check_t5_quantization
 
     keep = kept_as(config, runtime)
     # a machine that cannot quantise (no GPU) fails here, before any weight is read
     check_quantization(config.quantize_base, keep.dtype_of("unet"))
+    check_t5_quantization(config.t5)
     if resume_from is not None and config.lora_rank == 0:
         return load_components(str(resume_from), keep=keep)
     return load_components(config.model, model_config=config.model_config, keep=keep)
@@ -217,17 +227,34 @@ def configure_noise(components: Any, config: TrainConfig) -> None:
 
 
 def fill_text_cache(components: Any, captions: tuple[str, ...], config: TrainConfig, runtime: Runtime) -> Any:
-    """Encode every caption (training and validation; the empty one too when captions are dropped) once with
-    the frozen text encoders, then move the encoders to the CPU: the steps read the cache (samples bring the
-    encoders back for a moment)."""
+    """Encode every caption (training and validation, the sample prompts, and the empty one: dropped captions,
+    samples' negative prompt, a stand-in batch) once with the frozen text encoders. Then a LoRA run frees its T5
+    encoders (deleted, not moved: host RAM does not keep ~9 GB; samples read the cache, and a resumed run loads
+    T5 again), and the other encoders move to the CPU: the steps read the cache (samples bring those encoders
+    back for a moment). A full fine-tune keeps its T5 on the CPU: the model it saves includes it."""
+    import gc
+
     from ..models.conditioning import TextEmbeddingCache, encoders_key
+    from ..models.families import family_of
 
     folder = None
     if config.cache_latents == "disk":  # a disk cache keeps the captions' embeddings beside the latents
         folder = cache_folder(config) / "text" / encoders_key(components)
     cache = TextEmbeddingCache(folder)
     with autocast(config, runtime.device):
-        cache.fill(components, captions + (("",) if config.drops_captions else ()))
+        cache.fill(components, captions + tuple(config.sample_prompts) + ("",))
+    if config.lora_rank > 0:
+        for spec in family_of(components).text_encoders:
+            if spec.is_t5 and getattr(components, spec.part) is not None:
+                setattr(components, spec.part, None)
+                setattr(components, spec.tokenizer, None)
+                cache.freed += (spec.part,)
+        if cache.freed:
+            gc.collect()
+            torch = require("torch")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.info("text embeddings cached; freed %s", ", ".join(cache.freed))
     for encoder in components.text_encoders:
         encoder.to("cpu")
     return cache

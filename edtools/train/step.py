@@ -226,6 +226,8 @@ def prepare_modules(components: SDComponents, config: TrainConfig, device: Any) 
     vae_dtype = torch.float32 if getattr(components.vae.config, "force_upcast", False) else frozen
     _place(components.vae.requires_grad_(False).eval(), device, vae_dtype)
     encoders = components.text_encoders
+    # cached captions (train.setup.fill_text_cache, done before): the frozen encoders wait on the CPU
+    text_device = "cpu" if config.cache_text_embeddings else device
     if config.lora_rank > 0:
         from ..models.lora import add_lora
         from ..models.quantize import is_quantized
@@ -234,8 +236,10 @@ def prepare_modules(components: SDComponents, config: TrainConfig, device: Any) 
         # they were loaded in: the mixed-precision one
         quantized = is_quantized(components.unet)
         _place(components.unet.requires_grad_(False), device, None if quantized else frozen)
-        for encoder in encoders:
-            _place(encoder.requires_grad_(False).eval(), device, frozen)
+        for encoder in encoders:  # an 8-bit T5 stays as bitsandbytes placed it (int8 weights are not cast)
+            _place(
+                encoder.requires_grad_(False).eval(), text_device, None if is_quantized(encoder) else frozen
+            )
         params = add_lora(
             components,
             rank=config.lora_rank,
@@ -262,7 +266,7 @@ def prepare_modules(components: SDComponents, config: TrainConfig, device: Any) 
                 _place(encoder.requires_grad_(True).train(), device, torch.float32)
                 params += list(encoder.parameters())
             else:
-                _place(encoder.requires_grad_(False).eval(), device, frozen)
+                _place(encoder.requires_grad_(False).eval(), text_device, frozen)
     if config.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         for encoder in trained_encoders:
@@ -373,7 +377,7 @@ def train_step(
                 if text_cache is not None:
                     embeddings = text_cache.get(batch["captions"])
                 else:
-                    ids = [batch[key] for key in ("input_ids", "input_ids_2") if key in batch]
+                    ids = [batch[key] for key in ("input_ids", "input_ids_2", "input_ids_3") if key in batch]
                     with torch.set_grad_enabled(text_grad):
                         embeddings = encode_text(components, ids)
                 conditioning = unet_conditioning(components, embeddings, batch.get("time_ids"), device=device)

@@ -81,6 +81,8 @@ class Parts(Protocol):
     noise_scheduler: Any
     text_encoder_2: Any
     tokenizer_2: Any
+    text_encoder_3: Any
+    tokenizer_3: Any
 
     @property
     def prediction_type(self) -> str: ...
@@ -116,15 +118,23 @@ class TextEncoderSpec:
     """One text encoder of a family: its SDComponents field and diffusers subfolder (`part`), its transformers
     class, its tokenizer's field and subfolder, and the tokenizer's transformers class."""
 
-    part: str  # "text_encoder", "text_encoder_2"
+    part: str  # "text_encoder", "text_encoder_2", "text_encoder_3"
     model_class: str  # "CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"
-    tokenizer: str  # "tokenizer", "tokenizer_2"
+    tokenizer: str  # "tokenizer", "tokenizer_2", "tokenizer_3"
     tokenizer_class: str = "CLIPTokenizer"  # "T5TokenizerFast"
+    # a model may lack it (SD3's T5-XXL: model_index.json without the part, or [null, null]); the family then
+    # conditions without it
+    optional: bool = False
 
     @property
     def is_clip(self) -> bool:
         """Whether it is a CLIP text model (LoRA's CLIP targets; the files' text_model. prefix)."""
         return self.model_class.startswith("CLIP")
+
+    @property
+    def is_t5(self) -> bool:
+        """Whether it is a T5 encoder (TrainConfig.t5 decides how it is loaded: as it is, in 8-bit, or not)."""
+        return self.model_class.startswith("T5")
 
 
 @dataclass(frozen=True)
@@ -260,8 +270,13 @@ class Family(ABC):
     @property
     def subfolders(self) -> tuple[str, ...]:
         """The subfolders a diffusers folder of this family has (unet, vae, scheduler, the encoders' and
-        tokenizers')."""
-        extra = tuple(name for spec in self.text_encoders[1:] for name in (spec.part, spec.tokenizer))
+        tokenizers'; an optional encoder's are not required)."""
+        extra = tuple(
+            name
+            for spec in self.text_encoders[1:]
+            if not spec.optional
+            for name in (spec.part, spec.tokenizer)
+        )
         return (self.denoiser_part, "vae", "text_encoder", "tokenizer", "scheduler") + extra
 
     @abstractmethod
@@ -418,6 +433,14 @@ class Family(ABC):
     @abstractmethod
     def make_pipeline(self, parts: Parts, scheduler: Any) -> Any:
         """The diffusers text-to-image pipeline sharing the parts' modules, with `scheduler` as its sampler."""
+
+    def pipeline_embeddings(
+        self, parts: Parts, prompts: TextEmbeddings, negative: TextEmbeddings, *, device: Any
+    ) -> dict[str, Any]:
+        """The pipeline's keyword arguments that stand for its prompts (prompt_embeds and the like) from cached
+        embeddings of the prompts and of the empty negative prompt, so that sampling needs no text encoder (one
+        was freed after caching: T5). Only the families that free an encoder answer."""
+        raise NotImplementedError(f"{self.label} pipelines are sampled from their prompts")
 
     # ---- LoRA
 

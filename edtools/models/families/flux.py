@@ -238,6 +238,15 @@ class Flux(FlowMatchingFamily):
             tokenizer_2=parts.tokenizer_2,
         )
 
+    def pipeline_embeddings(
+        self, parts: Parts, prompts: TextEmbeddings, negative: TextEmbeddings, *, device: Any
+    ) -> dict[str, Any]:
+        """prompt_embeds (T5) and pooled_prompt_embeds (CLIP): what FluxPipeline.encode_prompt gives (its guidance
+        is distilled, so no negative prompt is encoded)."""
+        if prompts.pooled is None:
+            raise ValueError("a Flux transformer needs the pooled CLIP embedding")
+        return {"prompt_embeds": prompts.hidden.to(device), "pooled_prompt_embeds": prompts.pooled.to(device)}
+
     # ---- LoRA
 
     def lora_metadata(self, parts: Parts) -> dict[str, str]:

@@ -1,7 +1,7 @@
-"""Stable Diffusion 3 / 3.5: an MM-DiT transformer trained by flow matching, CLIP-L and CLIP-G (pooled and joint).
+"""Stable Diffusion 3 / 3.5: an MM-DiT transformer trained by flow matching on CLIP-L, CLIP-G and T5-XXL.
 
-The "sd3" family. T5-XXL is dropped (text_encoder_3 None), as diffusers' StableDiffusion3Pipeline allows: its
-tokens are zeros, exactly as the pipeline conditions without it; LoRA files are diffusers' (load_lora_weights).
+The "sd3" family. T5-XXL (text_encoder_3) loads when the model has it and TrainConfig.t5 does not drop it; without
+it its tokens are zeros, exactly as StableDiffusion3Pipeline conditions then. LoRA files are diffusers'.
 Single files are Stability's layout (keymap_sd3), whole or the transformer alone (the rest from model_config).
 """
 
@@ -30,14 +30,15 @@ from .sd import device_of
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["StableDiffusion3", "flow_sigmas"]
+__all__ = ["T5_TOKENS", "StableDiffusion3", "flow_sigmas", "t5_tokens"]
 
 # Single files (sd3.5_medium.safetensors, ComfyUI's checkpoints): the MMDiT under model.diffusion_model.,
 # the VAE under first_stage_model., the encoders under text_encoders.<name>.transformer.
 _MMDIT = "model.diffusion_model."
 _CLIP_L, _CLIP_G, _T5 = (f"text_encoders.{name}." for name in ("clip_l", "clip_g", "t5xxl"))
-# StableDiffusion3Pipeline's max_sequence_length (its default), for the T5 tokens
-_T5_TOKENS = 256
+# StableDiffusion3Pipeline's max_sequence_length (its default), for the T5 tokens: training encodes at most this
+# many (fewer when the tokenizer's model_max_length is smaller), so that the pipeline's defaults sample as trained
+T5_TOKENS = 256
 _TRANSFORMER = "SD3Transformer2DModel"
 _LORA_TARGETS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -65,9 +66,27 @@ def _zero_t5_tokens() -> int:
         transformer=types.SimpleNamespace(config=types.SimpleNamespace(joint_attention_dim=1)),
     )
     zeros = diffusers.StableDiffusion3Pipeline._get_t5_prompt_embeds(
-        stand_in, prompt=[""], max_sequence_length=_T5_TOKENS, device=torch.device("cpu"), dtype=torch.float32
+        stand_in, prompt=[""], max_sequence_length=T5_TOKENS, device=torch.device("cpu"), dtype=torch.float32
     )
     return int(zeros.shape[1])
+
+
+def t5_tokens(tokenizer: Any) -> int:
+    """How many T5 tokens training encodes: StableDiffusion3Pipeline's default max_sequence_length (T5_TOKENS),
+    or the tokenizer's model_max_length where that is smaller (a pipeline call then passes that number)."""
+    return min(int(tokenizer.model_max_length), T5_TOKENS)
+
+
+def _t5_ids(ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    """Token ids of the tokenizer's full length cut to t5_tokens, exactly as the tokenizer gives them at that
+    max_length: a caption that runs past the cut ends in </s> there, as truncation ends it."""
+    length = t5_tokens(tokenizer)
+    if ids.shape[1] <= length:
+        return ids
+    cut = ids[:, :length].clone()
+    ran_on = cut[:, -1] != tokenizer.pad_token_id
+    cut[ran_on, -1] = tokenizer.eos_token_id
+    return cut
 
 
 class StableDiffusion3(FlowMatchingFamily):
@@ -80,8 +99,11 @@ class StableDiffusion3(FlowMatchingFamily):
     text_encoders = (
         TextEncoderSpec("text_encoder", "CLIPTextModelWithProjection", "tokenizer"),
         TextEncoderSpec("text_encoder_2", "CLIPTextModelWithProjection", "tokenizer_2"),
+        TextEncoderSpec("text_encoder_3", "T5EncoderModel", "tokenizer_3", "T5TokenizerFast", optional=True),
     )
     name_hints = ("stable-diffusion-3", "sd3")
+    # T5 is frozen (never LoRA): its embeddings are cached and it is freed
+    trainable_text_encoders = ("text_encoder", "text_encoder_2")
     # SD3 medium (diffusers), without T5; LoRA per unit of rank on the attention projections above
     typical_parameters = MappingProxyType(
         {
@@ -101,7 +123,8 @@ class StableDiffusion3(FlowMatchingFamily):
     denoiser_label = "transformer"
     single_file_partial = True
     config_repos = ("stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large")
-    single_file_ignored = (_T5,)  # T5-XXL: edtools conditions SD3 without it (see the module's docstring)
+    # T5-XXL's weights in a single file are not read: T5 loads from model_config when that has it, else zeros
+    single_file_ignored = (_T5,)
     quantizable = True
 
     # ---- loading
@@ -153,8 +176,11 @@ class StableDiffusion3(FlowMatchingFamily):
     # ---- conditioning
 
     def encode_text(self, parts: Parts, input_ids: Sequence[torch.Tensor]) -> TextEmbeddings:
-        """As StableDiffusion3Pipeline.encode_prompt's CLIP half: both encoders' penultimate hidden states
-        concatenated, and their pooled (projected) outputs concatenated."""
+        """As StableDiffusion3Pipeline.encode_prompt: both CLIP encoders' penultimate hidden states
+        concatenated, and their pooled (projected) outputs concatenated. With T5 (a third tensor of ids): the CLIP
+        states padded to T5's width, then T5's last hidden states at t5_tokens tokens (no attention mask, as the
+        pipeline), so `hidden` is the pipeline's prompt_embeds; without it the CLIP states alone (the zero T5
+        tokens are added by unet_conditioning, so caches stay small)."""
         torch = require("torch")
         first, second = parts.text_encoder, parts.text_encoder_2
         out_1 = first(input_ids[0].to(device_of(first)), output_hidden_states=True)
@@ -162,24 +188,30 @@ class StableDiffusion3(FlowMatchingFamily):
         hidden_2 = out_2.hidden_states[-2]
         hidden = torch.cat([out_1.hidden_states[-2].to(hidden_2.dtype), hidden_2], dim=-1)
         pooled = torch.cat([out_1.text_embeds.to(hidden_2.dtype), out_2.text_embeds], dim=-1)
+        t5 = getattr(parts, "text_encoder_3", None)
+        if t5 is not None and len(input_ids) > 2:
+            ids = _t5_ids(input_ids[2], parts.tokenizer_3)
+            states = t5(ids.to(device_of(t5)))[0]
+            hidden = torch.nn.functional.pad(hidden, (0, states.shape[-1] - hidden.shape[-1]))
+            hidden = torch.cat([hidden, states.to(hidden.dtype)], dim=-2)
         return TextEmbeddings(hidden, pooled)
 
     def unet_conditioning(
         self, parts: Parts, embeddings: TextEmbeddings, time_ids: torch.Tensor | None, *, device: Any
     ) -> dict[str, Any]:
-        """encoder_hidden_states: the CLIP states padded to the joint width, then the T5 tokens, zeros
-        without T5 (as the pipeline); pooled_projections: the pooled CLIP outputs. Sizes do not condition."""
+        """encoder_hidden_states: embeddings with T5 as they are (already joint wide); CLIP states alone (narrower
+        than the joint width) padded to it, then zero T5 tokens (as the pipeline without T5);
+        pooled_projections: the pooled CLIP outputs. Sizes do not condition."""
         torch = require("torch")
         if embeddings.pooled is None:
             raise ValueError("a Stable Diffusion 3 transformer needs the pooled text embedding")
-        clip = embeddings.hidden.to(device)
+        hidden = embeddings.hidden.to(device)
         joint = int(unwrapped(parts.unet).config.joint_attention_dim)
-        clip = torch.nn.functional.pad(clip, (0, joint - clip.shape[-1]))
-        t5 = torch.zeros(clip.shape[0], _zero_t5_tokens(), joint, device=device, dtype=clip.dtype)
-        return {
-            "encoder_hidden_states": torch.cat([clip, t5], dim=-2),
-            "pooled_projections": embeddings.pooled.to(device),
-        }
+        if hidden.shape[-1] != joint:
+            clip = torch.nn.functional.pad(hidden, (0, joint - hidden.shape[-1]))
+            t5 = torch.zeros(clip.shape[0], _zero_t5_tokens(), joint, device=device, dtype=clip.dtype)
+            hidden = torch.cat([clip, t5], dim=-2)
+        return {"encoder_hidden_states": hidden, "pooled_projections": embeddings.pooled.to(device)}
 
     def make_pipeline(self, parts: Parts, scheduler: Any) -> Any:
         diffusers = require("diffusers")
@@ -191,9 +223,23 @@ class StableDiffusion3(FlowMatchingFamily):
             tokenizer=parts.tokenizer,
             text_encoder_2=parts.text_encoder_2,
             tokenizer_2=parts.tokenizer_2,
-            text_encoder_3=None,
-            tokenizer_3=None,
+            text_encoder_3=getattr(parts, "text_encoder_3", None),
+            tokenizer_3=getattr(parts, "tokenizer_3", None),
         )
+
+    def pipeline_embeddings(
+        self, parts: Parts, prompts: TextEmbeddings, negative: TextEmbeddings, *, device: Any
+    ) -> dict[str, Any]:
+        """prompt_embeds / pooled_prompt_embeds and their negatives: the transformer's conditioning, which is
+        what encode_prompt gives the transformer."""
+        positive = self.unet_conditioning(parts, prompts, None, device=device)
+        empty = self.unet_conditioning(parts, negative, None, device=device)
+        return {
+            "prompt_embeds": positive["encoder_hidden_states"],
+            "pooled_prompt_embeds": positive["pooled_projections"],
+            "negative_prompt_embeds": empty["encoder_hidden_states"],
+            "negative_pooled_prompt_embeds": empty["pooled_projections"],
+        }
 
     # ---- LoRA
 
@@ -209,12 +255,13 @@ class StableDiffusion3(FlowMatchingFamily):
 
     def tiny(self, variant: str, *, real_blocks: bool) -> TinySpec:
         """CLIP-L- and CLIP-G-like encoders with projections (pooled width 64; CLIP-L's the identity, as
-        SD3's), a 16-channel VAE with SD3's shift and scale, a transformer of 2 joint blocks (patch 2;
-        real_blocks: 3, the first with SD3.5's second attention, and its RMS q/k norm), joint width 128 (the
-        CLIP states are padded to it)."""
+        SD3's), a tiny T5 (width 128, 24 tokens), a 16-channel VAE with SD3's shift and scale, a transformer of 2
+        joint blocks (patch 2; real_blocks: 3, the first with SD3.5's second attention, and its RMS q/k norm),
+        joint width 128 (T5's; the CLIP states are padded to it)."""
         encoders = (
             TinyEncoder(width=32, layers=2, act="quick_gelu", projection=32, identity_projection=True),
             TinyEncoder(width=64, layers=2, act="gelu", projection=32, pad_token="!"),
+            TinyEncoder(width=128, layers=1, act="gated-gelu", kind="t5", tokens=24),
         )
         heads, head_dim = 2, 8
         transformer: dict[str, Any] = dict(
@@ -224,9 +271,9 @@ class StableDiffusion3(FlowMatchingFamily):
             num_layers=3 if real_blocks else 2,
             attention_head_dim=head_dim,
             num_attention_heads=heads,
-            joint_attention_dim=128,
+            joint_attention_dim=encoders[2].width,
             caption_projection_dim=heads * head_dim,
-            pooled_projection_dim=sum(e.projection or 0 for e in encoders),
+            pooled_projection_dim=sum(e.projection or 0 for e in encoders[:2]),
             pos_embed_max_size=32,
         )
         if real_blocks:
