@@ -115,7 +115,8 @@ def test_tiny_model_of_every_family_round_trips(tmp_path, name, variant):
         return
     single = save_single_file(loaded, tmp_path / "model.safetensors", dtype="fp32")
     assert guess_family(str(single)) is fam
-    if name == "flux":  # diffusers' Flux reader is fixed to the real width: test_flux_single_file reads one back
+    # diffusers' Flux reader is fixed to the real width: test_flux_single_file reads one back
+    if name == "flux":
         return
     back = load_components(str(single), model_config=str(folder))
     assert family_of(back).variant_of(back) == variant
