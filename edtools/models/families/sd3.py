@@ -104,11 +104,12 @@ class StableDiffusion3(FlowMatchingFamily):
     name_hints = ("stable-diffusion-3", "sd3")
     # T5 is frozen (never LoRA): its embeddings are cached and it is freed
     trainable_text_encoders = ("text_encoder", "text_encoder_2")
-    # SD3 medium (diffusers), without T5; LoRA per unit of rank on the attention projections above
+    # SD3 medium (diffusers): CLIP-L and -G, and T5-XXL's encoder (loaded by default, saved with full fine-tunes);
+    # LoRA per unit of rank on the attention projections above
     typical_parameters = MappingProxyType(
         {
             "unet": 2_028_328_000,
-            "text": 817_720_320,
+            "text": 817_720_320 + 4_762_310_656,
             "vae": 83_819_683,
             "lora_unet": 586_752,
             "lora_text": 903_168,
