@@ -149,7 +149,7 @@ def verdict(runs: list[dict[str, Any]]) -> list[str]:
     share of other seed counts), and the common concepts and preservation no worse than none by more than the
     seeds' spread (none's standard deviation over the seeds)."""
     if not any(r["arm"] == "auto" for r in runs):
-        return ["target: not checked (no auto arm)"]
+        return ["target: not checked (no auto arm)", *_auto10_lines(runs)]
     seeds = sorted({r["seed"] for r in runs})
     need = math.ceil(5 / 6 * len(seeds))
     fixed = [a for a in FIXED if any(r["arm"] == a for r in runs)]
@@ -167,12 +167,18 @@ def verdict(runs: list[dict[str, Any]]) -> list[str]:
         name = concept or "forgetting"
         lines.append(f"{name}: auto - none = {diff:+.4f} (spread of none over the seeds {spread:.4f})")
     lines.append(f"target {'met' if ok else 'NOT met'} (best fixed arm on the rare concept: {best})")
-    if any(r["arm"] == "auto10" for r in runs):  # auto started from the usual advice, multiply.txt 10
-        for other in ("multiply10", "none"):
-            diff = _paired(runs, "auto10", other, "loss", RARE)
-            if diff:
-                lines.append(
-                    f"rare ({RARE}): auto10 - {other} = {statistics.mean(diff):+.4f}, lower in "
-                    f"{sum(d < 0 for d in diff)} of {len(diff)} seeds"
-                )
+    lines += _auto10_lines(runs)
+    return lines
+
+
+def _auto10_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """auto_balance started from the usual advice (multiply.txt 10), against that advice alone and against none."""
+    lines = []
+    for other in ("multiply10", "none"):
+        diff = _paired(runs, "auto10", other, "loss", RARE)
+        if diff:
+            lines.append(
+                f"rare ({RARE}): auto10 - {other} = {statistics.mean(diff):+.4f}, lower in "
+                f"{sum(d < 0 for d in diff)} of {len(diff)} seeds"
+            )
     return lines
