@@ -260,8 +260,9 @@ def verdicts(history: History, rules: Rules | None = None) -> dict[str, Verdict]
             out[concept] = Verdict(
                 concept,
                 up,
-                f"validation loss improved {s.improvement:.0%} ({s.first:.4g} -> {s.last:.4g}) while the other "
-                f"concepts improved {s.others_median:.0%} (median) and it still falls: it lags behind; raise it "
+                f"validation loss {'improved' if s.improvement >= 0 else 'worsened'} {abs(s.improvement):.0%} "
+                f"({s.first:.4g} -> {s.last:.4g}) while the other concepts improved {s.others_median:.0%} "
+                "(median), and it still falls: it lags behind; raise it "
                 "one step (a folder of few images memorises them when repeated much: watch its gap)",
             )
         else:
