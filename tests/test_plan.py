@@ -205,3 +205,18 @@ def test_dry_run_refuses_what_the_run_would_refuse(tree, tiny_model, tmp_path, c
     assert main([*args, "--resume", "--device", "cpu"]) == 2
     assert "holds no intact checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_dry_run_lists_every_part_of_a_transformer_family(tree, tmp_path, capsys):
+    model = make_tiny_model(tmp_path / "sd3", "sd3")
+    args = [
+        "train", "--dry-run", "--data-root", str(tree({"a": 2})), "--model", str(model),
+        "--out", str(tmp_path / "run"), "--resolution", "64", "--device", "cpu", "--lora-rank", "4",
+    ]  # fmt: skip
+    assert main(args) == 0
+    listed = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:8]}
+    components = load_components(str(model))
+    # the denoiser under its family's name, and T5-XXL (SD3's third encoder) beside the CLIP ones
+    assert set(listed) >= {"transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"}
+    t5 = sum(p.numel() for p in components.text_encoder_3.parameters())
+    assert listed["text_encoder_3"][1:] == ["float32", f"{t5:,}", "parameters"]

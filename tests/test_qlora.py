@@ -119,8 +119,13 @@ def test_qlora_trains_on_a_real_nf4_transformer_and_its_file_loads_unquantised(
     )
     from edtools.train.plan import check_run
 
-    parts = {name: dtype for name, dtype, _ in check_run(config).parts}
-    assert parts["unet"] == "uint8"  # the run's own load is quantised too
+    plan = check_run(config)
+    parts = {name: (dtype, count) for name, dtype, count in plan.parts}
+    transformer = diffusers.SD3Transformer2DModel.from_pretrained(sd3_model / "transformer")
+    # the run's own load is quantised too; the plan counts the weights (and LoRA's) as trained, not their
+    # packed bytes
+    base = sum(p.numel() for p in transformer.parameters())
+    assert parts["transformer"] == ("nf4", base + plan.trained_parameters)
     events = []
     result = train(config, events.append)
     losses = [e.loss for e in events if e.kind == "step"]

@@ -75,8 +75,8 @@ def check_run(config: TrainConfig) -> RunPlan:
         dataset.concept_index[first.trained_images()], minlength=len(dataset.concepts)
     ).tolist()
     parts = tuple(
-        (name, str(_dtype_of(module)).replace("torch.", ""), sum(p.numel() for p in module.parameters()))
-        for name, module in _parts(components)
+        (name, _dtype_of(module), sum(_numel(p) for p in module.parameters()))
+        for name, module in _parts(components, family(components.architecture).denoiser_part)
     )
     return RunPlan(
         config=resolved,
@@ -99,17 +99,37 @@ def check_run(config: TrainConfig) -> RunPlan:
     )
 
 
-def _parts(components: Any) -> list[tuple[str, Any]]:
-    names = ("unet", "vae", "text_encoder", "text_encoder_2")
-    return [(n, getattr(components, n)) for n in names if getattr(components, n, None) is not None]
+def _parts(components: Any, denoiser_part: str) -> list[tuple[str, Any]]:
+    """(name, module) of every part loaded, the denoiser under its family's name ("unet", "transformer")."""
+    parts = [(denoiser_part, components.unet), ("vae", components.vae)]
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    return parts + [(n, getattr(components, n)) for n in names if getattr(components, n, None) is not None]
 
 
-def _dtype_of(module: Any) -> Any:
-    """The dtype most of a module's weights are kept in (LoRA adapters are float32 beside half-precision bases)."""
-    sizes: dict[Any, int] = {}
+def _dtype_of(module: Any) -> str:
+    """The dtype most of a module's weights are kept in (LoRA adapters are float32 beside half-precision bases),
+    "nf4" / "int8" for weights bitsandbytes quantised."""
+    sizes: dict[str, int] = {}
     for p in module.parameters():
-        sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+        kind = _quantized_kind(p) or str(p.dtype).replace("torch.", "")
+        sizes[kind] = sizes.get(kind, 0) + _numel(p)
     return max(sizes, key=sizes.get)
+
+
+def _quantized_kind(parameter: Any) -> str | None:
+    quant_state = getattr(parameter, "quant_state", None)  # bitsandbytes' Params4bit
+    if quant_state is not None:
+        return str(getattr(quant_state, "quant_type", "4bit"))
+    if type(parameter).__name__ == "Int8Params":
+        return "int8"
+    return None
+
+
+def _numel(parameter: Any) -> int:
+    """Parameters of the weight as trained, not of its packed storage (two NF4 values a byte)."""
+    quant_state = getattr(parameter, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    return int(np.prod(tuple(shape))) if shape is not None else parameter.numel()
 
 
 def format_plan(plan: RunPlan) -> str:
