@@ -1,20 +1,27 @@
 """Peak host memory of `edtools train --dry-run` per preset, from a single file and from a diffusers folder.
 
-Builds real-size SD1.5 and SDXL models with random weights (bench/configs.py, fp16, nothing downloaded), writes
-each as an fp16 single file (edtools convert's format) and an fp16 diffusers folder, then runs the dry run of each
-preset on the CPU with the preset's precision (fp16) in a fresh process, as a user would:
+Builds real-size SD1.5, SDXL, SD3.5 Medium and Flux.1 dev models with random weights (bench/configs.py,
+bench/memory_flow.py; nothing downloaded), writes the UNet models as fp16 single files (edtools convert's format)
+and fp16 diffusers folders, the flow-matching ones as diffusers folders in their hub dtype (SD3.5 Medium fp16,
+Flux bf16; bench/flow_models.py writes them tensor by tensor) and SD3.5 also as a single file without T5 (as
+people download it; T5 then comes from the folder). Then it runs each preset's dry run on the CPU with the
+preset's precision in a fresh process, as a user would:
 
-    python bench/host_memory.py                      # every preset, both sources (about 20 GB of disk in --dir)
+    python bench/host_memory.py --dir /big/disk          # every preset (about 75 GB of disk)
     python bench/host_memory.py --preset sdxl-lora-t4 --source file
 
 Per run: the loading peak the dry run measured itself (resident in all and anonymous; a memory-mapped model file's
 pages are resident but not anonymous: the kernel can drop and re-read them), and the whole process's peak
-resident set from the kernel (VmHWM). The goals are a free Colab runtime's 12.7 GB of RAM.
+resident set from the kernel (VmHWM). The goals are a free Colab runtime's 12.7 GB of RAM, and for Flux the RAM
+of the runtimes it needs. On a machine without a CUDA GPU the quantised loads (QLoRA's NF4 transformer, the 8-bit
+T5) run on the CPU, the GPU gates lifted as the tests lift them: the quantised weights then stay in host RAM,
+where a GPU run moves each to the GPU as it is quantised, so those rows are upper bounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -24,24 +31,44 @@ import time
 from pathlib import Path
 
 from configs import ARCHITECTURES  # bench/ is on sys.path when a script runs
+from flow_models import build_flow_folder
 from models import build_components, tokenizers_for
 
 GIB = 2**30
-# (anonymous, total) GiB at most while loading, per preset run from a single file (issue goals: a free Colab
-# runtime has 12.7 GB and holds the notebook's kernel and the data loader too)
-GOALS = {"sdxl-lora-t4": (3.0, 9.0), "sd15-full-t4": (None, 6.0)}
+# (anonymous, total) GiB at most while loading, per (preset, source). A free Colab runtime has 12.7 GB and holds
+# the notebook's kernel and the data loader too (issue goals: SDXL and SD1.5 from a single file; SD3.5 Medium
+# alike). Flux needs Colab's L4 runtime (53 GB of RAM) or A100 (83.5 GB): its goal is that RAM less 5 GB.
+GOALS = {
+    ("sdxl-lora-t4", "file"): (3.0, 9.0),
+    ("sd15-full-t4", "file"): (None, 6.0),
+    ("sd35m-lora-t4", "file"): (None, 9.0),
+    ("sd35m-lora-t4", "folder"): (None, 9.0),
+    ("flux-lora-24gb", "folder"): (None, 44.0),
+    ("flux-lora-40gb", "folder"): (None, 73.0),
+}
 PRESETS = {
     "sd": ("sd15-full-t4", "sd15-lora-t4"),
     "sdxl": ("sdxl-lora-t4",),
+    "sd3": ("sd35m-lora-t4",),
+    "flux": ("flux-lora-24gb", "flux-lora-40gb"),
 }
 
 
-def build_models(architecture: str, folder: Path) -> tuple[Path, Path]:
-    """(single file, diffusers folder) of a real-size random-weight model, both fp16."""
+def build_models(architecture: str, folder: Path) -> tuple[Path | None, Path]:
+    """(single file or None, diffusers folder) of a real-size random-weight model."""
     import torch
 
-    from edtools.models import save_components, save_single_file
+    from edtools.models import Keep, load_components, save_components, save_single_file
 
+    if architecture in ("sd3", "flux"):
+        model_folder = build_flow_folder(architecture, folder / f"{architecture}-diffusers")
+        if architecture == "flux":  # a 22 GiB transformer: its single file cannot be built beside it here
+            return None, model_folder
+        file = folder / f"{architecture}.safetensors"
+        if not file.is_file():  # transformer, CLIP-L/-G and VAE, as SD3.5 files are shared
+            keep = Keep(dtype=torch.float16, t5="drop")
+            save_single_file(load_components(str(model_folder), keep=keep), file, dtype="fp16")
+        return file, model_folder
     file, model_folder = folder / f"{architecture}.safetensors", folder / f"{architecture}-diffusers"
     if file.is_file() and (model_folder / "model_index.json").is_file():
         return file, model_folder
@@ -74,7 +101,13 @@ _MEASURED = re.compile(r"loading the model peaked at ([\d.]+) GiB resident, ([\d
 # started by vfork/posix_spawn inherits its parent's high-water mark at exec, and this script's own peak
 # (building SDXL) would show up as the dry run's.
 _CLI_THEN_PEAK = """
-import re, sys
+import os, re, sys
+if os.environ.get("EDTOOLS_BENCH_CPU_QUANTIZATION") == "1":
+    # no CUDA GPU: only the environment gates are lifted, loading and quantising are the real ones
+    from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
+    from edtools.models import quantize
+    BnB4BitDiffusersQuantizer.validate_environment = lambda self, *a, **k: None
+    quantize.cuda_present = lambda: True
 from edtools.cli import main
 code = main(sys.argv[1:])
 status = open("/proc/self/status").read()
@@ -85,15 +118,23 @@ _PEAK = re.compile(r"process peak kB (\d+)")
 
 
 def dry_run(preset: str, model: Path, model_config: Path, root: Path, out: Path) -> dict:
-    """One dry run in a fresh process: its own loading measure and the kernel's peak RSS of the process."""
+    """One dry run in a fresh process, in the preset's precision: its own loading measure and the kernel's peak
+    RSS of the process."""
+    import torch
+
+    from edtools.presets import PRESETS as EDTOOLS_PRESETS
+
     command = [
         sys.executable, "-c", _CLI_THEN_PEAK, "train", "--dry-run", "--preset", preset, "--device", "cpu",
-        "--mixed-precision", "fp16", "--model", str(model), "--model-config", str(model_config),
-        "--data-root", str(root), "--out", str(out), "--no-progress-bar",
+        "--mixed-precision", EDTOOLS_PRESETS[preset].settings["mixed_precision"], "--model", str(model),
+        "--model-config", str(model_config), "--data-root", str(root), "--out", str(out), "--no-progress-bar",
     ]  # fmt: skip
+    environment = dict(os.environ, EDTOOLS_BENCH_CPU_QUANTIZATION=str(int(not torch.cuda.is_available())))
     started = time.monotonic()
     with tempfile.TemporaryFile("w+") as stdout_file, tempfile.TemporaryFile("w+") as stderr_file:
-        process = subprocess.Popen(command, stdout=stdout_file, stderr=stderr_file, text=True)
+        process = subprocess.Popen(
+            command, stdout=stdout_file, stderr=stderr_file, text=True, env=environment
+        )
         status = process.wait()
         stdout_file.seek(0)
         stderr_file.seek(0)
@@ -113,12 +154,18 @@ def dry_run(preset: str, model: Path, model_config: Path, root: Path, out: Path)
 
 
 def verdict(preset: str, source: str, row: dict) -> str:
-    anonymous, total = GOALS.get(preset, (None, None))
-    if source != "file" or total is None:
+    anonymous, total = GOALS.get((preset, source), (None, None))
+    if total is None:
         return ""
     ok = row["loading_total"] <= total and (anonymous is None or row["loading_anonymous"] <= anonymous)
     goal = f"<= {anonymous} anon, " if anonymous is not None else ""
     return f"{'meets' if ok else 'MISSES'} the goal ({goal}<= {total} total)"
+
+
+def source_label(architecture: str, source: str) -> str:
+    if source == "file":
+        return "fp16 single file" + (" (no T5)" if architecture == "sd3" else "")
+    return f"{'bf16' if architecture == 'flux' else 'fp16'} diffusers folder"
 
 
 def main() -> None:
@@ -140,12 +187,16 @@ def main() -> None:
             for preset in presets:
                 for source in args.source or ("file", "folder"):
                     model = file if source == "file" else model_folder
+                    if model is None:
+                        continue
                     row = dry_run(preset, model, model_folder, root, folder / "out")
-                    rows.append((preset, source, row))
+                    rows.append(
+                        (preset, source_label(architecture, source), verdict(preset, source, row), row)
+                    )
                     print(
                         f"{preset:<14} {source:<7} loading {row['loading_anonymous']:.2f} GiB anonymous, "
                         f"{row['loading_total']:.2f} GiB resident; process peak {row['process_peak']:.2f} GiB "
-                        f"({row['seconds']:.0f} s) {verdict(preset, source, row)}",
+                        f"({row['seconds']:.0f} s) {rows[-1][2]}",
                         flush=True,
                     )
     finally:
@@ -155,11 +206,10 @@ def main() -> None:
         "\n| preset | from | loading: anonymous GiB | loading: resident GiB | process peak RSS GiB | goal |"
     )
     print("|---|---|---|---|---|---|")
-    for preset, source, row in rows:
+    for preset, label, goal, row in rows:
         print(
-            f"| {preset} | {'fp16 single file' if source == 'file' else 'fp16 diffusers folder'} | "
-            f"{row['loading_anonymous']:.2f} | {row['loading_total']:.2f} | {row['process_peak']:.2f} | "
-            f"{verdict(preset, source, row)} |"
+            f"| {preset} | {label} | {row['loading_anonymous']:.2f} | {row['loading_total']:.2f} | "
+            f"{row['process_peak']:.2f} | {goal} |"
         )
 
 

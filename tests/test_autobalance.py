@@ -107,11 +107,51 @@ def test_a_bleeding_pair_lowers_the_one_with_more_images_per_epoch():
     )
     (change,) = decide(history, {"dog": 3.0, "puppy": 1.0}, {"dog": 3.0, "puppy": 1.0})
     assert (change.concept, change.old, change.new) == ("dog", 3.0, 2.0)
-    assert "bleeds with puppy (margin 0.01 < 0.05)" in change.reason and "60 vs 10" in change.reason
+    assert "bleeds with puppy (the margin of puppy under dog's prompt fell from 0.2 at step 10 to 0.01)" in (
+        change.reason
+    )
+    assert "60 vs 10" in change.reason
     # told apart again at the latest step: no bleed
     apart = (*bleed, {"step": "30", "epoch": "3", "concept": "puppy", "under": "dog", "margin": "0.3"})
     history = History(validation=validation(curves), bleed=apart, balance=history.balance)
     assert decide(history, {"dog": 3.0, "puppy": 1.0}, {"dog": 3.0, "puppy": 1.0}) == ()
+
+
+def bleed_rows(margins: list[float]) -> tuple[dict, ...]:
+    """bleed.csv rows of the pair (rare under common) at steps 0, 10, 20, ..."""
+    return tuple(
+        {"step": str(10 * i), "epoch": str(i), "concept": "rare", "under": "common", "margin": str(m)}
+        for i, m in enumerate(margins)
+    )
+
+
+@pytest.mark.parametrize(
+    ("margins", "bleeds"),
+    [
+        ([0.002, 0.0025, 0.003], False),  # a small model's margins are small; growing is no bleed
+        ([0.002, 0.0012], False),  # fell, but by less than half of where it started
+        ([0.002, 0.0009], True),  # lost more than half
+        ([0.002, 0.004, -0.001], True),  # the other prompt now fits the images better
+        ([0.0, 0.0, 0.0], False),  # same captions: never told apart, and training did not make them so
+        ([-0.002, -0.0025], False),
+        ([-0.002, -0.0031], True),  # worse than the base model by more than half its size
+        ([0.002], False),  # one validation: nothing to compare with
+    ],
+)
+def test_a_pair_bleeds_when_its_margin_fell_from_its_first_validation(margins, bleeds):
+    history = History(
+        validation=validation({"rare": [0.3, 0.25, 0.22], "common": [0.3, 0.25, 0.21]}),
+        bleed=bleed_rows(margins),
+        balance=balance([{"rare": (10, 10, 60, ""), "common": (1, 1, 30, "")}]),
+    )
+    verdict = verdicts(history)["rare"]
+    assert (verdict.factor < 1 and "bleeds with common" in verdict.reason) == bleeds, verdict.reason
+    scaled = History(  # the rule has no scale of its own: margins 100x larger decide the same
+        validation=history.validation,
+        bleed=bleed_rows([m * 100 for m in margins]),
+        balance=history.balance,
+    )
+    assert verdicts(scaled)["rare"].factor == verdict.factor
 
 
 def test_bounds_are_relative_to_the_users_value():
@@ -274,8 +314,8 @@ def test_a_run_raises_its_lagging_concept_and_says_why_once(tree, tiny_model, tm
     from edtools.train import train
 
     root = lagging_setup(tree, monkeypatch)
-    # bleed_images=0: the folders share their captions, so they always "bleed" and that rule would lower
-    # whichever concept was raised; here the lag rule is under test
+    # bleed_images=0: the lag rule is under test, and a margin that happens to fall would let the bleed
+    # rule lower whichever concept was raised
     config = train_config(
         root, tiny_model, tmp_path / "out", epochs=5, validation_split=0.4, auto_balance=True, lr=3e-3,
         bleed_images=0,
@@ -368,8 +408,7 @@ def test_a_heavily_repeated_concept_whose_gap_widens_is_lowered(tree, tiny_model
     from edtools.train import train
 
     root = tree({"rep": 4, "other": 6})
-    # bleed_images=0: folders of the same captions always bleed, and that rule would speak first; here only
-    # the gap should
+    # bleed_images=0: the bleed rule speaks first when a margin falls; here only the gap should
     config = train_config(
         root, tiny_model, tmp_path / "out", validation_split=0.5, validate_every_steps=3, epochs=2,
         multipliers={"rep": 10.0}, auto_balance=True, bleed_images=0,

@@ -35,14 +35,17 @@ Row = Mapping[str, str]
 class Rules:
     """The thresholds. rise: held-out loss this share above its best (after it) is memorising; lag: a concept
     improving less than this share of the others' median improvement lags; widen: the train/held-out gap grew
-    by more than this share of the held-out loss over the last two validations; bleed_margin: a pair told
-    apart by less than this margin bleeds; step: the factor of one change; spacing: validations a concept
+    by more than this share of the held-out loss over the last two validations; bleed_drop: a pair bleeds when
+    its margin fell below its margin at the run's first validation (the model before training) by more than
+    this share of that first margin's size; step: the factor of one change; spacing: validations a concept
     waits after a change before the next one."""
 
     rise: float = 0.05
     lag: float = 0.5
     widen: float = 0.01
-    bleed_margin: float = 0.05
+    # relative, not absolute: margins scale with the model and its loss (0.001-0.003 for a tiny model's
+    # concepts at the start), so what says "bleeding" is training making the prompts less distinct than they were
+    bleed_drop: float = 0.5
     step: float = 1.5
     spacing: int = 2
 
@@ -107,7 +110,9 @@ class Change:
 class _Bleed:
     concept: str
     under: str
-    margin: float
+    first: float  # the margin at the pair's first record (the run's first validation)
+    margin: float  # at its latest
+    first_step: int
     step: int
 
 
@@ -184,17 +189,27 @@ def judge(history: History) -> dict[str, Signal]:
 
 
 def _bleeding(history: History, rules: Rules) -> list[_Bleed]:
-    """The pairs whose latest margin (bleed.csv's last step) is below rules.bleed_margin."""
-    latest: dict[tuple[str, str], _Bleed] = {}
+    """The pairs whose latest margin (bleed.csv's last step) fell below their first one by more than
+    rules.bleed_drop of its size. Folders with the same captions score 0 throughout: never bleeding by this rule,
+    as training did not make them so."""
+    first: dict[tuple[str, str], tuple[int, float]] = {}
+    latest: dict[tuple[str, str], tuple[int, float]] = {}
     for row in history.bleed:
         step, margin = _num(row, "step"), _num(row, "margin")
         if step is None or margin is None or not row.get("under") or not row.get("concept"):
             continue
         key = (row["concept"], row["under"])
-        if key not in latest or latest[key].step <= step:
-            latest[key] = _Bleed(row["concept"], row["under"], margin, int(step))
+        if key not in first or step < first[key][0]:
+            first[key] = (int(step), margin)
+        if key not in latest or latest[key][0] <= step:
+            latest[key] = (int(step), margin)
+    pairs = [
+        _Bleed(concept, under, first[(concept, under)][1], margin, first[(concept, under)][0], step)
+        for (concept, under), (step, margin) in latest.items()
+    ]
     return sorted(
-        (b for b in latest.values() if b.margin < rules.bleed_margin), key=lambda b: (b.margin, b.concept)
+        (b for b in pairs if b.step > b.first_step and b.margin < b.first - rules.bleed_drop * abs(b.first)),
+        key=lambda b: (b.margin - b.first, b.concept),
     )
 
 
@@ -231,7 +246,8 @@ def verdicts(history: History, rules: Rules | None = None) -> dict[str, Verdict]
             out[dominant] = Verdict(
                 dominant,
                 down,
-                f"bleeds with {other} (margin {b.margin:.3g} < {rules.bleed_margin:g}) and trains more images "
+                f"bleeds with {other} (the margin of {b.concept} under {b.under}'s prompt fell from {b.first:.3g} at "
+                f"step {b.first_step} to {b.margin:.3g}) and trains more images "
                 f"per epoch ({max(a_n, u_n):g} vs {min(a_n, u_n):g}): lower it",
             )
     for concept, s in signals.items():
