@@ -37,7 +37,7 @@ class Rules:
     improving less than this share of the others' median improvement lags; widen: the train/held-out gap grew
     by more than this share of the held-out loss over the last two validations; bleed_drop: a pair bleeds when
     its margin fell below its margin at the run's first validation (the model before training) by more than
-    this share of that first margin's size; step: the factor of one change; spacing: validations a concept
+    this share of that first margin's size, and still falls; step: the factor of one change; spacing: validations a concept
     waits after a change before the next one."""
 
     rise: float = 0.05
@@ -114,6 +114,7 @@ class _Bleed:
     margin: float  # at its latest
     first_step: int
     step: int
+    before: float  # at the record before the latest
 
 
 def _num(row: Row, key: str) -> float | None:
@@ -190,25 +191,24 @@ def judge(history: History) -> dict[str, Signal]:
 
 def _bleeding(history: History, rules: Rules) -> list[_Bleed]:
     """The pairs whose latest margin (bleed.csv's last step) fell below their first one by more than
-    rules.bleed_drop of its size. Folders with the same captions score 0 throughout: never bleeding by this rule,
-    as training did not make them so."""
-    first: dict[tuple[str, str], tuple[int, float]] = {}
-    latest: dict[tuple[str, str], tuple[int, float]] = {}
+    rules.bleed_drop of its size and below the one before it: bleeding, and still. A margin that stopped falling
+    (a change took effect) is left alone, so the rule does not lower a concept step after step to its bound for
+    a fall that is over. Folders with the same captions score 0 throughout: never bleeding by this rule, as
+    training did not make them so."""
+    margins: dict[tuple[str, str], dict[int, float]] = {}
     for row in history.bleed:
         step, margin = _num(row, "step"), _num(row, "margin")
         if step is None or margin is None or not row.get("under") or not row.get("concept"):
             continue
-        key = (row["concept"], row["under"])
-        if key not in first or step < first[key][0]:
-            first[key] = (int(step), margin)
-        if key not in latest or latest[key][0] <= step:
-            latest[key] = (int(step), margin)
-    pairs = [
-        _Bleed(concept, under, first[(concept, under)][1], margin, first[(concept, under)][0], step)
-        for (concept, under), (step, margin) in latest.items()
-    ]
+        margins.setdefault((row["concept"], row["under"]), {})[int(step)] = margin
+    pairs = []
+    for (concept, under), by_step in margins.items():
+        steps = sorted(by_step)
+        if len(steps) >= 2:
+            first, before, last = by_step[steps[0]], by_step[steps[-2]], by_step[steps[-1]]
+            pairs.append(_Bleed(concept, under, first, last, steps[0], steps[-1], before))
     return sorted(
-        (b for b in pairs if b.step > b.first_step and b.margin < b.first - rules.bleed_drop * abs(b.first)),
+        (b for b in pairs if b.margin < b.first - rules.bleed_drop * abs(b.first) and b.margin < b.before),
         key=lambda b: (b.margin - b.first, b.concept),
     )
 
