@@ -37,8 +37,8 @@ class Rules:
     improving less than this share of the others' median improvement lags; widen: the train/held-out gap grew
     by more than this share of the held-out loss over the last two validations; bleed_drop: a pair bleeds when
     its margin fell below its margin at the run's first validation (the model before training) by more than
-    this share of that first margin's size, and still falls; step: the factor of one change; spacing: validations a concept
-    waits after a change before the next one."""
+    this share of that first margin's size, and is at its lowest yet; step: the factor of one change;
+    spacing: validations a concept waits after a change before the next one."""
 
     rise: float = 0.05
     lag: float = 0.5
@@ -114,7 +114,7 @@ class _Bleed:
     margin: float  # at its latest
     first_step: int
     step: int
-    before: float  # at the record before the latest
+    lowest_before: float  # the lowest at any record before the latest
 
 
 def _num(row: Row, key: str) -> float | None:
@@ -191,10 +191,10 @@ def judge(history: History) -> dict[str, Signal]:
 
 def _bleeding(history: History, rules: Rules) -> list[_Bleed]:
     """The pairs whose latest margin (bleed.csv's last step) fell below their first one by more than
-    rules.bleed_drop of its size and below the one before it: bleeding, and still. A margin that stopped falling
-    (a change took effect) is left alone, so the rule does not lower a concept step after step to its bound for
-    a fall that is over. Folders with the same captions score 0 throughout: never bleeding by this rule, as
-    training did not make them so."""
+    rules.bleed_drop of its size and below every earlier one: bleeding, and still. A margin that stopped falling
+    (a change took effect) and wanders around the level it reached is left alone: a validation's noise made the
+    rule lower a concept step after step to its bound for a fall that was over. Folders with the same captions
+    score 0 throughout: never bleeding by this rule, as training did not make them so."""
     margins: dict[tuple[str, str], dict[int, float]] = {}
     for row in history.bleed:
         step, margin = _num(row, "step"), _num(row, "margin")
@@ -205,10 +205,15 @@ def _bleeding(history: History, rules: Rules) -> list[_Bleed]:
     for (concept, under), by_step in margins.items():
         steps = sorted(by_step)
         if len(steps) >= 2:
-            first, before, last = by_step[steps[0]], by_step[steps[-2]], by_step[steps[-1]]
-            pairs.append(_Bleed(concept, under, first, last, steps[0], steps[-1], before))
+            first, last = by_step[steps[0]], by_step[steps[-1]]
+            lowest_before = min(by_step[s] for s in steps[:-1])
+            pairs.append(_Bleed(concept, under, first, last, steps[0], steps[-1], lowest_before))
     return sorted(
-        (b for b in pairs if b.margin < b.first - rules.bleed_drop * abs(b.first) and b.margin < b.before),
+        (
+            b
+            for b in pairs
+            if b.margin < b.first - rules.bleed_drop * abs(b.first) and b.margin < b.lowest_before
+        ),
         key=lambda b: (b.margin - b.first, b.concept),
     )
 
@@ -247,7 +252,7 @@ def verdicts(history: History, rules: Rules | None = None) -> dict[str, Verdict]
                 dominant,
                 down,
                 f"bleeds with {other} (the margin of {b.concept} under {b.under}'s prompt fell from {b.first:.3g} at "
-                f"step {b.first_step} to {b.margin:.3g}) and trains more images "
+                f"step {b.first_step} to {b.margin:.3g}, its lowest yet) and trains more images "
                 f"per epoch ({max(a_n, u_n):g} vs {min(a_n, u_n):g}): lower it",
             )
     for concept, s in signals.items():
