@@ -84,6 +84,16 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture
+def cpu_quantization(monkeypatch):
+    """diffusers refuses bitsandbytes quantisation without a GPU ("No GPU found"); bitsandbytes >= 0.48 quantises
+    NF4 on the CPU. Only that environment gate is lifted: loading, quantising and training are the real ones."""
+    pytest.importorskip("diffusers.quantizers", reason="diffusers < 0.31 cannot quantise")
+    from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
+
+    monkeypatch.setattr(BnB4BitDiffusersQuantizer, "validate_environment", lambda self, *a, **k: None)
+
+
 def train_config(root: Path, model: Path, out: Path, **values):
     """A TrainConfig for the tiny model on the CPU at 64 px (latents 8x8), batch 2, 2 epochs, unless given."""
     from edtools.config import TrainConfig

@@ -8,6 +8,7 @@ of that width with one block of each kind (530 M parameters, bf16) beside the ti
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,40 @@ def test_edtools_checkpoint_file_is_read_back_equal(wide, tmp_path):
     components = load_components(str(folder))
     path = save_single_file(components, tmp_path / "flux-checkpoint.safetensors", dtype="fp32")
     assert_same_parts(load_components(str(path), model_config=str(folder)), components)
+
+
+@pytest.mark.slow
+def test_a_bfl_file_under_nf4_is_quantised_as_its_folder_is(wide, cpu_quantization):
+    """QLoRA (flux-lora-24gb) from the file people download: the transformer's NF4 weights and block scales equal
+    those quantised from the folder, bit for bit, and no bf16 copy of it is made on the way."""
+    import bitsandbytes as bnb
+
+    from edtools.models import Keep
+    from edtools.train.host_memory import PeakHostMemory, current_host_memory
+
+    folder, bfl = wide
+    keep = Keep(torch.bfloat16, quantize="nf4")
+    before = current_host_memory()
+    with PeakHostMemory() as peak:
+        from_file = load_components(str(bfl), model_config=str(folder), keep=keep).unet
+    # Linux says how much the process allocated: the file's bf16 tensors were quantised, never copied first
+    if before.anonymous is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(bfl), "pt") as file:
+            bf16_bytes = sum(2 * math.prod(file.get_slice(k).get_shape()) for k in file.keys())
+        # measured 1.2x: the NF4 weights (0.36x) and the transient of the largest weights as they are quantised
+        # (a fixed ~0.5 GB at Flux's real width); a bf16 copy first would add 1x more
+        assert peak.result.anonymous - before.anonymous < 1.5 * bf16_bytes
+    from_folder = load_components(str(folder), keep=keep).unet
+    quantized = {n: m for n, m in from_file.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    linears = {n for n, m in from_file.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert quantized and set(quantized) == linears
+    theirs = dict(from_folder.named_modules())
+    for name, module in quantized.items():
+        other = theirs[name]
+        assert module.weight.quant_state.quant_type == "nf4"
+        assert torch.equal(module.weight.data, other.weight.data), name
+        assert torch.equal(module.weight.quant_state.absmax, other.weight.quant_state.absmax), name
+    # training is a function of these weights and the seed: a QLoRA run from the file is the folder's run
+    # (tests/test_qlora.py trains one)

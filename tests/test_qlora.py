@@ -1,5 +1,6 @@
 """QLoRA (quantize_base nf4): the frozen SD3 transformer loaded in 4-bit NF4 by diffusers and bitsandbytes, LoRA
-trained on it; the refusals (no GPU, no LoRA, a UNet family, a single file) say what to do."""
+trained on it; the refusals (no GPU, no LoRA, a UNet family) say what to do. (A Flux single file under nf4:
+test_flux_single_file.)"""
 
 from __future__ import annotations
 
@@ -25,16 +26,6 @@ REQUIRED = {"data_root": "data", "model": "model", "out": "out"}
 @pytest.fixture(scope="module")
 def sd3_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("sd3q") / "model", "sd3")
-
-
-@pytest.fixture
-def cpu_quantization(monkeypatch):
-    """diffusers refuses bitsandbytes quantisation without a GPU ("No GPU found"); bitsandbytes >= 0.48 quantises
-    NF4 on the CPU. Only that environment gate is lifted: loading, quantising and training are the real ones."""
-    pytest.importorskip("diffusers.quantizers", reason="diffusers < 0.31 cannot quantise")
-    from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
-
-    monkeypatch.setattr(BnB4BitDiffusersQuantizer, "validate_environment", lambda self, *a, **k: None)
 
 
 def hashes(folder: Path) -> dict[str, str]:
@@ -70,15 +61,18 @@ def test_without_a_gpu_the_run_fails_before_loading(tree, sd3_model, tmp_path):
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-def test_a_unet_family_or_a_single_file_is_refused(tiny_model, tmp_path):
+def test_a_unet_family_is_refused_from_a_folder_or_a_single_file(tiny_model, tmp_path):
+    from edtools.models import save_single_file
+
     with pytest.raises(
         ModelError,
         match=r"is a Stable Diffusion model, whose unet edtools does not quantise; QLoRA is for the transformer families \(Stable Diffusion 3, Flux.1\)",
     ):
         load_components(str(tiny_model), keep=Keep(quantize="nf4"))
-    single = tmp_path / "model.safetensors"
-    single.write_bytes(b"")
-    with pytest.raises(ModelError, match=r"is a single file: edtools quantises a transformer"):
+    single = save_single_file(load_components(str(tiny_model)), tmp_path / "model.safetensors")
+    with pytest.raises(
+        ModelError, match=r"is a Stable Diffusion model, whose unet edtools does not quantise"
+    ):
         load_components(str(single), keep=Keep(quantize="nf4"))
 
 

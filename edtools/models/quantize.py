@@ -1,6 +1,7 @@
 """QLoRA: the frozen denoiser of a transformer family loaded in 4-bit NF4 (bitsandbytes) under LoRA adapters.
 
-diffusers quantises it while loading (its BitsAndBytesConfig), shard by shard, each weight as it is placed.
+diffusers quantises it while loading (its BitsAndBytesConfig), from a folder's shards or a single file's
+memory-mapped tensors, each weight as it is placed.
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ from ..errors import ConfigError, ModelError, require
 if TYPE_CHECKING:
     import torch
 
+    from .families import Family
+
 __all__ = [
     "QUANTIZE_BASE",
     "T5_SETTINGS",
+    "check_quantizable",
     "check_quantization",
     "check_t5_quantization",
     "cuda_present",
     "is_quantized",
+    "quantize_loaded",
     "quantized_loading",
     "t5_8bit_loading",
 ]
@@ -45,6 +50,19 @@ def _config(kind: str, compute_dtype: torch.dtype) -> Any:
         bnb_4bit_quant_type=kind,
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=True,
+    )
+
+
+def check_quantizable(family: Family, kind: str, model: str) -> None:
+    """A quantised base is for the families that say they can be (their transformer's Linear layers)."""
+    if kind == "none" or family.quantizable:
+        return
+    from .families import FAMILIES
+
+    which = ", ".join(f.label for f in FAMILIES if f.quantizable)
+    raise ModelError(
+        f"quantize_base is '{kind}', but '{model}' is a {family.label} model, whose {family.denoiser_part} "
+        f"edtools does not quantise; QLoRA is for the transformer families ({which}): set quantize_base none"
     )
 
 
@@ -75,6 +93,42 @@ def quantized_loading(kind: str, compute_dtype: torch.dtype, device: Any) -> dic
         "quantization_config": _config(kind, compute_dtype),
         "device_map": {"": str(device) if device is not None else "cpu"},
     }
+
+
+def quantize_loaded(model: Any, kind: str, compute_dtype: torch.dtype, device: Any) -> Any:
+    """The same diffusers model with its Linear weights quantised, weight by weight onto `device` (None: the CPU), by
+    the quantiser from_pretrained uses (diffusers' single-file reader quantises only files saved quantised). For a
+    denoiser read from a single file: its tensors, memory-mapped from the file, are read one at a time, so host
+    memory holds no second copy of it; the caller lets the unquantised model go."""
+    accelerate = require("accelerate", feature="quantize_base nf4 (QLoRA)")
+    quantizers = require("diffusers.quantizers", feature="quantize_base nf4 (QLoRA)")
+    loading = require("diffusers.models.model_loading_utils", feature="quantize_base nf4 (QLoRA)")
+    quantizer = quantizers.DiffusersAutoQuantizer.from_config(
+        _config(kind, compute_dtype), pre_quantized=False
+    )
+    quantizer.validate_environment()
+    cls = type(model)
+    with accelerate.init_empty_weights():
+        quantized = cls.from_config(model.config)
+    weights = model.state_dict()
+    # as from_pretrained: modules the model keeps in float32 stay unquantised and in float32
+    keep_in_fp32 = (
+        list(cls._keep_in_fp32_modules or []) if hasattr(quantizer, "use_keep_in_fp32_modules") else []
+    )
+    quantizer.preprocess_model(
+        model=quantized, device_map=None, state_dict=weights, keep_in_fp32_modules=keep_in_fp32
+    )
+    loading.load_model_dict_into_meta(
+        quantized,
+        weights,
+        dtype=compute_dtype,
+        hf_quantizer=quantizer,
+        keep_in_fp32_modules=keep_in_fp32,
+        device_map={"": str(device) if device is not None else "cpu"},
+    )
+    quantizer.postprocess_model(quantized)
+    quantized.hf_quantizer = quantizer
+    return quantized.eval()
 
 
 def is_quantized(module: Any) -> bool:

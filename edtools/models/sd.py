@@ -25,6 +25,7 @@ from .components import (
     vae_force_upcast,
 )
 from .families import Family, family_of, family_of_index, guess_architecture
+from .quantize import check_quantizable, quantized_loading
 from .text_parts import check_t5_setting, load_text_encoder, wanted
 
 if TYPE_CHECKING:
@@ -106,11 +107,6 @@ def load_components(
     keep = Keep(dtype) if keep is None else keep
     path = Path(model).expanduser()
     if path.is_file() or (not path.is_dir() and path.suffix.lower() in SINGLE_FILE_SUFFIXES):
-        if keep.quantize != "none":
-            raise ModelError(
-                f"quantize_base is '{keep.quantize}', and '{model}' is a single file: edtools quantises a "
-                "transformer while loading it from a diffusers folder or hub id; use one, or quantize_base none"
-            )
         from .single_file import load_single_file
 
         return load_single_file(path, model_config=model_config, keep=keep, local_files_only=local_files_only)
@@ -126,7 +122,7 @@ def load_components(
     hub = {} if local_files_only is None else {"local_files_only": bool(local_files_only)}
     index = _model_index(source, local=path.is_dir(), hub=hub)
     family = _family_of(index, model)
-    _check_quantizable(family, keep, model)
+    check_quantizable(family, keep.quantize, model)
     check_t5_setting(family, keep, model)
     if path.is_dir():
         missing = [name for name in family.subfolders if not (path / name).is_dir()]
@@ -152,19 +148,6 @@ def load_components(
     return components
 
 
-def _check_quantizable(family: Family, keep: Keep, model: str) -> None:
-    """A quantised base is for the families that say they can be (their transformer's Linear layers)."""
-    if keep.quantize == "none" or family.quantizable:
-        return
-    from .families import FAMILIES
-
-    which = ", ".join(f.label for f in FAMILIES if f.quantizable)
-    raise ModelError(
-        f"quantize_base is '{keep.quantize}', but '{model}' is a {family.label} model, whose {family.denoiser_part} "
-        f"edtools does not quantise; QLoRA is for the transformer families ({which}): set quantize_base none"
-    )
-
-
 def _load_parts(source: str, family: Family, keep: Keep, hub: dict, index: dict) -> SDComponents:
     """Each part from its subfolder of a diffusers folder or hub id, loaded in the dtype it is kept in and
     placed before the next one is read; the text encoders and tokenizers are the family's (an optional one when
@@ -172,7 +155,6 @@ def _load_parts(source: str, family: Family, keep: Keep, hub: dict, index: dict)
     loads, straight onto keep.device (models.quantize)."""
     diffusers = require("diffusers")
     transformers = require("transformers")
-    from .quantize import quantized_loading
 
     upcast = vae_force_upcast(source, hub)
     compute = keep.dtype if keep.dtype is not None else keep.dtype_of("unet")

@@ -6,6 +6,7 @@ converters. (Writing them is single_file_layout's job.)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ from .components import Keep, SDComponents, check_prediction_type, vae_force_upc
 from .families import Family, detect_variant, family, variant_of_configs, variant_of_model_type
 from .keymap import UNET_PREFIX as _UNET
 from .keymap import VAE_PREFIX as _VAE
+from .quantize import check_quantizable, quantize_loaded
 from .single_file_layout import SAVE_DTYPES, original_keys
 from .single_file_prediction import with_sampling
 from .text_parts import check_t5_setting, optional_text_parts
@@ -256,7 +258,9 @@ def load_single_file(
     state_dict, metadata = read_state_dict(path)
     variant = detect_architecture(state_dict, source=path)
     fam = family(variant)
-    check_t5_setting(fam, Keep() if keep is None else keep, str(path))
+    keep = Keep() if keep is None else keep
+    check_quantizable(fam, keep.quantize, str(path))
+    check_t5_setting(fam, keep, str(path))
     if any(key.startswith("model_ema.") for key in state_dict):
         logger.info("%s: has EMA weights too (model_ema.*); loading the training weights", path)
     _normalise(state_dict, fam, variant)
@@ -274,19 +278,18 @@ def load_single_file(
     if absent:
         logger.info("%s: has no %s weights; loading them from %s", path, ", ".join(absent), source)
 
-    keep = Keep() if keep is None else keep
+    compute = keep.dtype if keep.dtype is not None else keep.dtype_of("unet")
     in_file = frozenset(state_dict)  # the tensors go part by part below; the checks need only the names
     try:
-        unet = keep.place(
-            getattr(diffusers, fam.denoiser_class).from_single_file(
-                state_dict,
-                config=source,
-                subfolder=fam.denoiser_part,
-                torch_dtype=keep.dtype_of("unet"),
-                **hub,
-            ),
-            "unet",
+        unet = getattr(diffusers, fam.denoiser_class).from_single_file(
+            state_dict,
+            config=source,
+            subfolder=fam.denoiser_part,
+            torch_dtype=keep.dtype_of("unet"),
+            **hub,
         )
+        if keep.quantize == "none":
+            unet = keep.place(unet, "unet")
         state_dict = _next_part(state_dict, _UNET, path, fam, variant)
         vae = _load_vae(state_dict, source, keep, hub)
         state_dict = _next_part(state_dict, _VAE, path, fam, variant)
@@ -323,6 +326,12 @@ def load_single_file(
     components = SDComponents(unet=unet, vae=vae, noise_scheduler=scheduler, **text)
     check_prediction_type(components, str(path))
     _check_loaded(components, in_file, path, source, fam, variant)
+    if (
+        keep.quantize != "none"
+    ):  # QLoRA, after the checks (they map the file's keys to the unquantised model's):
+        # quantised weight by weight from the file's memory-mapped tensors, never placed unquantised
+        quantized = keep.place(quantize_loaded(components.unet, keep.quantize, compute, keep.device), "unet")
+        components = dataclasses.replace(components, unet=quantized)
     return components
 
 
