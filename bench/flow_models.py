@@ -1,4 +1,5 @@
-"""Real-size SD3.5 Medium and Flux.1 dev diffusers folders with random weights, written tensor by tensor.
+"""Real-size SD3.5 Medium and Flux.1 dev diffusers folders with random weights, written tensor by tensor; Flux also
+as a single file in the ComfyUI checkpoint layout, streamed from the folder.
 
 A Flux transformer is 22 GiB in bf16, more than this machine can hold beside its build, so no part is ever built
 whole: each part is made on the meta device (bench/memory_flow.py's real configs), and its tensors are filled one at
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from memory_flow import CLIP_G, CLIP_L, FLOW_VAE, FLUX_DEV_TRANSFORMER, SD35M_TRANSFORMER, T5_XXL
 
-__all__ = ["FLOW_FOLDERS", "build_flow_folder"]
+__all__ = ["FLOW_FOLDERS", "build_flow_folder", "write_flux_single_file"]
 
 GIB = 2**30
 SHARD_BYTES = 2 * GIB  # shards of at most this size, as the hub's are (diffusers 5-10 GB, transformers 5 GB)
@@ -77,6 +79,42 @@ def build_flow_folder(family: str, folder: Path) -> Path:
         flush=True,
     )
     return folder
+
+
+def write_flux_single_file(folder: Path, file: Path) -> Path:
+    """The Flux folder's transformer, VAE and CLIP-L as one bf16 single file in ComfyUI's checkpoint layout (T5
+    comes from the folder, as such files lack it), edtools' own writer's keys; reused when complete. The tensors
+    are streamed: safetensors' save_file serialises the whole dict in memory, 22 GiB here."""
+    import torch
+
+    from edtools.models import Keep, load_components
+    from edtools.models.single_file_layout import original_state_dict
+
+    if file.is_file():
+        return file
+    started = time.monotonic()
+    # memory-mapped from the folder's shards; the fused tensors (qkv, linear1) are the only copies made
+    tensors = original_state_dict(load_components(str(folder), keep=Keep(torch.bfloat16)))
+    names = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {
+            "dtype": names[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    partial = file.with_suffix(".partial")
+    with partial.open("wb") as out:
+        out.write(struct.pack("<Q", len(encoded)) + encoded)
+        for tensor in tensors.values():
+            out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    partial.rename(file)
+    print(f"wrote {file.name}: {offset / GIB:.2f} GiB in {time.monotonic() - started:.0f} s", flush=True)
+    return file
 
 
 def write_part(library: str, class_name: str, config: dict, folder: Path, dtype_name: str) -> int:

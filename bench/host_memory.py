@@ -3,11 +3,11 @@
 Builds real-size SD1.5, SDXL, SD3.5 Medium and Flux.1 dev models with random weights (bench/configs.py,
 bench/memory_flow.py; nothing downloaded), writes the UNet models as fp16 single files (edtools convert's format)
 and fp16 diffusers folders, the flow-matching ones as diffusers folders in their hub dtype (SD3.5 Medium fp16,
-Flux bf16; bench/flow_models.py writes them tensor by tensor) and SD3.5 also as a single file without T5 (as
-people download it; T5 then comes from the folder). Then it runs each preset's dry run on the CPU with the
+Flux bf16; bench/flow_models.py writes them tensor by tensor) and also as single files without T5 (as people
+download them; T5 then comes from the folder). Then it runs each preset's dry run on the CPU with the
 preset's precision in a fresh process, as a user would:
 
-    python bench/host_memory.py --dir /big/disk          # every preset (about 75 GB of disk)
+    python bench/host_memory.py --dir /big/disk          # every preset (about 100 GB of disk)
     python bench/host_memory.py --preset sdxl-lora-t4 --source file
 
 Per run: the loading peak the dry run measured itself (resident in all and anonymous; a memory-mapped model file's
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from configs import ARCHITECTURES  # bench/ is on sys.path when a script runs
-from flow_models import build_flow_folder
+from flow_models import build_flow_folder, write_flux_single_file
 from models import build_components, tokenizers_for
 
 GIB = 2**30
@@ -43,7 +43,9 @@ GOALS = {
     ("sd15-full-t4", "file"): (None, 6.0),
     ("sd35m-lora-t4", "file"): (None, 9.0),
     ("sd35m-lora-t4", "folder"): (None, 9.0),
+    ("flux-lora-24gb", "file"): (None, 44.0),
     ("flux-lora-24gb", "folder"): (None, 44.0),
+    ("flux-lora-40gb", "file"): (None, 73.0),
     ("flux-lora-40gb", "folder"): (None, 73.0),
 }
 PRESETS = {
@@ -62,8 +64,8 @@ def build_models(architecture: str, folder: Path) -> tuple[Path | None, Path]:
 
     if architecture in ("sd3", "flux"):
         model_folder = build_flow_folder(architecture, folder / f"{architecture}-diffusers")
-        if architecture == "flux":  # a 22 GiB transformer: its single file cannot be built beside it here
-            return None, model_folder
+        if architecture == "flux":  # as people download it: transformer, VAE, CLIP-L in bf16 (no T5)
+            return write_flux_single_file(model_folder, folder / "flux.safetensors"), model_folder
         file = folder / f"{architecture}.safetensors"
         if not file.is_file():  # transformer, CLIP-L/-G and VAE, as SD3.5 files are shared
             keep = Keep(dtype=torch.float16, t5="drop")
@@ -169,6 +171,8 @@ def verdict(preset: str, source: str, row: dict) -> str:
 
 def source_label(architecture: str, source: str) -> str:
     if source == "file":
+        if architecture == "flux":
+            return "bf16 single file (no T5)"
         return "fp16 single file" + (" (no T5)" if architecture == "sd3" else "")
     return f"{'bf16' if architecture == 'flux' else 'fp16'} diffusers folder"
 
