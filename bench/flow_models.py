@@ -93,7 +93,7 @@ def write_flux_single_file(folder: Path, file: Path) -> Path:
     if file.is_file():
         return file
     started = time.monotonic()
-    # memory-mapped from the folder's shards; the fused tensors (qkv, linear1) are the only copies made
+    # memory-mapped from the folder's shards; the fused tensors (qkv, linear1) are built as copies
     tensors = original_state_dict(load_components(str(folder), keep=Keep(torch.bfloat16)))
     names = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
     header, offset = {"__metadata__": {"format": "pt"}}, 0

@@ -107,10 +107,8 @@ def test_a_bleeding_pair_lowers_the_one_with_more_images_per_epoch():
     )
     (change,) = decide(history, {"dog": 3.0, "puppy": 1.0}, {"dog": 3.0, "puppy": 1.0})
     assert (change.concept, change.old, change.new) == ("dog", 3.0, 2.0)
-    assert (
-        "bleeds with puppy (the margin of puppy under dog's prompt fell from 0.2 at step 10 to 0.01, its lowest yet)"
-        in (change.reason)
-    )
+    said = "bleeds with puppy (the margin of puppy under dog's prompt fell from 0.2 at step 10 to 0.01, its lowest yet)"
+    assert said in change.reason
     assert "60 vs 10" in change.reason
     # told apart again at the latest step: no bleed
     apart = (*bleed, {"step": "30", "epoch": "3", "concept": "puppy", "under": "dog", "margin": "0.3"})

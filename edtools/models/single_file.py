@@ -326,10 +326,9 @@ def load_single_file(
     components = SDComponents(unet=unet, vae=vae, noise_scheduler=scheduler, **text)
     check_prediction_type(components, str(path))
     _check_loaded(components, in_file, path, source, fam, variant)
-    if (
-        keep.quantize != "none"
-    ):  # QLoRA, after the checks (they map the file's keys to the unquantised model's):
-        # quantised weight by weight from the file's memory-mapped tensors, never placed unquantised
+    # QLoRA after the checks, which map the file's keys to the unquantised model's: quantised weight by weight
+    # from the file's memory-mapped tensors, never placed unquantised
+    if keep.quantize != "none":
         quantized = keep.place(quantize_loaded(components.unet, keep.quantize, compute, keep.device), "unet")
         components = dataclasses.replace(components, unet=quantized)
     return components
