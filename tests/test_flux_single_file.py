@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,7 +56,7 @@ def wide_components():
 
 
 @pytest.fixture(scope="module")
-def wide(tmp_path_factory) -> tuple[Path, Path]:
+def wide(tmp_path_factory) -> Iterator[tuple[Path, Path]]:
     """(a diffusers folder of the wide model, Black Forest Labs' transformer-only file of it)."""
     root = tmp_path_factory.mktemp("flux-wide")
     components = wide_components()
@@ -63,7 +65,8 @@ def wide(tmp_path_factory) -> tuple[Path, Path]:
 
     bfl = root / "flux1-dev.safetensors"
     save_file(comfyui_layout(components.unet), str(bfl))  # bare keys, as BFL publishes them
-    return folder, bfl
+    yield folder, bfl
+    shutil.rmtree(root)  # 2 GB; the suite's disk use stays flat
 
 
 def assert_same_parts(a, b) -> None:
