@@ -154,7 +154,11 @@ def notebook_page(tmp_path: Path, screenshots: bool = False):
     root.mkdir()
     shutil.copy(NOTEBOOK, root / "edtools.ipynb")
     data_root = make_demo_dataset(tmp_path / "data")
-    env = sandbox_env(tmp_path / "jupyter", EDTOOLS_DATA_ROOT=str(data_root), EDTOOLS_SMOKE="ui")
+    # one torch thread per kernel: a kernel of two threads beside chromium (or a second run) on two cores
+    # spends most of its time waiting on its own threads (a 12 s run took 109 s)
+    env = sandbox_env(
+        tmp_path / "jupyter", EDTOOLS_DATA_ROOT=str(data_root), EDTOOLS_SMOKE="ui", OMP_NUM_THREADS="1"
+    )
     server, url = start_jupyterlab(root, env, tmp_path / "jupyterlab.log")
     try:
         with sync_playwright() as playwright:
@@ -393,6 +397,7 @@ def test_a_run_killed_mid_epoch_resumes_after_the_cells_run_again(tmp_path):
             cwd=tmp_path / "notebooks",  # the tiny model's path is relative to the notebook
             stdout=(tmp_path / "reference.log").open("wb"),
             stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},  # as the kernel: the same sums, bit for bit
         )
         try:
             # JupyterLab says the kernel died and restarts it; then every cell runs again
