@@ -84,7 +84,7 @@ def test_edtools_writes_the_layout_comfyui_maps():
     assert transformer.keys() == theirs.keys()
     assert all(torch.equal(transformer[k], theirs[k]) for k in theirs)
     assert {k.split(".")[0] for k in written} == {"model", "first_stage_model", "text_encoders"}
-    assert not any(k.startswith("text_encoders.t5xxl.") for k in written)  # T5 comes from model_config
+    assert not any(k.startswith("text_encoders.t5xxl.") for k in written)  # T5 is frozen: not written
     assert detect_variant(written) == "flux-dev"
     bare = comfyui_layout(tiny_components("flux-schnell").unet)
     assert detect_variant(bare) == "flux-schnell"
@@ -121,11 +121,32 @@ def test_a_bfl_file_loads_and_trains_like_its_folder(wide, tree, tmp_path):
 
 
 @pytest.mark.slow
-def test_edtools_checkpoint_file_is_read_back_equal(wide, tmp_path):
+def test_edtools_checkpoint_file_is_read_back_equal_and_with_t5_needs_only_configs(wide, tmp_path):
+    """edtools' checkpoint file (transformer, VAE, CLIP-L) reads back equal; with T5 added, as ComfyUI's
+    all-in-one Flux files hold it, every part comes from the file and model_config needs no weights."""
+    from safetensors.torch import save_file
+
+    from edtools.models.single_file import read_state_dict
+
     folder, _ = wide
     components = load_components(str(folder))
     path = save_single_file(components, tmp_path / "flux-checkpoint.safetensors", dtype="fp32")
     assert_same_parts(load_components(str(path), model_config=str(folder)), components)
+    # the transformer in bf16, as the wide model holds it (half the disk), the small parts in float32
+    state = {
+        k: v.to(torch.bfloat16) if k.startswith("model.diffusion_model.") else v.clone()
+        for k, v in read_state_dict(path)[0].items()
+    }
+    path.unlink()
+    t5 = components.text_encoder_2.state_dict()
+    state.update(
+        {f"text_encoders.t5xxl.transformer.{k}": v for k, v in t5.items() if "embed_tokens" not in k}
+    )
+    all_in_one = tmp_path / "flux1-dev-all-in-one.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(all_in_one))
+    del state
+    configs = shutil.copytree(folder, tmp_path / "configs", ignore=shutil.ignore_patterns("*.safetensors"))
+    assert_same_parts(load_components(str(all_in_one), model_config=str(configs)), components)
 
 
 @pytest.mark.slow

@@ -152,17 +152,6 @@ def test_a_file_lacking_parts_without_model_config_says_to_set_it(sd3, tmp_path)
         load_single_file(file)
 
 
-def test_t5_weights_in_the_file_are_left_alone(sd3, tmp_path, caplog):
-    state = read_state_dict(sd3["file"])[0]
-    state["text_encoders.t5xxl.transformer.shared.weight"] = torch.zeros(4, 2)
-    file = write(state, tmp_path / "t5.safetensors")
-    with caplog.at_level(logging.INFO, logger="edtools.models"):
-        loaded = load_single_file(file, model_config=sd3["folder"])
-    assert_same(loaded, sd3["components"])
-    ours = " ".join(r.getMessage() for r in caplog.records if r.name == "edtools.models")
-    assert "text_encoders.t5xxl." in ours and "not used" not in ours  # named, not reported as unused
-
-
 def test_a_config_of_another_family_is_refused(sd3, tiny_model):
     with pytest.raises(ModelError, match="lacks transformer/config.json"):
         load_single_file(sd3["file"], model_config=tiny_model)

@@ -22,6 +22,7 @@ from .keymap import VAE_PREFIX as _VAE
 from .quantize import check_quantizable, quantize_loaded
 from .single_file_layout import SAVE_DTYPES, original_keys
 from .single_file_prediction import with_sampling
+from .single_file_t5 import load_t5_from_file, t5_weights
 from .text_parts import check_t5_setting, optional_text_parts
 
 if TYPE_CHECKING:
@@ -295,16 +296,29 @@ def load_single_file(
         state_dict = _next_part(state_dict, _VAE, path, fam, variant)
         text: dict[str, Any] = {}
         layouts = {layout.part: layout for layout in fam.single_file_text(variant)}
-        # a required encoder without a layout (Flux's T5) loads from model_config; optional ones (SD3's T5) too,
-        # when model_config has them
+        # CLIP through diffusers' reader; a T5 from the file when it holds one (single_file_t5), else a required
+        # one (Flux's) from model_config, an optional one (SD3's) from model_config when that has it
         for spec in (spec for spec in fam.text_encoders if not spec.optional):
+            if spec.is_t5 and t5_weights(state_dict, fam.single_file_t5) is not None:
+                text.update(_file_t5(state_dict, fam, spec, source, keep, hub, path))
+                state_dict = _next_part(state_dict, fam.single_file_t5, path, fam, variant)
+                continue
             layout = layouts.get(spec.part)
             text.update(_load_text_encoder(state_dict, spec, layout, source, keep, hub))
             if layout is not None:
                 state_dict = _next_part(state_dict, layout.prefix, path, fam, variant)
-        text.update(optional_text_parts(source, fam, keep, hub))
+        from_file = set()
+        for spec in (s for s in fam.text_encoders if s.optional and s.is_t5):
+            if t5_weights(state_dict, fam.single_file_t5) is not None and keep.t5 != "drop":
+                text.update(_file_t5(state_dict, fam, spec, source, keep, hub, path))
+                from_file.add(spec.part)
+        text.update(optional_text_parts(source, fam, keep, hub, skip=frozenset(from_file)))
+        if keep.t5 == "drop" and t5_weights(state_dict, fam.single_file_t5) is not None:
+            logger.info("%s: not loading the T5-XXL text encoder in the file (t5 drop)", path)
         scheduler_class = getattr(diffusers, fam.noise_scheduler_class)
         scheduler = scheduler_class.from_pretrained(source, subfolder="scheduler", **hub)
+    except ModelError:
+        raise
     except (OSError, ValueError, RuntimeError, KeyError, IndexError, utils.SingleFileComponentError) as exc:
         if "meta tensor" in str(exc):  # a weight the configs describe stayed unloaded
             raise ModelError(
@@ -373,6 +387,15 @@ def _load_text_encoder(
         source, subfolder=spec.tokenizer, **hub
     )
     return {spec.part: keep.place(encoder), spec.tokenizer: tokenizer}
+
+
+def _file_t5(
+    state_dict: Mapping[str, Any], fam: Family, spec: Any, source: str, keep: Keep, hub: dict, path: Path
+) -> dict[str, Any]:
+    """The file's T5-XXL and its tokenizer (models.single_file_t5), its tensors from the current map."""
+    tensors = t5_weights(state_dict, fam.single_file_t5)
+    assert tensors is not None  # the caller asked t5_weights first
+    return load_t5_from_file(tensors, spec, source, keep, hub, str(path))
 
 
 def _normalise(state_dict: dict[str, Any], fam: Family, variant: str) -> None:
@@ -529,7 +552,7 @@ def _check_loaded(
 ) -> None:
     """Every weight the configs describe came from the file (none left uninitialised) or, for a part the file
     lacks, from model_config; report file weights that went unused (a config smaller than the file)."""
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(components, name)
         if module is not None and any(t.is_meta for t in (*module.parameters(), *module.buffers())):
             raise ModelError(
@@ -554,9 +577,4 @@ def _check_loaded(
             len(unused),
             source,
             ", ".join(unused[:3]),
-        )
-    ignored = [prefix for prefix in fam.single_file_ignored if _has(keys, prefix)]
-    if ignored:
-        logger.info(
-            "%s: not loading the weights under %s (edtools does not use them)", path, ", ".join(ignored)
         )

@@ -57,10 +57,12 @@ def wanted(spec: Any, keep: Keep, index: dict) -> bool:
     return present(index, spec) and not (spec.is_t5 and keep.t5 == "drop")
 
 
-def optional_text_parts(source: str, family: Family, keep: Keep, hub: dict) -> dict[str, Any]:
-    """{part: encoder, tokenizer part: tokenizer} of the family's optional encoders that a diffusers folder or
-    hub id (a single file's model_config) has: SD3's T5, whose weights edtools does not read from single files."""
-    optional = [spec for spec in family.text_encoders if spec.optional]
+def optional_text_parts(
+    source: str, family: Family, keep: Keep, hub: dict, skip: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """{part: encoder, tokenizer part: tokenizer} of the family's optional encoders (SD3's T5) that a diffusers
+    folder or hub id (a single file's model_config) has, but those in `skip` (a single file's own T5)."""
+    optional = [spec for spec in family.text_encoders if spec.optional and spec.part not in skip]
     if not optional:
         return {}
     diffusers = require("diffusers")

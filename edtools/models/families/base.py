@@ -258,9 +258,9 @@ class Family(ABC):
     # diffusers models whose folders or hub ids fit (in messages). False: a file must hold every part.
     single_file_partial: bool = False
     config_repos: tuple[str, ...] = ()
-    # Key prefixes of weights a single file may hold that edtools does not load (SD3's T5-XXL), logged, not
-    # reported as unused.
-    single_file_ignored: tuple[str, ...] = ()
+    # The key prefix of a T5-XXL text encoder a single file may hold (ComfyUI's "text_encoders.t5xxl.";
+    # "" none), read when the model loads T5 (models.single_file_t5)
+    single_file_t5: str = ""
     # whether the frozen denoiser can be loaded quantised under LoRA (quantize_base nf4, QLoRA): a transformer
     # whose weights are nearly all nn.Linear, which bitsandbytes' Linear4bit replaces
     quantizable: bool = False

@@ -128,8 +128,7 @@ class Flux(FlowMatchingFamily):
     denoiser_label = "transformer"
     single_file_partial = True
     config_repos = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
-    # T5-XXL in a ComfyUI checkpoint: read from model_config instead (diffusers reads CLIP from such files)
-    single_file_ignored = (_T5,)
+    single_file_t5 = _T5
 
     # ---- loading
 
@@ -164,7 +163,7 @@ class Flux(FlowMatchingFamily):
         return "flux-dev" if unet_config.get("guidance_embeds") else "flux-schnell"
 
     def single_file_text(self, variant: str) -> tuple[TextLayout, ...]:
-        """CLIP-L only, in transformers' names; T5 always loads from model_config (single_file_ignored)."""
+        """CLIP-L, in transformers' names (diffusers' CLIP reader); T5 is read apart (single_file_t5)."""
         return (TextLayout(_CLIP_L + "transformer.", "text_encoder", "CLIP-L text encoder"),)
 
     def diffusers_model_type(self, variant: str) -> str:

@@ -124,8 +124,9 @@ class StableDiffusion3(FlowMatchingFamily):
     denoiser_label = "transformer"
     single_file_partial = True
     config_repos = ("stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large")
-    # T5-XXL's weights in a single file are not read: T5 loads from model_config when that has it, else zeros
-    single_file_ignored = (_T5,)
+    # a file's T5-XXL is read (config and tokenizer from model_config); without one, T5 loads from
+    # model_config when that has it, else SD3 is conditioned on zero T5 tokens
+    single_file_t5 = _T5
     quantizable = True
 
     # ---- loading
