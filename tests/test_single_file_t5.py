@@ -185,6 +185,21 @@ def test_an_8bit_t5_is_quantised_from_the_files_float8_weights(sd3, tmp_path, mo
     loaded = load_single_file(file, model_config=sd3["configs"], keep=Keep(torch.float16, t5="8bit"))
     linear = loaded.text_encoder_3.encoder.block[0].layer[0].SelfAttention.q
     assert (type(linear).__name__, linear.weight.dtype) == ("Linear8bitLt", torch.int8)
+    # dequantised block by block through scratch files, it is quantised as from the weights dequantised at once
+    stored = t5_state(sd3["components"], "scaled-fp8")
+    at_once = dequantised(stored, torch.float16, frozenset({"wo"}))
+    reference = type(loaded.text_encoder_3).from_pretrained(
+        None,
+        config=type(loaded.text_encoder_3.config).from_pretrained(sd3["configs"] / "text_encoder_3"),
+        state_dict=at_once,
+        dtype=torch.float16,
+        **quantize.t5_8bit_loading(None),
+    )
+    ours_state, theirs_state = loaded.text_encoder_3.state_dict(), reference.state_dict()
+    assert ours_state.keys() == theirs_state.keys()
+    assert all(
+        torch.equal(ours_state[k], theirs_state[k]) for k in ours_state if k != "encoder.embed_tokens.weight"
+    )
     original = sd3["components"]
     ours = encode(loaded.text_encoder_3, loaded.tokenizer_3)
     theirs = encode(original.text_encoder_3, original.tokenizer_3)

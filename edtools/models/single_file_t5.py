@@ -8,7 +8,9 @@ config-only folder or hub id suffices. The file's tensors stay memory-mapped whe
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,6 +66,32 @@ def dequantised(
     return out
 
 
+def _dequantised_on_disk(
+    tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, keep_fp32: frozenset[str], folder: Path
+) -> dict[str, torch.Tensor]:
+    """dequantised(), a block at a time, each block's float8 weights written to a safetensors file in `folder`
+    and read back memory-mapped: host memory holds one block's copy at a time."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    groups: dict[str, list[str]] = {}
+    for key in tensors:
+        groups.setdefault(".".join(key.split(".")[:3]), []).append(key)  # "encoder.block.7", "shared.weight"
+    marker = {_MARKER: tensors[_MARKER]} if _MARKER in tensors else {}
+    out: dict[str, torch.Tensor] = {}
+    for index, keys in enumerate(groups.values()):
+        part = dequantised({**marker, **{key: tensors[key] for key in keys}}, dtype, keep_fp32)
+        converted = {key: value for key, value in part.items() if tensors[key].dtype in FLOAT8}
+        out.update((key, value) for key, value in part.items() if key not in converted)
+        if converted:
+            path = folder / f"block-{index}.safetensors"
+            save_file({key: value.contiguous() for key, value in converted.items()}, str(path))
+            del part, converted
+            with safe_open(str(path), framework="pt", device="cpu") as file:
+                out.update((key, file.get_tensor(key)) for key in file.keys())  # noqa: SIM118 (not a dict)
+    return out
+
+
 def load_t5_from_file(
     tensors: Mapping[str, torch.Tensor], spec: Any, source: str, keep: Keep, hub: dict, path: str
 ) -> dict[str, Any]:
@@ -88,15 +116,26 @@ def load_t5_from_file(
             f"{source} has no {spec.part} / {spec.tokenizer} ({exc}); give a model_config of the same model "
             "(its diffusers folder or hub id; only configs and the tokenizer are read)"
         ) from exc
-    if any(value.dtype in FLOAT8 for value in tensors.values()):
-        keep_fp32 = frozenset(getattr(model_class, "_keep_in_fp32_modules", None) or ())
-        tensors = dequantised(tensors, dtype, keep_fp32 if dtype == torch.float16 else frozenset())
     extra: dict[str, Any] = {}
     if keep.t5 == "8bit":
         from .quantize import t5_8bit_loading
 
         extra = t5_8bit_loading(keep.device)
-    encoder = model_class.from_pretrained(None, config=config, state_dict=dict(tensors), dtype=dtype, **extra)
+    keep_fp32 = frozenset(getattr(model_class, "_keep_in_fp32_modules", None) or ())
+    keep_fp32 = keep_fp32 if dtype == torch.float16 else frozenset()
+    with tempfile.TemporaryDirectory(prefix="edtools-t5-") as scratch:
+        if any(value.dtype in FLOAT8 for value in tensors.values()):
+            # kept as it is, the dequantised copy is the model; quantised to 8-bit, it is a passing copy of
+            # T5's size (9 GB for T5-XXL): written block by block to memory-mapped scratch files instead
+            quantised = keep.t5 == "8bit"
+            tensors = (
+                _dequantised_on_disk(tensors, dtype, keep_fp32, Path(scratch))
+                if quantised
+                else dequantised(tensors, dtype, keep_fp32)
+            )
+        encoder = model_class.from_pretrained(
+            None, config=config, state_dict=dict(tensors), dtype=dtype, **extra
+        )
     # transformers fills a weight the state dict lacks with random values and drops unknown ones: compare
     expected = {name for name, _ in encoder.named_parameters(remove_duplicate=False)}
     tied = {"encoder.embed_tokens.weight"}  # shares shared.weight: files hold one of the two
