@@ -1,5 +1,6 @@
 """Real-size SD3.5 Medium and Flux.1 dev diffusers folders with random weights, written tensor by tensor; Flux also
-as a single file in the ComfyUI checkpoint layout, streamed from the folder.
+as a single file in the ComfyUI checkpoint layout, streamed from the folder, and SD3.5 as ComfyUI's file with its
+T5-XXL in scaled float8 (sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors).
 
 A Flux transformer is 22 GiB in bf16, more than this machine can hold beside its build, so no part is ever built
 whole: each part is made on the meta device (bench/memory_flow.py's real configs), and its tensors are filled one at
@@ -19,7 +20,13 @@ from pathlib import Path
 
 from memory_flow import CLIP_G, CLIP_L, FLOW_VAE, FLUX_DEV_TRANSFORMER, SD35M_TRANSFORMER, T5_XXL
 
-__all__ = ["FLOW_FOLDERS", "build_flow_folder", "write_flux_single_file"]
+__all__ = [
+    "FLOW_FOLDERS",
+    "build_flow_folder",
+    "stream_safetensors",
+    "write_flux_single_file",
+    "write_with_fp8_t5",
+]
 
 GIB = 2**30
 SHARD_BYTES = 2 * GIB  # shards of at most this size, as the hub's are (diffusers 5-10 GB, transformers 5 GB)
@@ -95,7 +102,53 @@ def write_flux_single_file(folder: Path, file: Path) -> Path:
     started = time.monotonic()
     # memory-mapped from the folder's shards; the fused tensors (qkv, linear1) are built as copies
     tensors = original_state_dict(load_components(str(folder), keep=Keep(torch.bfloat16)))
-    names = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
+    size = stream_safetensors(tensors, file)
+    print(f"wrote {file.name}: {size / GIB:.2f} GiB in {time.monotonic() - started:.0f} s", flush=True)
+    return file
+
+
+def write_with_fp8_t5(single_file: Path, folder: Path, file: Path) -> Path:
+    """`single_file`'s tensors plus the folder's T5-XXL in ComfyUI's scaled float8 under text_encoders.t5xxl.
+    (each block Linear weight as e4m3 with its scale_weight, the rest fp16, the scaled_fp8 marker), as
+    ComfyUI's sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors holds it; reused when complete."""
+    import torch
+    from safetensors import safe_open
+
+    if file.is_file():
+        return file
+    started = time.monotonic()
+    tensors: dict = {}
+    with safe_open(str(single_file), framework="pt", device="cpu") as source:
+        tensors.update((key, source.get_tensor(key)) for key in source.keys())  # noqa: SIM118 (not a dict)
+    prefix = "text_encoders.t5xxl.transformer."
+    for shard in sorted((folder / "text_encoder_3").glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt", device="cpu") as source:
+            for key in source.keys():  # noqa: SIM118 (not a dict)
+                value = source.get_tensor(key)
+                if key.startswith("encoder.block.") and value.ndim == 2:
+                    scale = value.float().abs().max() / 448  # e4m3's largest finite value
+                    tensors[prefix + key] = (value.float() / scale).to(torch.float8_e4m3fn)
+                    tensors[prefix + key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
+                else:
+                    tensors[prefix + key] = value.to(torch.float16)
+    tensors[prefix + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    size = stream_safetensors(tensors, file)
+    print(f"wrote {file.name}: {size / GIB:.2f} GiB in {time.monotonic() - started:.0f} s", flush=True)
+    return file
+
+
+def stream_safetensors(tensors: dict, file: Path) -> int:
+    """Write `tensors` as a safetensors file one tensor at a time (safetensors' save_file serialises the whole
+    dict in memory: 22 GiB for Flux); the bytes of tensor data written."""
+    import torch
+
+    names = {
+        torch.bfloat16: "BF16",
+        torch.float16: "F16",
+        torch.float32: "F32",
+        torch.int64: "I64",
+        torch.float8_e4m3fn: "F8_E4M3",
+    }
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key, tensor in tensors.items():
         size = tensor.numel() * tensor.element_size()
@@ -113,8 +166,7 @@ def write_flux_single_file(folder: Path, file: Path) -> Path:
         for tensor in tensors.values():
             out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     partial.rename(file)
-    print(f"wrote {file.name}: {offset / GIB:.2f} GiB in {time.monotonic() - started:.0f} s", flush=True)
-    return file
+    return offset
 
 
 def write_part(library: str, class_name: str, config: dict, folder: Path, dtype_name: str) -> int:

@@ -4,7 +4,8 @@ Builds real-size SD1.5, SDXL, SD3.5 Medium and Flux.1 dev models with random wei
 bench/memory_flow.py; nothing downloaded), writes the UNet models as fp16 single files (edtools convert's format)
 and fp16 diffusers folders, the flow-matching ones as diffusers folders in their hub dtype (SD3.5 Medium fp16,
 Flux bf16; bench/flow_models.py writes them tensor by tensor) and also as single files without T5 (as people
-download them; T5 then comes from the folder). Then it runs each preset's dry run on the CPU with the
+download them; T5 then comes from the folder), and SD3.5 as ComfyUI's file with T5-XXL inside in scaled float8
+(source file-t5: sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors' layout). Then it runs each preset's dry run on the CPU with the
 preset's precision in a fresh process, as a user would:
 
     python bench/host_memory.py --dir /big/disk          # every preset (about 100 GB of disk)
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 
 from configs import ARCHITECTURES  # bench/ is on sys.path when a script runs
-from flow_models import build_flow_folder, write_flux_single_file
+from flow_models import build_flow_folder, write_flux_single_file, write_with_fp8_t5
 from models import build_components, tokenizers_for
 
 GIB = 2**30
@@ -43,6 +44,7 @@ GOALS = {
     ("sd15-full-t4", "file"): (None, 6.0),
     ("sd35m-lora-t4", "file"): (None, 9.0),
     ("sd35m-lora-t4", "folder"): (None, 9.0),
+    ("sd35m-lora-t4", "file-t5"): (None, 9.0),
     ("flux-lora-24gb", "file"): (None, 44.0),
     ("flux-lora-24gb", "folder"): (None, 44.0),
     ("flux-lora-40gb", "file"): (None, 73.0),
@@ -56,8 +58,9 @@ PRESETS = {
 }
 
 
-def build_models(architecture: str, folder: Path) -> tuple[Path | None, Path]:
-    """(single file or None, diffusers folder) of a real-size random-weight model."""
+def build_models(architecture: str, folder: Path, sources: list[str] | None = None) -> dict[str, Path]:
+    """{source: model} of a real-size random-weight model: "file" (a single file), "folder" (diffusers) and
+    for SD3.5 "file-t5" (the single file with T5-XXL in scaled float8; written when `sources` asks for it)."""
     import torch
 
     from edtools.models import Keep, load_components, save_components, save_single_file
@@ -65,15 +68,22 @@ def build_models(architecture: str, folder: Path) -> tuple[Path | None, Path]:
     if architecture in ("sd3", "flux"):
         model_folder = build_flow_folder(architecture, folder / f"{architecture}-diffusers")
         if architecture == "flux":  # as people download it: transformer, VAE, CLIP-L in bf16 (no T5)
-            return write_flux_single_file(model_folder, folder / "flux.safetensors"), model_folder
+            return {
+                "file": write_flux_single_file(model_folder, folder / "flux.safetensors"),
+                "folder": model_folder,
+            }
         file = folder / f"{architecture}.safetensors"
         if not file.is_file():  # transformer, CLIP-L/-G and VAE, as SD3.5 files are shared
             keep = Keep(dtype=torch.float16, t5="drop")
             save_single_file(load_components(str(model_folder), keep=keep), file, dtype="fp16")
-        return file, model_folder
+        models = {"file": file, "folder": model_folder}
+        if sources is None or "file-t5" in sources:
+            t5_file = folder / f"{architecture}-t5xxlfp8scaled.safetensors"
+            models["file-t5"] = write_with_fp8_t5(file, model_folder, t5_file)
+        return models
     file, model_folder = folder / f"{architecture}.safetensors", folder / f"{architecture}-diffusers"
     if file.is_file() and (model_folder / "model_index.json").is_file():
-        return file, model_folder
+        return {"file": file, "folder": model_folder}
     configs = ARCHITECTURES[architecture]
     dtypes = {"unet": torch.float16, "vae": torch.float16, "text_encoder": torch.float16}
     dtypes["text_encoder_2"] = torch.float16
@@ -86,7 +96,7 @@ def build_models(architecture: str, folder: Path) -> tuple[Path | None, Path]:
         f"in {time.monotonic() - started:.0f} s",
         flush=True,
     )
-    return file, model_folder
+    return {"file": file, "folder": model_folder}
 
 
 def data_root(folder: Path) -> Path:
@@ -170,6 +180,8 @@ def verdict(preset: str, source: str, row: dict) -> str:
 
 
 def source_label(architecture: str, source: str) -> str:
+    if source == "file-t5":
+        return "fp16 single file, T5 inside in scaled fp8"
     if source == "file":
         if architecture == "flux":
             return "bf16 single file (no T5)"
@@ -181,7 +193,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", help="where the models are built (kept for reuse); default: a temp folder")
     parser.add_argument("--preset", action="append", help="only these presets (repeat)")
-    parser.add_argument("--source", choices=("file", "folder"), action="append", help="only these sources")
+    parser.add_argument(
+        "--source", choices=("file", "folder", "file-t5"), action="append", help="only these sources"
+    )
     args = parser.parse_args()
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="edtools-host-memory-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -192,13 +206,12 @@ def main() -> None:
             presets = [p for p in presets if not args.preset or p in args.preset]
             if not presets:
                 continue
-            file, model_folder = build_models(architecture, folder)
+            models = build_models(architecture, folder, args.source)
             for preset in presets:
-                for source in args.source or ("file", "folder"):
-                    model = file if source == "file" else model_folder
-                    if model is None:
+                for source in args.source or tuple(models):
+                    if source not in models:
                         continue
-                    row = dry_run(preset, model, model_folder, root, folder / "out")
+                    row = dry_run(preset, models[source], models["folder"], root, folder / "out")
                     rows.append(
                         (preset, source_label(architecture, source), verdict(preset, source, row), row)
                     )
