@@ -204,3 +204,15 @@ def test_an_8bit_t5_is_quantised_from_the_files_float8_weights(sd3, tmp_path, mo
     ours = encode(loaded.text_encoder_3, loaded.tokenizer_3)
     theirs = encode(original.text_encoder_3, original.tokenizer_3)
     assert ((ours - theirs).norm() / theirs.norm()).item() < 0.15
+
+
+def test_no_room_for_the_scratch_files_is_a_message(tmp_path):
+    from edtools.models import single_file_t5
+
+    weight = torch.ones(2, 2).to(E4M3)
+    full = tmp_path / "full"
+    full.write_text("a file where the scratch folder should be")
+    with pytest.raises(ModelError, match=r"cannot write the float8 T5's scratch files .*free disk .*TMPDIR"):
+        single_file_t5._dequantised_on_disk(
+            {"encoder.block.0.q.weight": weight}, torch.float16, frozenset(), full
+        )

@@ -71,7 +71,7 @@ def _dequantised_on_disk(
 ) -> dict[str, torch.Tensor]:
     """dequantised(), a block at a time, each block's float8 weights written to a safetensors file in `folder`
     and read back memory-mapped: host memory holds one block's copy at a time."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 
     groups: dict[str, list[str]] = {}
@@ -85,7 +85,14 @@ def _dequantised_on_disk(
         out.update((key, value) for key, value in part.items() if key not in converted)
         if converted:
             path = folder / f"block-{index}.safetensors"
-            save_file({key: value.contiguous() for key, value in converted.items()}, str(path))
+            try:
+                save_file({key: value.contiguous() for key, value in converted.items()}, str(path))
+            except (OSError, SafetensorError) as exc:  # safetensors reports a full drive as its own error
+                raise ModelError(
+                    f"cannot write the float8 T5's scratch files to {folder.parent} ({exc}): loading it in 8-bit "
+                    "needs free disk of its 16-bit size there (9 GB for T5-XXL); free some, or point TMPDIR "
+                    "at a drive with room"
+                ) from exc
             del part, converted
             with safe_open(str(path), framework="pt", device="cpu") as file:
                 out.update((key, file.get_tensor(key)) for key in file.keys())  # noqa: SIM118 (not a dict)
