@@ -152,6 +152,37 @@ def test_a_file_lacking_parts_without_model_config_says_to_set_it(sd3, tmp_path)
         load_single_file(file)
 
 
+def float8_file(sd3, path: Path, scaled: bool) -> tuple[Path, dict]:
+    """The file with the transformer's block Linear weights in float8 (e4m3): plain, or scaled as ComfyUI's
+    fp8_scaled files (each stored weight times its scale_weight)."""
+    out = {}
+    for key, value in read_state_dict(sd3["file"])[0].items():
+        if not (key.startswith("model.diffusion_model.joint_blocks.") and value.ndim == 2):
+            out[key] = value
+        elif scaled:
+            scale = value.abs().max() / 448
+            out[key] = (value / scale).to(torch.float8_e4m3fn)
+            out[key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
+        else:
+            out[key] = value.to(torch.float8_e4m3fn)
+    if scaled:
+        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return write(out, path), out
+
+
+def test_a_float8_file_loads_each_weight_as_stored_and_a_scaled_one_is_refused_by_name(sd3, tmp_path):
+    file, stored = float8_file(sd3, tmp_path / "sd3_fp8_e4m3fn.safetensors", scaled=False)
+    loaded = load_single_file(file, model_config=sd3["folder"], keep=Keep(torch.bfloat16))
+    qkv = stored["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"]
+    q = loaded.unet.transformer_blocks[0].attn.to_q.weight
+    assert q.dtype == torch.bfloat16 and torch.equal(q, qkv[: q.shape[0]].to(torch.bfloat16))
+    scaled, _ = float8_file(sd3, tmp_path / "sd3_fp8_scaled.safetensors", scaled=True)
+    with pytest.raises(
+        ModelError, match=r"scaled float8 weights .*joint_blocks\..*scale_weight .*16-bit file"
+    ):
+        load_single_file(scaled, model_config=sd3["folder"])
+
+
 def test_a_config_of_another_family_is_refused(sd3, tiny_model):
     with pytest.raises(ModelError, match="lacks transformer/config.json"):
         load_single_file(sd3["file"], model_config=tiny_model)

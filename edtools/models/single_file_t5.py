@@ -18,7 +18,7 @@ import torch
 from ..errors import ModelError, require
 from .components import Keep
 
-__all__ = ["FLOAT8", "dequantised", "load_t5_from_file", "t5_weights"]
+__all__ = ["FLOAT8", "SCALE_SUFFIXES", "dequantised", "load_t5_from_file", "t5_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ FLOAT8 = frozenset(
 # ComfyUI's scaled float8 files: a `scaled_fp8` marker tensor, per weight `<module>.scale_weight` (the real
 # weight is the stored one times it) and sometimes `<module>.scale_input` (for fp8 matmuls; not a weight)
 _MARKER, _SCALE, _INPUT_SCALE = "scaled_fp8", ".scale_weight", ".scale_input"
+SCALE_SUFFIXES = (_SCALE, _INPUT_SCALE)
 
 
 def t5_weights(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor] | None:
@@ -49,7 +50,7 @@ def dequantised(
     first; the scales and the marker dropped. Other tensors are returned as they are (no copy)."""
     out = {}
     for key, value in tensors.items():
-        if key == _MARKER or key.endswith((_SCALE, _INPUT_SCALE)):
+        if key == _MARKER or key.endswith(SCALE_SUFFIXES):
             continue
         if value.dtype not in FLOAT8:
             out[key] = value
