@@ -21,9 +21,9 @@ from single_file_cases import differing  # noqa: E402
 
 from edtools.errors import ModelError  # noqa: E402
 from edtools.models import Keep, load_components, make_tiny_model  # noqa: E402
+from edtools.models.float8 import dequantised  # noqa: E402
 from edtools.models.single_file import load_single_file, read_state_dict  # noqa: E402
 from edtools.models.single_file_layout import save_single_file  # noqa: E402
-from edtools.models.single_file_t5 import dequantised, t5_weights  # noqa: E402
 
 T5 = "text_encoders.t5xxl.transformer."
 E4M3 = torch.float8_e4m3fn
@@ -131,29 +131,6 @@ def test_scaled_float8_weights_are_multiplied_by_their_scales(sd3, tmp_path):
     assert torch.equal(loaded.text_encoder_3.state_dict()[key], plain[key].float())
 
 
-def test_dequantised_keeps_t5s_wo_in_float32_in_fp16_and_copies_nothing_else():
-    weight = torch.tensor([[1.0, -2.0], [0.5, 4.0]]).to(E4M3)
-    norm = torch.ones(2, dtype=torch.float16)
-    tensors = {
-        "scaled_fp8": torch.empty(0, dtype=E4M3),
-        "block.wo.weight": weight,
-        "block.wo.scale_weight": torch.tensor(0.25),
-        "block.wi.weight": weight,
-        "block.wi.scale_weight": torch.tensor(2.0),
-        "norm.weight": norm,
-    }
-    out = dequantised(tensors, torch.float16, keep_fp32=frozenset({"wo"}))
-    assert sorted(out) == ["block.wi.weight", "block.wo.weight", "norm.weight"]
-    assert out["block.wo.weight"].dtype == torch.float32 and out["block.wi.weight"].dtype == torch.float16
-    assert out["block.wo.weight"].tolist() == [[0.25, -0.5], [0.125, 1.0]]
-    assert out["block.wi.weight"].tolist() == [[2.0, -4.0], [1.0, 8.0]]
-    assert out["norm.weight"] is norm
-    del tensors["block.wi.scale_weight"]
-    with pytest.raises(ModelError, match=r"block\.wi\.weight is scaled float8 .* no \.scale_weight"):
-        dequantised(tensors, torch.float16)
-    assert t5_weights({"x.shared.weight": norm}, "") is None
-
-
 def test_t5_drop_leaves_the_files_t5_unread(sd3, tmp_path, caplog):
     file = with_t5(sd3, tmp_path, t5_state(sd3["components"], "fp16"))
     with caplog.at_level(logging.INFO, logger="edtools.models"):
@@ -204,15 +181,3 @@ def test_an_8bit_t5_is_quantised_from_the_files_float8_weights(sd3, tmp_path, mo
     ours = encode(loaded.text_encoder_3, loaded.tokenizer_3)
     theirs = encode(original.text_encoder_3, original.tokenizer_3)
     assert ((ours - theirs).norm() / theirs.norm()).item() < 0.15
-
-
-def test_no_room_for_the_scratch_files_is_a_message(tmp_path):
-    from edtools.models import single_file_t5
-
-    weight = torch.ones(2, 2).to(E4M3)
-    full = tmp_path / "full"
-    full.write_text("a file where the scratch folder should be")
-    with pytest.raises(ModelError, match=r"cannot write the float8 T5's scratch files .*free disk .*TMPDIR"):
-        single_file_t5._dequantised_on_disk(
-            {"encoder.block.0.q.weight": weight}, torch.float16, frozenset(), full
-        )

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ModelError, require
 from .components import Keep, SDComponents, check_prediction_type, vae_force_upcast
 from .families import Family, detect_variant, family, variant_of_configs, variant_of_model_type
+from .float8 import dequantise_scaled
 from .keymap import UNET_PREFIX as _UNET
 from .keymap import VAE_PREFIX as _VAE
 from .quantize import check_quantizable, quantize_loaded
 from .single_file_layout import SAVE_DTYPES, original_keys
 from .single_file_prediction import with_sampling
-from .single_file_t5 import SCALE_SUFFIXES, load_t5_from_file, t5_weights
+from .single_file_t5 import load_t5_from_file, t5_weights
 from .text_parts import check_t5_setting, optional_text_parts
 
 if TYPE_CHECKING:
@@ -265,7 +266,14 @@ def load_single_file(
     if any(key.startswith("model_ema.") for key in state_dict):
         logger.info("%s: has EMA weights too (model_ema.*); loading the training weights", path)
     _normalise(state_dict, fam, variant)
-    _check_scaled_float8(state_dict, fam, path)
+    dequantise_scaled(
+        state_dict,
+        _UNET,
+        keep.dtype_of("unet"),
+        f"{fam.denoiser_label} weights",
+        str(path),
+        fam.single_file_t5,
+    )
     absent = _check_parts(state_dict, fam, variant, path, model_config)
 
     offline = bool(hub_constants.HF_HUB_OFFLINE) if local_files_only is None else bool(local_files_only)
@@ -397,20 +405,6 @@ def _file_t5(
     tensors = t5_weights(state_dict, fam.single_file_t5)
     assert tensors is not None  # the caller asked t5_weights first
     return load_t5_from_file(tensors, spec, source, keep, hub, str(path))
-
-
-def _check_scaled_float8(state_dict: Mapping[str, Any], fam: Family, path: Path) -> None:
-    """Scaled float8 weights (ComfyUI's fp8_scaled files: each weight times its `scale_weight`) are read in a
-    file's T5 only; elsewhere diffusers' readers would fail on the scales, so they are refused by name. Plain
-    float8 weights (fp8_e4m3fn files) load: each part is cast to the dtype it is kept in."""
-    t5 = fam.single_file_t5 or None
-    scaled = [k for k in state_dict if k.endswith(SCALE_SUFFIXES) and not (t5 and k.startswith(t5))]
-    if scaled:
-        raise ModelError(
-            f"{path} holds scaled float8 weights (ComfyUI's fp8_scaled layout: {scaled[0]} and "
-            f"{len(scaled) - 1} more); edtools reads plain float8 files (fp8_e4m3fn) and a T5-XXL's scaled "
-            f"float8, not a {fam.denoiser_label}'s: use the model's 16-bit file or its diffusers folder or hub id"
-        )
 
 
 def _normalise(state_dict: dict[str, Any], fam: Family, variant: str) -> None:

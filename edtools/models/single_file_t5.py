@@ -17,19 +17,11 @@ import torch
 
 from ..errors import ModelError, require
 from .components import Keep
+from .float8 import FLOAT8, dequantised, dequantised_on_disk
 
-__all__ = ["FLOAT8", "SCALE_SUFFIXES", "dequantised", "load_t5_from_file", "t5_weights"]
+__all__ = ["load_t5_from_file", "t5_weights"]
 
 logger = logging.getLogger(__name__)
-
-FLOAT8 = frozenset(
-    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-    if hasattr(torch, name)
-)  # fmt: skip
-# ComfyUI's scaled float8 files: a `scaled_fp8` marker tensor, per weight `<module>.scale_weight` (the real
-# weight is the stored one times it) and sometimes `<module>.scale_input` (for fp8 matmuls; not a weight)
-_MARKER, _SCALE, _INPUT_SCALE = "scaled_fp8", ".scale_weight", ".scale_input"
-SCALE_SUFFIXES = (_SCALE, _INPUT_SCALE)
 
 
 def t5_weights(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor] | None:
@@ -40,64 +32,6 @@ def t5_weights(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str,
     stem = prefix + "transformer."
     tensors = {key[len(stem) :]: value for key, value in state_dict.items() if key.startswith(stem)}
     return tensors if "shared.weight" in tensors else None
-
-
-def dequantised(
-    tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, keep_fp32: frozenset[str] = frozenset()
-) -> dict[str, torch.Tensor]:
-    """The weights with float8 ones in `dtype` (float32 for those of modules named in keep_fp32, as
-    transformers keeps T5's `wo` in fp16 loads), each scaled one multiplied by its scale_weight in float32
-    first; the scales and the marker dropped. Other tensors are returned as they are (no copy)."""
-    out = {}
-    for key, value in tensors.items():
-        if key == _MARKER or key.endswith(SCALE_SUFFIXES):
-            continue
-        if value.dtype not in FLOAT8:
-            out[key] = value
-            continue
-        target = torch.float32 if keep_fp32 & set(key.split(".")) else dtype
-        scale = tensors.get(key.removesuffix(".weight") + _SCALE) if key.endswith(".weight") else None
-        if scale is None and _MARKER in tensors:
-            raise ModelError(
-                f"the T5 weight {key} is scaled float8 (the file has {_MARKER}) but has no {_SCALE}: the file is "
-                "damaged or of a layout edtools does not know; use a T5 in 16-bit (e.g. from model_config)"
-            )
-        real = value.to(torch.float32) if scale is None else value.to(torch.float32) * scale.to(torch.float32)
-        out[key] = real.to(target)
-    return out
-
-
-def _dequantised_on_disk(
-    tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, keep_fp32: frozenset[str], folder: Path
-) -> dict[str, torch.Tensor]:
-    """dequantised(), a block at a time, each block's float8 weights written to a safetensors file in `folder`
-    and read back memory-mapped: host memory holds one block's copy at a time."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import save_file
-
-    groups: dict[str, list[str]] = {}
-    for key in tensors:
-        groups.setdefault(".".join(key.split(".")[:3]), []).append(key)  # "encoder.block.7", "shared.weight"
-    marker = {_MARKER: tensors[_MARKER]} if _MARKER in tensors else {}
-    out: dict[str, torch.Tensor] = {}
-    for index, keys in enumerate(groups.values()):
-        part = dequantised({**marker, **{key: tensors[key] for key in keys}}, dtype, keep_fp32)
-        converted = {key: value for key, value in part.items() if tensors[key].dtype in FLOAT8}
-        out.update((key, value) for key, value in part.items() if key not in converted)
-        if converted:
-            path = folder / f"block-{index}.safetensors"
-            try:
-                save_file({key: value.contiguous() for key, value in converted.items()}, str(path))
-            except (OSError, SafetensorError) as exc:  # safetensors reports a full drive as its own error
-                raise ModelError(
-                    f"cannot write the float8 T5's scratch files to {folder.parent} ({exc}): loading it in 8-bit "
-                    "needs free disk of its 16-bit size there (9 GB for T5-XXL); free some, or point TMPDIR "
-                    "at a drive with room"
-                ) from exc
-            del part, converted
-            with safe_open(str(path), framework="pt", device="cpu") as file:
-                out.update((key, file.get_tensor(key)) for key in file.keys())  # noqa: SIM118 (not a dict)
-    return out
 
 
 def load_t5_from_file(
@@ -137,7 +71,7 @@ def load_t5_from_file(
             # T5's size (9 GB for T5-XXL): written block by block to memory-mapped scratch files instead
             quantised = keep.t5 == "8bit"
             tensors = (
-                _dequantised_on_disk(tensors, dtype, keep_fp32, Path(scratch))
+                dequantised_on_disk(tensors, dtype, keep_fp32, Path(scratch))
                 if quantised
                 else dequantised(tensors, dtype, keep_fp32)
             )
