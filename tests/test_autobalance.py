@@ -94,62 +94,6 @@ def test_held_out_loss_rising_from_its_best_lowers_it():
     assert change.reason.startswith("validation loss rose 17% since its best at step 10 (0.12 -> 0.14)")
 
 
-# a new concept learning, a rare one learning slower, and a preservation folder (multiply.txt 0.1) the base
-# model knows: its held-out loss barely moves
-WITH_PRESERVATION = {"a": [0.30, 0.24, 0.18], "rare": [0.30, 0.28, 0.264], "photos": [0.20, 0.1995, 0.199]}
-
-
-def test_a_preservation_folder_never_lags_nor_counts_in_the_median_the_new_concepts_are_measured_by():
-    history = History(validation=validation(WITH_PRESERVATION))
-    user = {"a": 1.0, "rare": 1.0, "photos": 0.1}
-    assert judge(history, frozenset({"photos"}))["rare"].others_median == pytest.approx(0.4)
-    (change,) = decide(history, user, user)  # rare improved 12%, half of a's 40% is 20%: it lags
-    assert (change.concept, change.new) == ("rare", 1.5)
-    assert verdicts(history, preservation=frozenset({"photos"}))["photos"].factor == 1.0
-    # read as a concept to learn, the folder lags (raise), and its 0.5% pulls the median down so rare does not
-    ones = {c: 1.0 for c in user}
-    assert [(c.concept, c.new) for c in decide(history, ones, ones)] == [("photos", 1.5)]
-
-
-def test_a_preservation_folder_whose_loss_rises_above_the_base_models_is_raised_not_lowered():
-    curves = {**WITH_PRESERVATION, "photos": [0.20, 0.19, 0.21]}  # 5% above the first validation
-    history = History(validation=validation(curves))
-    user = {"a": 1.0, "rare": 1.0, "photos": 0.1}
-    changes = {c.concept: c for c in decide(history, user, user)}
-    assert changes["photos"].new == pytest.approx(0.15)
-    assert changes["photos"].reason.startswith(
-        "a preservation folder (multiply below 1) whose validation loss rose 5% above the base model's"
-    )
-    # the same curve in a folder to learn is memorising: 10.5% above its best
-    ones = {c: 1.0 for c in user}
-    assert {c.concept: c.new for c in decide(history, ones, ones)}["photos"] == round_multiplier(1 / 1.5)
-    # bounds stay relative to the user's value: 0.1 x 4 at most
-    capped = decide(history, {**user, "photos": 0.35}, user)
-    assert {c.concept: c.new for c in capped}["photos"] == 0.4
-
-
-@pytest.mark.parametrize("photos", [[0.20, 0.22, 0.21], [0.20, 0.203, 0.202], [0.20, 0.201, 0.203]], ids=str)
-def test_a_preservation_folder_recovering_or_within_the_margin_is_kept(photos):
-    history = History(validation=validation({**WITH_PRESERVATION, "photos": photos}))
-    verdict = verdicts(history, preservation=frozenset({"photos"}))["photos"]
-    assert verdict.factor == 1.0 and "keep it" in verdict.reason
-
-
-def test_suggest_reads_preservation_from_the_users_multiplier_in_the_balance_history():
-    history = History(
-        validation=validation({**WITH_PRESERVATION, "photos": [0.20, 0.19, 0.21]}),
-        balance=balance(
-            [
-                {"a": (1, 1, 60, ""), "rare": (1, 1, 6, ""), "photos": (0.1, 0.1, 12, "")},
-                {"a": (1, 1, 60, ""), "rare": (1, 1, 6, ""), "photos": (0.15, 0.1, 18, "forgets")},
-            ]
-        ),
-    )
-    assert verdicts(history)["photos"].factor == 1.5
-    assert verdicts(history)["rare"].factor == 1.5
-    assert verdicts(history, preservation=frozenset())["photos"].factor < 1
-
-
 def test_a_bleeding_pair_lowers_the_one_with_more_images_per_epoch():
     curves = {"dog": [0.3, 0.25, 0.22], "puppy": [0.3, 0.26, 0.21]}  # both fine on their own
     bleed = (

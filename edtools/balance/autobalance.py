@@ -23,7 +23,6 @@ __all__ = [
     "balance_state",
     "check_bounds",
     "decide",
-    "is_preservation",
     "judge",
     "round_multiplier",
     "verdicts",
@@ -38,8 +37,7 @@ class Rules:
     improving less than this share of the others' median improvement lags; widen: the train/held-out gap grew
     by more than this share of the held-out loss over the last two validations; bleed_drop: a pair bleeds when
     its margin fell below its margin at the run's first validation (the model before training) by more than
-    this share of that first margin's size, and is at its lowest yet; forget: a preservation folder's held-out
-    loss this share above its first (the base model's) is being forgotten; step: the factor of one change;
+    this share of that first margin's size, and is at its lowest yet; step: the factor of one change;
     spacing: validations a concept waits after a change before the next one."""
 
     rise: float = 0.05
@@ -48,7 +46,6 @@ class Rules:
     # relative, not absolute: margins scale with the model and its loss (0.001-0.003 for a tiny model's
     # concepts at the start), so what says "bleeding" is training making the prompts less distinct than they were
     bleed_drop: float = 0.5
-    forget: float = 0.02
     step: float = 1.5
     spacing: int = 2
 
@@ -129,25 +126,6 @@ def _num(row: Row, key: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def is_preservation(user_multiplier: float) -> bool:
-    """A preservation folder is one the user set below 1: a sampled share of a large set of images the base
-    model already knows, trained so that it keeps knowing them (not a concept to learn)."""
-    return user_multiplier < 1
-
-
-def _preservation_in(history: History) -> frozenset[str]:
-    """The concepts whose last user_multiply (multiply where the column is missing) in balance_history.csv
-    is below 1."""
-    user: dict[str, tuple[int, float]] = {}
-    for row in history.balance:
-        epoch = _num(row, "epoch")
-        value = _num(row, "user_multiply")
-        value = _num(row, "multiply") if value is None else value
-        if epoch is not None and value is not None and user.get(row["concept"], (-1, 0.0))[0] <= epoch:
-            user[row["concept"]] = (int(epoch), value)
-    return frozenset(c for c, (_, v) in user.items() if is_preservation(v))
-
-
 def round_multiplier(value: float) -> float:
     """4 significant digits: the value balance_history.csv writes is the value trained (a resume reads it)."""
     return float(f"{value:.4g}")
@@ -168,10 +146,8 @@ def check_bounds(bounds: Sequence[float]) -> tuple[float, float]:
 # Signals
 
 
-def judge(history: History, preservation: frozenset[str] = frozenset()) -> dict[str, Signal]:
-    """Per concept with at least two validations: its curve's signals (see Signal). A concept's
-    others_median leaves out the preservation folders: the base model knows their images, so their held-out
-    loss has little to improve, and the new concepts are measured against each other."""
+def judge(history: History) -> dict[str, Signal]:
+    """Per concept with at least two validations: its curve's signals (see Signal)."""
     points: dict[str, list[tuple[int, float, float | None]]] = {}
     for row in history.validation:
         step, loss = _num(row, "step"), _num(row, "loss")
@@ -194,7 +170,7 @@ def judge(history: History, preservation: frozenset[str] = frozenset()) -> dict[
         gap_growth = None
         if len(gaps) == 3 and None not in gaps and gaps[0] < gaps[1] < gaps[2] and losses[-1] > 0:
             gap_growth = (gaps[2] - gaps[0]) / losses[-1]
-        others = [v for c, v in improvement.items() if c != concept and c not in preservation]
+        others = [v for c, v in improvement.items() if c != concept]
         train = sorted(trained.get(concept, []))
         out[concept] = Signal(
             concept=concept,
@@ -256,19 +232,13 @@ def _images_per_epoch(history: History) -> dict[str, float]:
     return {c: v for c, (_, v) in out.items()}
 
 
-def verdicts(
-    history: History, rules: Rules | None = None, preservation: frozenset[str] | None = None
-) -> dict[str, Verdict]:
+def verdicts(history: History, rules: Rules | None = None) -> dict[str, Verdict]:
     """Per judged concept the first rule that speaks, in this order: bleeds into another concept and trains
     more images per epoch than it (lower); held-out loss rose from its best (lower); train/held-out gap widens
-    (lower); lags the others and still falls (raise); else keep. A preservation folder (`preservation`, by
-    default the concepts balance_history.csv records with a user multiplier below 1) is not a concept to learn:
-    its held-out loss rising above the base model's means forgetting (raise, rules.forget), never memorising,
-    and it never lags. Concepts only in bleed.csv get a verdict when they dominate a bleeding pair."""
+    (lower); lags the others and still falls (raise); else keep. Concepts only in bleed.csv get a verdict when
+    they dominate a bleeding pair."""
     rules = rules or RULES  # read at call time: a test may set the module's RULES
-    if preservation is None:
-        preservation = _preservation_in(history)
-    signals = judge(history, preservation)
+    signals = judge(history)
     images = _images_per_epoch(history)
     out: dict[str, Verdict] = {}
     down, up = 1 / rules.step, rules.step
@@ -288,9 +258,7 @@ def verdicts(
     for concept, s in signals.items():
         if concept in out:
             continue
-        if concept in preservation:
-            out[concept] = _preservation_verdict(s, rules)
-        elif s.rise > rules.rise:
+        if s.rise > rules.rise:
             fell = (
                 f" while its training loss fell {s.train_fell:.0%}"
                 if s.train_fell and s.train_fell > 0
@@ -303,7 +271,12 @@ def verdicts(
                 f"({s.best:.4g} -> {s.last:.4g}){fell}: it is memorising its images; lower it",
             )
         elif s.gap_growth is not None and s.gap_growth > rules.widen:
-            out[concept] = _widening(s, rules)
+            out[concept] = Verdict(
+                concept,
+                down,
+                f"the gap between its held-out and training loss widened by {s.gap_growth:.1%} of its "
+                "validation loss over the last two validations: it is memorising its images; lower it",
+            )
         elif s.lagging(rules) and s.falling:
             out[concept] = Verdict(
                 concept,
@@ -320,38 +293,6 @@ def verdicts(
                 f"validation loss {s.first:.4g} -> {s.last:.4g}, in step with the others; keep it",
             )
     return dict(sorted(out.items()))
-
-
-def _widening(s: Signal, rules: Rules) -> Verdict:
-    """The gap rule's word (lower), when s.gap_growth passed rules.widen."""
-    return Verdict(
-        s.concept,
-        1 / rules.step,
-        f"the gap between its held-out and training loss widened by {s.gap_growth:.1%} of its "
-        "validation loss over the last two validations: it is memorising its images; lower it",
-    )
-
-
-def _preservation_verdict(s: Signal, rules: Rules) -> Verdict:
-    """A preservation folder's word: raise it while its held-out loss is above the base model's (its first
-    validation) by more than rules.forget and not recovering; lower it when its gap widens; else keep it.
-    Lowering it for a rising loss (the memorising rule) would speed up the forgetting that rise shows."""
-    above = s.last / s.first - 1 if s.first > 0 else 0.0
-    if above > rules.forget and not s.falling:
-        return Verdict(
-            s.concept,
-            rules.step,
-            f"a preservation folder (multiply below 1) whose validation loss rose {above:.0%} above the base "
-            f"model's ({s.first:.4g} -> {s.last:.4g}): the model forgets what it knew; raise it",
-        )
-    if s.gap_growth is not None and s.gap_growth > rules.widen:
-        return _widening(s, rules)
-    return Verdict(
-        s.concept,
-        1.0,
-        f"a preservation folder (multiply below 1), validation loss {s.first:.4g} -> {s.last:.4g}, within "
-        f"{rules.forget:.0%} of the base model's or recovering; keep it",
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -411,9 +352,8 @@ def decide(
     rules = rules or RULES
     low, high = check_bounds(bounds)
     changed = _last_change_epoch(history)
-    preservation = frozenset(c for c, v in user.items() if is_preservation(v))
     out = []
-    for concept, verdict in verdicts(history, rules, preservation).items():
+    for concept, verdict in verdicts(history, rules).items():
         if verdict.factor == 1 or concept in locks or concept not in current or concept not in user:
             continue
         if concept in changed and _validations_after(history, changed[concept]) < rules.spacing:

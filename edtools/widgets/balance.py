@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..balance.autobalance import is_preservation
 from ..balance.schedule import build_epoch, expected_images_per_epoch, make_buckets
 from ..dataset.scan import Dataset, DatasetError, ScanResult, scan, write_concept_values
 from .common import MULTIPLIER_RANGE, ROWS_HEIGHT, _fmt, _Panel, _png, _short, widgets
@@ -28,6 +27,11 @@ __all__ = [
     "is_preservation",
     "save_values",
 ]
+
+
+def is_preservation(multiplier_on_disk: float) -> bool:
+    """A preservation folder is one whose multiply.txt on disk is below 1 (a sampled share of a large set)."""
+    return multiplier_on_disk < 1.0
 
 
 def _round_sig(value: float, digits: int) -> float:
