@@ -241,10 +241,11 @@ def load_single_file(
     keep: Keep | None = None,
     local_files_only: bool | None = None,
 ) -> SDComponents:
-    """Load a single-file SD 1.x/2.x, SDXL or SD3/3.5 checkpoint with diffusers' converters.
+    """Load a single-file SD 1.x/2.x, SDXL, SD3/3.5 or Flux.1 checkpoint with diffusers' converters.
 
     model_config: a diffusers folder or hub id whose component configs and tokenizers fit the file (no weights
-    are read from it, but for the parts an SD3/3.5 file lacks: those load from it, so such files need it).
+    are read from it, but for the parts an SD3/3.5 or Flux file lacks: those load from it, so such files need
+    it). A T5-XXL in the file is read (single_file_t5); float8 weights are cast, scaled ones dequantised (float8).
     None: diffusers' default repo for the detected type, from the Hugging Face cache or the hub
     (local_files_only None = HF_HUB_OFFLINE decides). keep: each part's dtype and device (None: float32).
     The file's tensors are memory-mapped: a part kept in the file's dtype is not copied, and each part's
