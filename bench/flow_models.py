@@ -24,6 +24,7 @@ __all__ = [
     "FLOW_FOLDERS",
     "build_flow_folder",
     "stream_safetensors",
+    "write_fp8_scaled_transformer",
     "write_flux_single_file",
     "write_with_fp8_t5",
 ]
@@ -126,15 +127,49 @@ def write_with_fp8_t5(single_file: Path, folder: Path, file: Path) -> Path:
             for key in source.keys():  # noqa: SIM118 (not a dict)
                 value = source.get_tensor(key)
                 if key.startswith("encoder.block.") and value.ndim == 2:
-                    scale = value.float().abs().max() / 448  # e4m3's largest finite value
-                    tensors[prefix + key] = (value.float() / scale).to(torch.float8_e4m3fn)
-                    tensors[prefix + key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
+                    tensors.update(_scaled_fp8(prefix + key, value))
                 else:
                     tensors[prefix + key] = value.to(torch.float16)
     tensors[prefix + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     size = stream_safetensors(tensors, file)
     print(f"wrote {file.name}: {size / GIB:.2f} GiB in {time.monotonic() - started:.0f} s", flush=True)
     return file
+
+
+def write_fp8_scaled_transformer(single_file: Path, file: Path) -> Path:
+    """`single_file` with its transformer's block weights in ComfyUI's scaled float8 (as
+    sd3.5_large_fp8_scaled.safetensors holds them: e4m3 with a scale_weight each, the `scaled_fp8` marker), the
+    other parts as they are; reused when complete."""
+    import torch
+    from safetensors import safe_open
+
+    if file.is_file():
+        return file
+    started = time.monotonic()
+    tensors: dict = {}
+    with safe_open(str(single_file), framework="pt", device="cpu") as source:
+        for key in source.keys():  # noqa: SIM118 (not a dict)
+            value = source.get_tensor(key)
+            if key.startswith("model.diffusion_model.joint_blocks.") and value.ndim == 2:
+                tensors.update(_scaled_fp8(key, value))
+            else:
+                tensors[key] = value
+    tensors["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    size = stream_safetensors(tensors, file)
+    print(f"wrote {file.name}: {size / GIB:.2f} GiB in {time.monotonic() - started:.0f} s", flush=True)
+    return file
+
+
+def _scaled_fp8(key: str, value) -> dict:
+    """{key: value / scale in e4m3, <module>.scale_weight: scale}, the scale mapping the largest magnitude to
+    e4m3's largest finite value (448), as ComfyUI's scaled float8 files store a weight."""
+    import torch
+
+    scale = value.float().abs().max() / 448
+    return {
+        key: (value.float() / scale).to(torch.float8_e4m3fn),
+        key.removesuffix(".weight") + ".scale_weight": scale.reshape(1),
+    }
 
 
 def stream_safetensors(tensors: dict, file: Path) -> int:

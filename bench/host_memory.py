@@ -5,7 +5,8 @@ bench/memory_flow.py; nothing downloaded), writes the UNet models as fp16 single
 and fp16 diffusers folders, the flow-matching ones as diffusers folders in their hub dtype (SD3.5 Medium fp16,
 Flux bf16; bench/flow_models.py writes them tensor by tensor) and also as single files without T5 (as people
 download them; T5 then comes from the folder), and SD3.5 as ComfyUI's file with T5-XXL inside in scaled float8
-(source file-t5: sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors' layout). Then it runs each preset's dry run on the CPU with the
+(source file-t5: sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors' layout) and with its transformer in scaled
+float8 (source file-fp8: sd3.5_large_fp8_scaled.safetensors' layout, no T5). Then it runs each preset's dry run on the CPU with the
 preset's precision in a fresh process, as a user would:
 
     python bench/host_memory.py --dir /big/disk          # every preset (about 100 GB of disk)
@@ -32,7 +33,12 @@ import time
 from pathlib import Path
 
 from configs import ARCHITECTURES  # bench/ is on sys.path when a script runs
-from flow_models import build_flow_folder, write_flux_single_file, write_with_fp8_t5
+from flow_models import (
+    build_flow_folder,
+    write_flux_single_file,
+    write_fp8_scaled_transformer,
+    write_with_fp8_t5,
+)
 from models import build_components, tokenizers_for
 
 GIB = 2**30
@@ -45,6 +51,7 @@ GOALS = {
     ("sd35m-lora-t4", "file"): (None, 9.0),
     ("sd35m-lora-t4", "folder"): (None, 9.0),
     ("sd35m-lora-t4", "file-t5"): (None, 9.0),
+    ("sd35m-lora-t4", "file-fp8"): (None, 9.0),
     ("flux-lora-24gb", "file"): (None, 44.0),
     ("flux-lora-24gb", "folder"): (None, 44.0),
     ("flux-lora-40gb", "file"): (None, 73.0),
@@ -80,6 +87,9 @@ def build_models(architecture: str, folder: Path, sources: list[str] | None = No
         if sources is None or "file-t5" in sources:
             t5_file = folder / f"{architecture}-t5xxlfp8scaled.safetensors"
             models["file-t5"] = write_with_fp8_t5(file, model_folder, t5_file)
+        if sources is None or "file-fp8" in sources:
+            fp8_file = folder / f"{architecture}-fp8-scaled.safetensors"
+            models["file-fp8"] = write_fp8_scaled_transformer(file, fp8_file)
         return models
     file, model_folder = folder / f"{architecture}.safetensors", folder / f"{architecture}-diffusers"
     if file.is_file() and (model_folder / "model_index.json").is_file():
@@ -182,6 +192,8 @@ def verdict(preset: str, source: str, row: dict) -> str:
 def source_label(architecture: str, source: str) -> str:
     if source == "file-t5":
         return "fp16 single file, T5 inside in scaled fp8"
+    if source == "file-fp8":
+        return "single file, transformer in scaled fp8 (no T5)"
     if source == "file":
         if architecture == "flux":
             return "bf16 single file (no T5)"
@@ -194,7 +206,10 @@ def main() -> None:
     parser.add_argument("--dir", help="where the models are built (kept for reuse); default: a temp folder")
     parser.add_argument("--preset", action="append", help="only these presets (repeat)")
     parser.add_argument(
-        "--source", choices=("file", "folder", "file-t5"), action="append", help="only these sources"
+        "--source",
+        choices=("file", "folder", "file-t5", "file-fp8"),
+        action="append",
+        help="only these sources",
     )
     args = parser.parse_args()
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="edtools-host-memory-"))
