@@ -24,9 +24,8 @@ __all__ = [
     "FLOW_FOLDERS",
     "build_flow_folder",
     "stream_safetensors",
-    "write_fp8_scaled_transformer",
     "write_flux_single_file",
-    "write_with_fp8_t5",
+    "write_scaled_fp8",
 ]
 
 GIB = 2**30
@@ -108,38 +107,12 @@ def write_flux_single_file(folder: Path, file: Path) -> Path:
     return file
 
 
-def write_with_fp8_t5(single_file: Path, folder: Path, file: Path) -> Path:
-    """`single_file`'s tensors plus the folder's T5-XXL in ComfyUI's scaled float8 under text_encoders.t5xxl.
-    (each block Linear weight as e4m3 with its scale_weight, the rest fp16, the scaled_fp8 marker), as
-    ComfyUI's sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors holds it; reused when complete."""
-    import torch
-    from safetensors import safe_open
-
-    if file.is_file():
-        return file
-    started = time.monotonic()
-    tensors: dict = {}
-    with safe_open(str(single_file), framework="pt", device="cpu") as source:
-        tensors.update((key, source.get_tensor(key)) for key in source.keys())  # noqa: SIM118 (not a dict)
-    prefix = "text_encoders.t5xxl.transformer."
-    for shard in sorted((folder / "text_encoder_3").glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt", device="cpu") as source:
-            for key in source.keys():  # noqa: SIM118 (not a dict)
-                value = source.get_tensor(key)
-                if key.startswith("encoder.block.") and value.ndim == 2:
-                    tensors.update(_scaled_fp8(prefix + key, value))
-                else:
-                    tensors[prefix + key] = value.to(torch.float16)
-    tensors[prefix + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    size = stream_safetensors(tensors, file)
-    print(f"wrote {file.name}: {size / GIB:.2f} GiB in {time.monotonic() - started:.0f} s", flush=True)
-    return file
-
-
-def write_fp8_scaled_transformer(single_file: Path, file: Path) -> Path:
-    """`single_file` with its transformer's block weights in ComfyUI's scaled float8 (as
-    sd3.5_large_fp8_scaled.safetensors holds them: e4m3 with a scale_weight each, the `scaled_fp8` marker), the
-    other parts as they are; reused when complete."""
+def write_scaled_fp8(single_file: Path, file: Path, t5_folder: Path | None = None) -> Path:
+    """`single_file` with weights in ComfyUI's scaled float8 (e4m3 with a scale_weight each, the `scaled_fp8`
+    marker); reused when complete. With `t5_folder`: the file's tensors as they are plus that folder's T5-XXL
+    under text_encoders.t5xxl. (its blocks' Linear weights scaled, the rest fp16), as
+    sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors holds it; without: the transformer's block weights
+    scaled, as sd3.5_large_fp8_scaled.safetensors holds them."""
     import torch
     from safetensors import safe_open
 
@@ -150,10 +123,17 @@ def write_fp8_scaled_transformer(single_file: Path, file: Path) -> Path:
     with safe_open(str(single_file), framework="pt", device="cpu") as source:
         for key in source.keys():  # noqa: SIM118 (not a dict)
             value = source.get_tensor(key)
-            if key.startswith("model.diffusion_model.joint_blocks.") and value.ndim == 2:
-                tensors.update(_scaled_fp8(key, value))
-            else:
-                tensors[key] = value
+            blocks = t5_folder is None and key.startswith("model.diffusion_model.joint_blocks.")
+            tensors.update(_scaled_fp8(key, value) if blocks and value.ndim == 2 else {key: value})
+    prefix = "text_encoders.t5xxl.transformer."
+    for shard in sorted((t5_folder / "text_encoder_3").glob("*.safetensors")) if t5_folder else ():
+        with safe_open(str(shard), framework="pt", device="cpu") as source:
+            for key in source.keys():  # noqa: SIM118 (not a dict)
+                value = source.get_tensor(key)
+                if key.startswith("encoder.block.") and value.ndim == 2:
+                    tensors.update(_scaled_fp8(prefix + key, value))
+                else:
+                    tensors[prefix + key] = value.to(torch.float16)
     tensors["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     size = stream_safetensors(tensors, file)
     print(f"wrote {file.name}: {size / GIB:.2f} GiB in {time.monotonic() - started:.0f} s", flush=True)

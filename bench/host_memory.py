@@ -6,8 +6,8 @@ and fp16 diffusers folders, the flow-matching ones as diffusers folders in their
 Flux bf16; bench/flow_models.py writes them tensor by tensor) and also as single files without T5 (as people
 download them; T5 then comes from the folder), and SD3.5 as ComfyUI's file with T5-XXL inside in scaled float8
 (source file-t5: sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors' layout) and with its transformer in scaled
-float8 (source file-fp8: sd3.5_large_fp8_scaled.safetensors' layout, no T5). Then it runs each preset's dry run on the CPU with the
-preset's precision in a fresh process, as a user would:
+float8 (source file-fp8: sd3.5_large_fp8_scaled.safetensors' layout, no T5). Then it runs each preset's dry run
+on the CPU with the preset's precision in a fresh process, as a user would:
 
     python bench/host_memory.py --dir /big/disk          # every preset (about 100 GB of disk)
     python bench/host_memory.py --preset sdxl-lora-t4 --source file
@@ -33,12 +33,7 @@ import time
 from pathlib import Path
 
 from configs import ARCHITECTURES  # bench/ is on sys.path when a script runs
-from flow_models import (
-    build_flow_folder,
-    write_flux_single_file,
-    write_fp8_scaled_transformer,
-    write_with_fp8_t5,
-)
+from flow_models import build_flow_folder, write_flux_single_file, write_scaled_fp8
 from models import build_components, tokenizers_for
 
 GIB = 2**30
@@ -67,7 +62,8 @@ PRESETS = {
 
 def build_models(architecture: str, folder: Path, sources: list[str] | None = None) -> dict[str, Path]:
     """{source: model} of a real-size random-weight model: "file" (a single file), "folder" (diffusers) and
-    for SD3.5 "file-t5" (the single file with T5-XXL in scaled float8; written when `sources` asks for it)."""
+    for SD3.5 "file-t5" (the file with T5-XXL in scaled float8) and "file-fp8" (its transformer in scaled
+    float8), each written when `sources` asks for it (None: all)."""
     import torch
 
     from edtools.models import Keep, load_components, save_components, save_single_file
@@ -86,10 +82,10 @@ def build_models(architecture: str, folder: Path, sources: list[str] | None = No
         models = {"file": file, "folder": model_folder}
         if sources is None or "file-t5" in sources:
             t5_file = folder / f"{architecture}-t5xxlfp8scaled.safetensors"
-            models["file-t5"] = write_with_fp8_t5(file, model_folder, t5_file)
+            models["file-t5"] = write_scaled_fp8(file, t5_file, t5_folder=model_folder)
         if sources is None or "file-fp8" in sources:
             fp8_file = folder / f"{architecture}-fp8-scaled.safetensors"
-            models["file-fp8"] = write_fp8_scaled_transformer(file, fp8_file)
+            models["file-fp8"] = write_scaled_fp8(file, fp8_file)
         return models
     file, model_folder = folder / f"{architecture}.safetensors", folder / f"{architecture}-diffusers"
     if file.is_file() and (model_folder / "model_index.json").is_file():

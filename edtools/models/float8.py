@@ -71,12 +71,20 @@ def dequantised(
 
 
 def dequantised_on_disk(
-    tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, keep_fp32: frozenset[str], folder: Path
+    tensors: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    keep_fp32: frozenset[str] = frozenset(),
+    folder: Path | None = None,
 ) -> dict[str, torch.Tensor]:
     """dequantised(), a block at a time, each block's float8 weights written to a safetensors file in `folder`
-    and read back memory-mapped: host memory holds one block's copy at a time."""
+    (None: a temporary one) and read back memory-mapped: host memory holds one block's copy at a time."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
+
+    if folder is None:
+        # the scratch files go at once: their memory maps keep the data (and the disk) until the tensors go
+        with tempfile.TemporaryDirectory(prefix="edtools-float8-", ignore_cleanup_errors=True) as scratch:
+            return dequantised_on_disk(tensors, dtype, keep_fp32, Path(scratch))
 
     groups: dict[str, list[str]] = {}
     for key in tensors:
@@ -130,7 +138,5 @@ def dequantise_scaled(
         k for k in state_dict if k.startswith(prefix) and (state_dict[k].dtype in FLOAT8 or k in scaled)
     ]
     part = {key: state_dict.pop(key) for key in chosen + markers}
-    # the scratch files go at once: their memory maps keep the data (and the disk) until the tensors go
-    with tempfile.TemporaryDirectory(prefix="edtools-float8-", ignore_cleanup_errors=True) as scratch:
-        state_dict.update(dequantised_on_disk(part, dtype, frozenset(), Path(scratch)))
+    state_dict.update(dequantised_on_disk(part, dtype))
     logger.info("%s: the %s's scaled float8 weights dequantised to %s", path, label, dtype)

@@ -271,7 +271,7 @@ def load_single_file(
         state_dict,
         _UNET,
         keep.dtype_of("unet"),
-        f"{fam.denoiser_label} weights",
+        fam.denoiser_label,
         str(path),
         fam.single_file_t5,
     )
@@ -309,22 +309,25 @@ def load_single_file(
         # CLIP through diffusers' reader; a T5 from the file when it holds one (single_file_t5), else a required
         # one (Flux's) from model_config, an optional one (SD3's) from model_config when that has it
         for spec in (spec for spec in fam.text_encoders if not spec.optional):
-            if spec.is_t5 and t5_weights(state_dict, fam.single_file_t5) is not None:
-                text.update(_file_t5(state_dict, fam, spec, source, keep, hub, path))
+            file_t5 = t5_weights(state_dict, fam.single_file_t5) if spec.is_t5 else None
+            if file_t5 is not None:
+                text.update(load_t5_from_file(file_t5, spec, source, keep, hub, str(path)))
+                del file_t5  # its tensors hold the map's pages: the next part reads a fresh one
                 state_dict = _next_part(state_dict, fam.single_file_t5, path, fam, variant)
                 continue
             layout = layouts.get(spec.part)
             text.update(_load_text_encoder(state_dict, spec, layout, source, keep, hub))
             if layout is not None:
                 state_dict = _next_part(state_dict, layout.prefix, path, fam, variant)
-        from_file = set()
-        for spec in (s for s in fam.text_encoders if s.optional and s.is_t5):
-            if t5_weights(state_dict, fam.single_file_t5) is not None and keep.t5 != "drop":
-                text.update(_file_t5(state_dict, fam, spec, source, keep, hub, path))
-                from_file.add(spec.part)
-        text.update(optional_text_parts(source, fam, keep, hub, skip=frozenset(from_file)))
-        if keep.t5 == "drop" and t5_weights(state_dict, fam.single_file_t5) is not None:
+        optional_t5 = [spec for spec in fam.text_encoders if spec.optional and spec.is_t5]
+        file_t5 = t5_weights(state_dict, fam.single_file_t5) if optional_t5 else None
+        if file_t5 is not None and keep.t5 == "drop":
             logger.info("%s: not loading the T5-XXL text encoder in the file (t5 drop)", path)
+        elif file_t5 is not None:
+            for spec in optional_t5:
+                text.update(load_t5_from_file(file_t5, spec, source, keep, hub, str(path)))
+        read = frozenset(spec.part for spec in optional_t5) if file_t5 is not None else frozenset()
+        text.update(optional_text_parts(source, fam, keep, hub, skip=read))
         scheduler_class = getattr(diffusers, fam.noise_scheduler_class)
         scheduler = scheduler_class.from_pretrained(source, subfolder="scheduler", **hub)
     except ModelError:
@@ -397,15 +400,6 @@ def _load_text_encoder(
         source, subfolder=spec.tokenizer, **hub
     )
     return {spec.part: keep.place(encoder), spec.tokenizer: tokenizer}
-
-
-def _file_t5(
-    state_dict: Mapping[str, Any], fam: Family, spec: Any, source: str, keep: Keep, hub: dict, path: Path
-) -> dict[str, Any]:
-    """The file's T5-XXL and its tokenizer (models.single_file_t5), its tensors from the current map."""
-    tensors = t5_weights(state_dict, fam.single_file_t5)
-    assert tensors is not None  # the caller asked t5_weights first
-    return load_t5_from_file(tensors, spec, source, keep, hub, str(path))
 
 
 def _normalise(state_dict: dict[str, Any], fam: Family, variant: str) -> None:

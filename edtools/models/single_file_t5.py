@@ -8,9 +8,7 @@ config-only folder or hub id suffices. The file's tensors stay memory-mapped whe
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,19 +63,12 @@ def load_t5_from_file(
         extra = t5_8bit_loading(keep.device)
     keep_fp32 = frozenset(getattr(model_class, "_keep_in_fp32_modules", None) or ())
     keep_fp32 = keep_fp32 if dtype == torch.float16 else frozenset()
-    with tempfile.TemporaryDirectory(prefix="edtools-t5-") as scratch:
-        if any(value.dtype in FLOAT8 for value in tensors.values()):
-            # kept as it is, the dequantised copy is the model; quantised to 8-bit, it is a passing copy of
-            # T5's size (9 GB for T5-XXL): written block by block to memory-mapped scratch files instead
-            quantised = keep.t5 == "8bit"
-            tensors = (
-                dequantised_on_disk(tensors, dtype, keep_fp32, Path(scratch))
-                if quantised
-                else dequantised(tensors, dtype, keep_fp32)
-            )
-        encoder = model_class.from_pretrained(
-            None, config=config, state_dict=dict(tensors), dtype=dtype, **extra
-        )
+    if any(value.dtype in FLOAT8 for value in tensors.values()):
+        # kept as it is, the dequantised copy is the model; quantised to 8-bit, it is a passing copy of T5's
+        # size (9 GB for T5-XXL): written block by block to memory-mapped scratch files instead
+        convert = dequantised_on_disk if keep.t5 == "8bit" else dequantised
+        tensors = convert(tensors, dtype, keep_fp32)
+    encoder = model_class.from_pretrained(None, config=config, state_dict=dict(tensors), dtype=dtype, **extra)
     # transformers fills a weight the state dict lacks with random values and drops unknown ones: compare
     expected = {name for name, _ in encoder.named_parameters(remove_duplicate=False)}
     tied = {"encoder.embed_tokens.weight"}  # shares shared.weight: files hold one of the two
